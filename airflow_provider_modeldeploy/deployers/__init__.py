@@ -1,0 +1,116 @@
+"""Model deployers: one backend-agnostic interface; the connection's type picks the backend.
+
+>>> from airflow_provider_modeldeploy.deployers import ServiceConfig, get_model_deployer
+>>> deployer = get_model_deployer()            # modeldeploy_default, or local MLflow defaults
+>>> service = deployer.deploy_model(ServiceConfig(model_uri="models:/iris@champion", model_name="iris"))
+>>> service.prediction_url
+'http://127.0.0.1:5200/invocations'
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from airflow_provider_modeldeploy import config
+from airflow_provider_modeldeploy.exceptions import InvalidParameterError
+from airflow_provider_modeldeploy.services import Lineage, Service, ServiceConfig, ServiceState
+
+if TYPE_CHECKING:
+    from airflow_provider_modeldeploy.deployers.base import BaseModelDeployer
+
+__all__ = [
+    "Lineage",
+    "Service",
+    "ServiceConfig",
+    "ServiceState",
+    "deployer_for_service",
+    "get_model_deployer",
+]
+
+#: connection type -> "module:Class" of its deployer. Backends are imported only when used.
+DEPLOYERS: dict[str, str] = {
+    "modeldeploy_mlflow": "airflow_provider_modeldeploy.deployers.mlflow_local:MLflowLocalDeployer",
+}
+
+
+def _in_task() -> bool:
+    try:
+        from airflow.sdk.execution_time import task_runner
+    except ImportError:  # pragma: no cover
+        return False
+    return getattr(task_runner, "SUPERVISOR_COMMS", None) is not None
+
+
+def _lookup_connection(conn_id: str) -> Any | None:
+    """The Airflow connection, or None when it is not defined anywhere this process may look."""
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        return BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        pass
+    if _in_task() or os.environ.get("_MODELDEPLOY_NO_METASTORE"):
+        return None
+    # CLI and API server processes may read connections stored in Airflow's metadata database.
+    try:
+        from airflow.models.connection import Connection
+
+        return Connection.get_connection_from_secrets(conn_id)
+    except Exception:
+        return None
+
+
+def _load(path: str) -> type[BaseModelDeployer]:
+    import importlib
+
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def get_model_deployer(conn_id: str | None = None) -> BaseModelDeployer:
+    """The deployer for a connection; its type (``modeldeploy_mlflow``, ...) picks the backend.
+
+    With no ``conn_id`` the configured default connection is used, and when that is not defined,
+    the local MLflow backend with default settings: zero configuration.
+    """
+    if conn_id is not None and (not isinstance(conn_id, str) or not conn_id.strip()):
+        raise InvalidParameterError("conn_id", conn_id, "must be a non-empty connection id")
+    explicit = conn_id is not None
+    conn_id = conn_id or config.default_conn_id()
+    conn = _lookup_connection(conn_id)
+    if conn is None:
+        if explicit and conn_id != config.default_conn_id():
+            raise InvalidParameterError("conn_id", conn_id, "no Airflow connection has this id")
+        from airflow_provider_modeldeploy.deployers.mlflow_local import MLflowLocalDeployer
+
+        return MLflowLocalDeployer(conn_id=None)
+    conn_type = conn.conn_type
+    if conn_type not in DEPLOYERS:
+        raise InvalidParameterError(
+            "conn_id", conn_id,
+            f"is a '{conn_type}' connection, not a model deployer connection "
+            f"(use one of: {', '.join(sorted(DEPLOYERS))})",
+        )  # fmt: skip
+    cls = _load(DEPLOYERS[conn_type])
+    if conn_type == "modeldeploy_mlflow":
+        from airflow_provider_modeldeploy.hooks.mlflow_local import MlflowDeployerHook
+
+        return cls(conn_id=conn_id, hook=MlflowDeployerHook(conn_id=conn_id, connection=conn))
+    return cls(conn_id=conn_id)
+
+
+def deployer_for_service(service_uuid: str) -> BaseModelDeployer:
+    """The deployer that manages an existing service (the one of the connection that deployed it)."""
+    from airflow_provider_modeldeploy.registry import get_registry
+
+    record = get_registry().get_service(service_uuid)
+    deployer = get_model_deployer(record.conn_id) if record.conn_id else get_model_deployer()
+    if deployer.backend != record.backend:
+        raise InvalidParameterError(
+            "conn_id",
+            record.conn_id,
+            f"now picks the {deployer.backend} backend, but service {record.uuid} runs on {record.backend}",
+        )
+    return deployer

@@ -1,0 +1,405 @@
+"""The backend-agnostic deployer: registry bookkeeping, endpoint leases, replace and rollback.
+
+A backend subclass says how to start, check, hand over and stop *its* servers; everything users see
+(states, history, idempotent retries, one active server per endpoint) is decided here, once.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import uuid as uuidlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from airflow_provider_modeldeploy.exceptions import (
+    InvalidParameterError,
+    ModelDeployError,
+    ServiceNotFoundError,
+)
+from airflow_provider_modeldeploy.registry import EndpointLease, Registry, get_registry
+from airflow_provider_modeldeploy.registry.store import HOSTNAME
+from airflow_provider_modeldeploy.services import (
+    EventAction,
+    Lineage,
+    Service,
+    ServiceConfig,
+    ServiceRecord,
+    ServiceState,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Launch:
+    """What a backend reports once its new server is up (not yet taking public traffic)."""
+
+    pid: int | None = None
+    prediction_url: str | None = None
+    health_url: str | None = None
+    served_uri: str | None = None
+    model_version: str | None = None
+    model_run_id: str | None = None
+    address: dict[str, Any] = field(default_factory=dict)
+    handle: Any = None
+
+
+def default_actor() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "unknown"
+    return f"{user}@{HOSTNAME}"
+
+
+class BaseModelDeployer(ABC):
+    """Deploys models as tracked services. Get one with ``get_model_deployer(conn_id)``."""
+
+    backend: ClassVar[str]
+    #: Options ``ServiceConfig(**backend_options)`` may carry for this backend, with their types.
+    backend_options: ClassVar[dict[str, type | tuple[type, ...]]] = {}
+
+    def __init__(self, conn_id: str | None = None, registry: Registry | None = None) -> None:
+        self.conn_id = conn_id
+        self._registry = registry
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            self._registry = get_registry()
+        return self._registry
+
+    # -- what a backend implements ---------------------------------------------------------------
+
+    @abstractmethod
+    def _launch(
+        self, record: ServiceRecord, lease: EndpointLease, previous: ServiceRecord | None, timeout: float
+    ) -> Launch:
+        """Start the server for ``record`` and check it answers (health + smoke prediction), but do
+        not route public traffic to it yet. Raise DeploymentFailedError, leaving nothing behind."""
+
+    @abstractmethod
+    def _promote(self, record: ServiceRecord, launch: Launch, previous: ServiceRecord | None, timeout: float) -> None:
+        """Route the endpoint's traffic to the new server, then drain and stop the previous one."""
+
+    @abstractmethod
+    def _discard(self, record: ServiceRecord, launch: Launch | None) -> None:
+        """Stop a server that failed before promotion, whatever state it reached."""
+
+    @abstractmethod
+    def _stop(self, record: ServiceRecord, timeout: float, force: bool) -> None:
+        """Stop the server (gracefully, or at once with ``force``). Idempotent."""
+
+    @abstractmethod
+    def _probe(self, record: ServiceRecord) -> tuple[ServiceState, str | None] | None:
+        """The server's actual state when it differs from the record (None: cannot tell, or same)."""
+
+    @abstractmethod
+    def _log_lines(self, record: ServiceRecord, tail: int | None, follow: bool) -> Iterator[str]:
+        """The server's log."""
+
+    def _validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Check ``backend_options``; return what to store with the service (never a secret)."""
+        clean: dict[str, Any] = {}
+        for key, value in options.items():
+            if key not in self.backend_options:
+                known = ", ".join(sorted(self.backend_options)) or "none"
+                raise InvalidParameterError(key, value, f"not an option of the {self.backend} backend (known: {known})")
+            expected = self.backend_options[key]
+            if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise InvalidParameterError(key, value, "must be an integer")
+            if expected is not int and not isinstance(value, expected):
+                raise InvalidParameterError(key, value, f"must be of type {expected.__name__}")
+            clean[key] = value
+        return clean
+
+    # -- the public interface --------------------------------------------------------------------
+
+    def deploy_model(
+        self,
+        config: ServiceConfig,
+        replace: bool = True,
+        timeout: float = 300,
+        *,
+        lineage: Lineage | None = None,
+    ) -> Service:
+        """Serve ``config.model_uri`` at the endpoint ``config.endpoint_name``.
+
+        With ``replace`` (the default) a server already at the endpoint is replaced in place: the new
+        one takes traffic at the same URL only once it answers health and a smoke prediction, and
+        if it fails, the old one keeps serving and this raises DeploymentFailedError. Without it,
+        an endpoint that already has a server is an error. A retried Airflow task that already
+        deployed this model gets its service back instead of a second server.
+        """
+        config.validate()
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
+            raise InvalidParameterError("timeout", timeout, "must be a positive number of seconds")
+        options = self._validate_options(config.backend_options)
+        lineage = lineage or Lineage(actor=default_actor())
+        endpoint = config.endpoint_name
+        with self.registry.lease(
+            self.backend, endpoint, conn_id=self.conn_id, ttl=timeout + 120, wait=timeout
+        ) as lease:
+            self._cleanup_orphans(endpoint)
+            current = self._current(endpoint)
+            if current is not None:
+                if self._is_same_deployment(current, config, lineage):
+                    log.info(
+                        "Service %s already serves %s for this task; not deploying again",
+                        current.uuid,
+                        config.model_uri,
+                    )
+                    return self._service(current)
+                if not replace:
+                    raise InvalidParameterError(
+                        "replace", False,
+                        f"endpoint '{endpoint}' is already served by service {current.uuid} "
+                        f"({current.state}); pass replace=True or choose another endpoint",
+                    )  # fmt: skip
+            record = self.registry.add_service(
+                ServiceRecord(
+                    uuid=str(uuidlib.uuid4()), backend=self.backend, endpoint=endpoint,
+                    conn_id=self.conn_id, model_name=config.model_name, model_uri=config.model_uri,
+                    dag_id=lineage.dag_id, run_id=lineage.run_id, task_id=lineage.task_id,
+                    map_index=lineage.map_index, try_number=lineage.try_number, config=options,
+                    state=ServiceState.PENDING, host=HOSTNAME,
+                )
+            )  # fmt: skip
+            return self._bring_up(record, lease, current, timeout, lineage)
+
+    def _bring_up(
+        self,
+        record: ServiceRecord,
+        lease: EndpointLease,
+        previous: ServiceRecord | None,
+        timeout: float,
+        lineage: Lineage,
+        action: EventAction | None = None,
+        fresh: bool = True,
+    ) -> Service:
+        """Launch, check, promote; on failure leave the registry and the previous server as they were."""
+        launch: Launch | None = None
+        try:
+            launch = self._launch(record, lease, previous, timeout)
+            self.registry.update_service(
+                record.uuid, pid=launch.pid, served_uri=launch.served_uri,
+                model_version=launch.model_version, model_run_id=launch.model_run_id,
+            )  # fmt: skip
+            self._promote(record, launch, previous, timeout)
+        except BaseException as exc:
+            self._abandon(record, launch, lease, previous, exc, lineage, fresh)
+            raise
+        if launch.address:
+            self.registry.set_endpoint_address(self.backend, record.endpoint, launch.address)
+        retire = [previous.uuid] if previous is not None and previous.uuid != record.uuid else []
+        active = self.registry.activate(
+            record.uuid,
+            retire=retire,
+            prediction_url=launch.prediction_url,
+            health_url=launch.health_url,
+            pid=launch.pid,
+        )
+        if action is None:
+            action = EventAction.REPLACE if retire else EventAction.DEPLOY
+        self.registry.add_event(
+            self.backend, record.endpoint, action, service_uuid=record.uuid, actor=lineage.describe(),
+            message=f"serving {record.model_uri} (version {active.model_version or '-'}) at {active.prediction_url}",
+            details={
+                "model_uri": record.model_uri, "model_version": active.model_version,
+                "model_run_id": active.model_run_id, "served_uri": active.served_uri,
+                "previous_uuid": previous.uuid if previous else None,
+                "previous_model_uri": previous.model_uri if previous else None,
+                "previous_model_version": previous.model_version if previous else None,
+            },
+        )  # fmt: skip
+        return self._service(active)
+
+    def _abandon(
+        self,
+        record: ServiceRecord,
+        launch: Launch | None,
+        lease: EndpointLease,
+        previous: ServiceRecord | None,
+        exc: BaseException,
+        lineage: Lineage,
+        fresh: bool,
+    ) -> None:
+        try:
+            self._discard(record, launch)
+        except Exception:
+            log.exception("Could not stop the failed server of service %s", record.uuid)
+        if not fresh:
+            return
+        self.registry.delete_service(record.uuid)
+        if previous is not None:
+            kept = previous.state == ServiceState.ACTIVE
+            self.registry.add_event(
+                self.backend, record.endpoint, EventAction.ROLLBACK, outcome="failed", service_uuid=record.uuid,
+                actor=lineage.describe(),
+                message=f"{record.model_uri} did not come up ({exc}); "
+                + (f"service {previous.uuid} keeps serving" if kept else f"service {previous.uuid} kept"),
+                details={"model_uri": record.model_uri, "kept_uuid": previous.uuid},
+            )  # fmt: skip
+        elif lease.created and not self.registry.find_services(backend=self.backend, endpoint=record.endpoint):
+            # A first deployment that failed leaves no trace: the registry is as it was.
+            self.registry.delete_endpoint(self.backend, record.endpoint)
+
+    def find_model_server(
+        self,
+        model_name: str | None = None,
+        dag_id: str | None = None,
+        task_id: str | None = None,
+        run_id: str | None = None,
+        running: bool | None = None,
+        service_uuid: str | None = None,
+        *,
+        endpoint: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[Service]:
+        """Services of this backend matching every given filter, newest first, states refreshed."""
+        records = self.registry.find_services(
+            backend=self.backend, model_name=model_name, dag_id=dag_id, task_id=task_id, run_id=run_id,
+            service_uuid=service_uuid, endpoint=endpoint, limit=limit, offset=offset,
+        )  # fmt: skip
+        services = [self._service(self._refresh(r)) for r in records]
+        if running is not None:
+            services = [s for s in services if s.is_running == running]
+        return services
+
+    def get_model_server(self, service_uuid: str) -> Service:
+        return self._service(self._refresh(self._get(service_uuid)))
+
+    def start_model_server(self, service_uuid: str, timeout: float = 300) -> Service:
+        record = self._get(service_uuid)
+        lineage = Lineage(actor=default_actor())
+        with self.registry.lease(
+            self.backend, record.endpoint, conn_id=self.conn_id, ttl=timeout + 120, wait=timeout
+        ) as lease:
+            record = self._refresh(self._get(record.uuid))
+            if record.state == ServiceState.ACTIVE:
+                return self._service(record)
+            other = [
+                r for r in self.registry.find_services(backend=self.backend, endpoint=record.endpoint, states=[ServiceState.ACTIVE])
+                if r.uuid != record.uuid
+            ]  # fmt: skip
+            if other:
+                raise InvalidParameterError(
+                    "uuid", record.uuid,
+                    f"endpoint '{record.endpoint}' is served by service {other[0].uuid}; stop it first or deploy "
+                    f"{record.model_uri} to replace it",
+                )  # fmt: skip
+            self.registry.update_service(record.uuid, state=ServiceState.PENDING, last_error=None)
+            record.state = ServiceState.PENDING
+            try:
+                return self._bring_up(record, lease, None, timeout, lineage, action=EventAction.START, fresh=False)
+            except BaseException as exc:
+                message = str(exc) if isinstance(exc, ModelDeployError) else f"{type(exc).__name__}: {exc}"
+                self.registry.update_service(record.uuid, state=ServiceState.ERROR, last_error=message, pid=None)
+                self.registry.add_event(
+                    self.backend, record.endpoint, EventAction.START, outcome="failed",
+                    service_uuid=record.uuid, actor=lineage.describe(), message=message,
+                )  # fmt: skip
+                raise
+
+    def stop_model_server(self, service_uuid: str, timeout: float = 60, force: bool = False) -> Service:
+        record = self._get(service_uuid)
+        with self.registry.lease(
+            self.backend, record.endpoint, conn_id=self.conn_id, ttl=timeout + 120, wait=timeout + 60
+        ):
+            record = self._get(record.uuid)
+            self._stop(record, timeout, force)
+            stopped = self.registry.update_service(record.uuid, state=ServiceState.INACTIVE, pid=None)
+            self.registry.add_event(
+                self.backend, record.endpoint, EventAction.STOP, service_uuid=record.uuid,
+                actor=default_actor(), message=f"stopped{' (forced)' if force else ''}",
+            )  # fmt: skip
+        return self._service(stopped)
+
+    def delete_model_server(self, service_uuid: str, timeout: float = 60, force: bool = False) -> None:
+        record = self._get(service_uuid)
+        with self.registry.lease(
+            self.backend, record.endpoint, conn_id=self.conn_id, ttl=timeout + 120, wait=timeout + 60
+        ):
+            record = self._get(record.uuid)
+            self._stop(record, timeout, force)
+            self.registry.delete_service(record.uuid)
+            self.registry.add_event(
+                self.backend, record.endpoint, EventAction.DELETE, service_uuid=record.uuid, actor=default_actor(),
+                message=f"deleted service of {record.model_uri} (version {record.model_version or '-'})",
+            )  # fmt: skip
+
+    def get_model_server_logs(self, service_uuid: str, tail: int | None = None, follow: bool = False) -> Iterator[str]:
+        if tail is not None and (isinstance(tail, bool) or not isinstance(tail, int) or tail < 0):
+            raise InvalidParameterError("tail", tail, "must be a non-negative integer")
+        return self._log_lines(self._get(service_uuid), tail, follow)
+
+    def get_history(self, service_or_endpoint: str, limit: int = 50) -> list[dict[str, Any]]:
+        try:
+            endpoint = self._get(service_or_endpoint).endpoint
+        except ServiceNotFoundError:
+            endpoint = service_or_endpoint
+        return self.registry.list_events(self.backend, endpoint, limit)
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _service(self, record: ServiceRecord) -> Service:
+        return Service(record, self)
+
+    def _get(self, service_uuid: str) -> ServiceRecord:
+        if not isinstance(service_uuid, str) or not service_uuid:
+            raise InvalidParameterError("uuid", service_uuid, "must be a service uuid")
+        record = self.registry.get_service(service_uuid)
+        if record.backend != self.backend:
+            raise ServiceNotFoundError(
+                "uuid", service_uuid, f"belongs to the {record.backend} backend, not {self.backend}"
+            )
+        return record
+
+    def _current(self, endpoint: str) -> ServiceRecord | None:
+        records = [
+            self._refresh(r)
+            for r in self.registry.find_services(backend=self.backend, endpoint=endpoint)
+            if r.state != ServiceState.PENDING
+        ]
+        for state in (ServiceState.ACTIVE, ServiceState.ERROR, ServiceState.INACTIVE):
+            for r in records:
+                if r.state == state:
+                    return r
+        return None
+
+    def _refresh(self, record: ServiceRecord) -> ServiceRecord:
+        probed = self._probe(record)
+        if probed is None or (probed[0] == record.state and probed[1] == record.last_error):
+            return record
+        state, error = probed
+        log.warning("Service %s is %s: %s", record.uuid, state, error)
+        return self.registry.update_service(record.uuid, state=state, last_error=error)
+
+    def _cleanup_orphans(self, endpoint: str) -> None:
+        """Pending services left by a deployment that died (its lease was taken over): stop them."""
+        for r in self.registry.find_services(backend=self.backend, endpoint=endpoint, states=[ServiceState.PENDING]):
+            log.warning("Removing service %s left pending by an interrupted deployment", r.uuid)
+            try:
+                self._stop(r, timeout=10, force=True)
+            except Exception:
+                log.exception("Could not stop orphan server of service %s", r.uuid)
+                continue
+            self.registry.delete_service(r.uuid)
+            self.registry.add_event(
+                self.backend, endpoint, EventAction.CLEANUP, service_uuid=r.uuid, actor=default_actor(),
+                message=f"removed server of {r.model_uri} left by an interrupted deployment",
+            )  # fmt: skip
+
+    @staticmethod
+    def _is_same_deployment(current: ServiceRecord, config: ServiceConfig, lineage: Lineage) -> bool:
+        return (
+            lineage.is_task
+            and current.state == ServiceState.ACTIVE
+            and (current.dag_id, current.run_id, current.task_id, current.map_index)
+            == (lineage.dag_id, lineage.run_id, lineage.task_id, lineage.map_index)
+            and current.model_uri == config.model_uri
+        )

@@ -1,0 +1,365 @@
+"""The local MLflow backend (the embedded default): each service is a model-server process tree.
+
+The servers outlive the Airflow task that starts them (own session, no parent-death signal). The
+endpoint's listening socket is bound here, on a port of the connection's range (bind is the test
+for a free port, so there is no race), and handed to the server; a replacement server receives it
+from the running one, so the URL and the accept queue survive every replace. See
+``serving/mlflow_server.py`` for the process side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+from airflow_provider_modeldeploy import config
+from airflow_provider_modeldeploy.deployers.base import BaseModelDeployer, Launch
+from airflow_provider_modeldeploy.exceptions import DeploymentFailedError, InvalidParameterError
+from airflow_provider_modeldeploy.hooks.mlflow_local import MlflowDeployerHook, MlflowServingSettings
+from airflow_provider_modeldeploy.registry import EndpointLease, Registry
+from airflow_provider_modeldeploy.registry.store import HOSTNAME
+from airflow_provider_modeldeploy.services import ServiceRecord, ServiceState
+from airflow_provider_modeldeploy.serving import mlflow_server
+
+log = logging.getLogger(__name__)
+
+
+def _tail(path: Path, lines: int) -> list[str]:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 64 * 1024 * max(1, lines // 200 + 1)))
+            data = fh.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    return data[-lines:] if lines else []
+
+
+class MLflowLocalDeployer(BaseModelDeployer):
+    """Serves MLflow pyfunc models as local processes with MLflow's scoring protocol.
+
+    Backend options (``ServiceConfig(..., **options)``): ``workers`` (processes sharing the socket),
+    ``timeout`` (per-request seconds), ``port`` (pin the endpoint's port), ``smoke_input`` (a JSON
+    body for the smoke prediction; default: the model's logged input example).
+    """
+
+    backend = "mlflow"
+    backend_options: ClassVar[dict[str, type | tuple[type, ...]]] = {
+        "workers": int,
+        "timeout": int,
+        "port": int,
+        "smoke_input": (str, dict, list),
+    }
+
+    def __init__(
+        self,
+        conn_id: str | None = None,
+        registry: Registry | None = None,
+        hook: MlflowDeployerHook | None = None,
+    ) -> None:
+        super().__init__(conn_id=conn_id, registry=registry)
+        self.hook = hook or MlflowDeployerHook(conn_id=conn_id)
+        self._settings: MlflowServingSettings | None = None
+
+    @property
+    def settings(self) -> MlflowServingSettings:
+        if self._settings is None:
+            self._settings = self.hook.get_settings()
+        return self._settings
+
+    def _validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        clean = super()._validate_options(options)
+        for key in ("workers", "timeout"):
+            if key in clean and clean[key] < 1:
+                raise InvalidParameterError(key, clean[key], "must be a positive integer")
+        if "port" in clean and not 1 <= clean["port"] <= 65535:
+            raise InvalidParameterError("port", clean["port"], "must be between 1 and 65535")
+        if isinstance(clean.get("smoke_input"), str):
+            try:
+                json.loads(clean["smoke_input"])
+            except ValueError as exc:
+                raise InvalidParameterError("smoke_input", clean["smoke_input"], f"is not JSON ({exc})") from None
+        public = self.settings.public()
+        return {**public, **{k: v for k, v in clean.items()}}
+
+    # -- paths -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _paths(service_uuid: str) -> dict[str, Path]:
+        key = service_uuid.replace("-", "")
+        run = config.runtime_dir()
+        return {
+            "state": run / f"{key}.state",
+            "ctl": run / f"{key}.ctl",
+            "staging": run / f"{key}.sock",
+            "log": config.logs_dir() / f"{service_uuid}.log",
+        }
+
+    # -- process identity ------------------------------------------------------------------------
+
+    @staticmethod
+    def _server_process(record: ServiceRecord, pid: int | None = None) -> Any:
+        """The live server process of this service, checked by pid *and* command line, else None."""
+        import psutil
+
+        pid = pid or record.pid
+        if not pid or (record.host and record.host != HOSTNAME):
+            return None
+        try:
+            proc = psutil.Process(pid)
+            cmdline = proc.cmdline()
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                with contextlib.suppress(ChildProcessError, OSError):
+                    os.waitpid(pid, os.WNOHANG)
+                return None
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return None
+        if mlflow_server.SERVER_MODULE in cmdline and record.uuid in cmdline:
+            return proc
+        return None  # the pid was reused by an unrelated process: never signal it
+
+    def _terminate(self, record: ServiceRecord, pid: int | None, grace: float) -> None:
+        import psutil
+
+        proc = self._server_process(record, pid)
+        if proc is None:
+            return
+        family = [proc, *proc.children(recursive=True)]
+        for p in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(signal.SIGTERM if grace > 0 else signal.SIGKILL)
+        _gone, alive = psutil.wait_procs(family, timeout=max(grace, 0.1))
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(alive, timeout=5)
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(proc.pid, os.WNOHANG)
+
+    # -- the listening socket --------------------------------------------------------------------
+
+    def _bind(self, host: str, port: int) -> socket.socket:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(2048)
+        except BaseException:
+            sock.close()
+            raise
+        sock.set_inheritable(True)
+        return sock
+
+    def _listener(self, record: ServiceRecord, lease: EndpointLease, previous: ServiceRecord | None) -> socket.socket:
+        host = lease.address.get("host") or self.settings.host
+        if previous is not None and self._server_process(previous) is not None:
+            try:
+                sock = mlflow_server.fetch_listener(self._paths(previous.uuid)["ctl"])
+                sock.set_inheritable(True)
+                return sock
+            except mlflow_server.ControlError as exc:
+                log.warning("Could not take the socket over from service %s (%s); binding anew", previous.uuid, exc)
+        port = lease.address.get("port") or record.config.get("port")
+        if port:
+            try:
+                return self._bind(host, int(port))
+            except OSError as exc:
+                raise DeploymentFailedError(
+                    f"port={port!r}: the port of endpoint '{record.endpoint}' on {host} is unavailable "
+                    f"({os.strerror(exc.errno or 0) or exc}); stop whatever else listens there"
+                ) from None
+        first, last = self.settings.port_range
+        for candidate in range(first, last + 1):
+            try:
+                return self._bind(host, candidate)
+            except OSError as exc:
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    raise InvalidParameterError("host", host, "is not an address of this machine") from None
+                if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
+                    raise
+        raise InvalidParameterError(
+            "port_range",
+            f"{first}-{last}",
+            f"no free port on {host}: all {last - first + 1} ports are in use",
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def _launch(
+        self, record: ServiceRecord, lease: EndpointLease, previous: ServiceRecord | None, timeout: float
+    ) -> Launch:
+        paths = self._paths(record.uuid)
+        paths["state"].unlink(missing_ok=True)
+        opts = record.config
+        listener = self._listener(record, lease, previous)
+        host, port = listener.getsockname()[:2]
+        public_host = socket.getfqdn() if host in ("0.0.0.0", "::") else host
+        url_host = f"[{public_host}]" if ":" in public_host else public_host
+        cmd = [
+            sys.executable, "-m", mlflow_server.SERVER_MODULE,
+            "--service-uuid", record.uuid, "--model-uri", record.model_uri, "--model-name", record.model_name,
+            "--listen-fd", str(listener.fileno()), "--runtime-dir", str(config.runtime_dir()),
+            "--workers", str(opts.get("workers", self.settings.workers)),
+            "--start-timeout", str(int(timeout)),
+        ]  # fmt: skip
+        env = {**os.environ, **self.settings.server_env()}
+        if "timeout" in opts:
+            env["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = str(opts["timeout"])
+        # Airflow's task environment must not leak into a long-lived server.
+        for key in [k for k in env if k.startswith(("AIRFLOW_CTX_", "_AIRFLOW"))]:
+            env.pop(key)
+        try:
+            with paths["log"].open("ab") as logfile:
+                proc = subprocess.Popen(
+                    cmd, pass_fds=(listener.fileno(),), stdin=subprocess.DEVNULL, stdout=logfile,
+                    stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=str(config.state_dir()),
+                )  # fmt: skip
+        finally:
+            listener.close()
+        self.registry.update_service(record.uuid, pid=proc.pid)
+        launch = Launch(
+            pid=proc.pid, handle=proc, address={"host": host, "port": port},
+            prediction_url=f"http://{url_host}:{port}/invocations", health_url=f"http://{url_host}:{port}/health",
+        )  # fmt: skip
+        state = self._wait_ready(record, proc, paths, timeout)
+        launch.served_uri = state.get("served_uri")
+        launch.model_version = state.get("model_version")
+        launch.model_run_id = state.get("model_run_id")
+        self._check_staging(record, paths["staging"], opts.get("smoke_input") or state.get("input_example"))
+        return launch
+
+    def _wait_ready(
+        self, record: ServiceRecord, proc: subprocess.Popen, paths: dict[str, Path], timeout: float
+    ) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            state = mlflow_server.read_state(paths["state"])
+            if state and state.get("pid") == proc.pid:
+                if state["phase"] == "ready":
+                    return state
+                if state["phase"] == "failed":
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(10)
+                    raise DeploymentFailedError(state.get("error") or "the model server failed to start")
+            code = proc.poll()
+            if code is not None:
+                last = " | ".join(_tail(paths["log"], 3))
+                raise DeploymentFailedError(
+                    f"model_uri={record.model_uri!r}: the model server exited with code {code} before it was ready: {last}"
+                )
+            if time.monotonic() > deadline:
+                raise DeploymentFailedError(
+                    f"timeout={timeout!r}: the model server did not load {record.model_uri} in time"
+                )
+            time.sleep(0.05)
+
+    @staticmethod
+    def _check_staging(record: ServiceRecord, staging: Path, smoke_input: Any) -> None:
+        import httpx
+
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(staging)), base_url="http://staging", timeout=60) as c:
+            try:
+                health = c.get("/health")
+                if health.status_code != 200:
+                    raise DeploymentFailedError(
+                        f"model_uri={record.model_uri!r}: /health answered {health.status_code}"
+                    )
+                if smoke_input is None:
+                    return
+                body = smoke_input if isinstance(smoke_input, str) else json.dumps(smoke_input)
+                answer = c.post("/invocations", content=body, headers={"content-type": "application/json"})
+            except httpx.HTTPError as exc:
+                raise DeploymentFailedError(f"model_uri={record.model_uri!r}: health check failed ({exc})") from None
+        if answer.status_code != 200:
+            raise DeploymentFailedError(
+                f"model_uri={record.model_uri!r}: the smoke prediction failed with HTTP {answer.status_code}: "
+                f"{answer.text[:300]}"
+            )
+
+    def _promote(self, record: ServiceRecord, launch: Launch, previous: ServiceRecord | None, timeout: float) -> None:
+        paths = self._paths(record.uuid)
+        try:
+            answer = mlflow_server.control_request(paths["ctl"], "activate", timeout=30)
+        except mlflow_server.ControlError as exc:
+            raise DeploymentFailedError(
+                f"uuid={record.uuid!r}: the new server could not be activated ({exc})"
+            ) from None
+        if not answer.get("ok"):
+            raise DeploymentFailedError(f"uuid={record.uuid!r}: {answer.get('error')}")
+        if previous is not None and previous.uuid != record.uuid:
+            self._stop(previous, timeout=min(timeout, 60), force=False)
+
+    def _discard(self, record: ServiceRecord, launch: Launch | None) -> None:
+        pid = launch.pid if launch else None
+        self._terminate(record, pid, grace=2)
+        if launch is not None and isinstance(launch.handle, subprocess.Popen):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                launch.handle.wait(5)
+        self._remove_runtime_files(record.uuid)
+
+    def _stop(self, record: ServiceRecord, timeout: float, force: bool) -> None:
+        proc = self._server_process(record)
+        if proc is not None and not force:
+            with contextlib.suppress(mlflow_server.ControlError):
+                mlflow_server.control_request(
+                    self._paths(record.uuid)["ctl"], "drain", timeout=timeout + 5, drain_timeout=timeout
+                )
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=10)
+        self._terminate(record, record.pid, grace=0 if force else 5)
+        self._remove_runtime_files(record.uuid)
+
+    def _remove_runtime_files(self, service_uuid: str) -> None:
+        for name in ("ctl", "staging"):
+            self._paths(service_uuid)[name].unlink(missing_ok=True)
+
+    def _probe(self, record: ServiceRecord) -> tuple[ServiceState, str | None] | None:
+        if record.state != ServiceState.ACTIVE or (record.host and record.host != HOSTNAME):
+            return None
+        if self._server_process(record) is not None:
+            return None
+        paths = self._paths(record.uuid)
+        state = mlflow_server.read_state(paths["state"]) or {}
+        if state.get("pid") == record.pid and state.get("phase") == "failed":
+            reason = state.get("error")
+        else:
+            reason = f"the model server process {record.pid} is gone (killed or crashed)"
+        last = " | ".join(line.strip() for line in _tail(paths["log"], 2))
+        return ServiceState.ERROR, f"{reason}; last log lines: {last}" if last else reason
+
+    def _log_lines(self, record: ServiceRecord, tail: int | None, follow: bool) -> Iterator[str]:
+        path = self._paths(record.uuid)["log"]
+        if not follow:
+            if tail is not None:
+                yield from _tail(path, tail)
+                return
+            if path.exists():
+                with path.open(errors="replace") as fh:
+                    yield from (line.rstrip("\n") for line in fh)
+            return
+        lines: deque[str] = deque(_tail(path, tail if tail is not None else 10))
+        yield from lines
+        with contextlib.suppress(FileNotFoundError), path.open(errors="replace") as fh:
+            fh.seek(0, os.SEEK_END)
+            while True:
+                line = fh.readline()
+                if line:
+                    yield line.rstrip("\n")
+                    continue
+                if self._server_process(self.registry.get_service(record.uuid)) is None:
+                    return
+                time.sleep(0.25)

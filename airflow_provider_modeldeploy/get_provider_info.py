@@ -1,0 +1,106 @@
+"""The provider's metadata, read by Airflow's ProvidersManager through the entry point."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow_provider_modeldeploy import __version__
+
+_PKG = "airflow_provider_modeldeploy"
+
+
+def get_provider_info() -> dict[str, Any]:
+    return {
+        "package-name": "airflow-provider-modeldeploy",
+        "name": "Model Deploy",
+        "description": "Continuous training and deployment of ML models: tracked model servers "
+        "(MLflow served locally, Seldon Core on Kubernetes) replaced in place.",
+        "versions": [__version__],
+        "integrations": [
+            {"integration-name": "Model Deploy", "external-doc-url": "https://mlflow.org/", "tags": ["ml"]}
+        ],
+        "operators": [{"integration-name": "Model Deploy", "python-modules": [f"{_PKG}.operators.served_models"]}],
+        "sensors": [{"integration-name": "Model Deploy", "python-modules": [f"{_PKG}.sensors.health"]}],
+        "hooks": [{"integration-name": "Model Deploy", "python-modules": [f"{_PKG}.hooks.mlflow_local"]}],
+        "triggers": [{"integration-name": "Model Deploy", "python-modules": [f"{_PKG}.triggers.health"]}],
+        "connection-types": [
+            {
+                "hook-class-name": f"{_PKG}.hooks.mlflow_local.MlflowDeployerHook",
+                "hook-name": "Model Deploy: MLflow (local model servers)",
+                "connection-type": "modeldeploy_mlflow",
+                "conn-fields": {
+                    "tracking_uri": {
+                        "label": "MLflow tracking URI",
+                        "description": "Where models are looked up. Empty: MLflow's own default "
+                        "(MLFLOW_TRACKING_URI, else sqlite under AIRFLOW_HOME).",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "registry_uri": {
+                        "label": "MLflow model registry URI",
+                        "description": "Empty: same as the tracking URI.",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "port_range": {
+                        "label": "Port range",
+                        "description": "Ports model servers may listen on, as FIRST-LAST.",
+                        "schema": {"type": ["string", "null"], "default": "5200-5399"},
+                    },
+                    "workers": {
+                        "label": "Workers per model server",
+                        "schema": {"type": ["integer", "null"], "default": 1, "minimum": 1},
+                    },
+                    "timeout": {
+                        "label": "Request timeout (seconds)",
+                        "description": "MLflow scoring server per-request timeout.",
+                        "schema": {"type": ["integer", "null"], "default": 60, "minimum": 1},
+                    },
+                },
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "port", "extra"],
+                    "relabeling": {
+                        "host": "Serving host (bind address)",
+                        "login": "MLflow tracking username",
+                        "password": "MLflow tracking password",
+                    },
+                    "placeholders": {
+                        "host": "127.0.0.1",
+                        "tracking_uri": "http://mlflow:5000",
+                        "port_range": "5200-5399",
+                    },
+                },
+            }
+        ],
+        "cli": [f"{_PKG}.cli.definition.get_served_models_cli_commands"],
+        "config": {
+            "modeldeploy": {
+                "description": "Settings of the model deployment provider.",
+                "options": {
+                    "registry_sql_alchemy_conn": {
+                        "description": "SQLAlchemy URL of the served-models registry. Empty: a SQLite "
+                        "file at {AIRFLOW_HOME}/modeldeploy/registry.db. Use PostgreSQL when workers, "
+                        "the API server and the CLI run on several machines.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "postgresql+psycopg2://airflow:airflow@postgres/modeldeploy",
+                        "default": "",
+                        "sensitive": True,
+                    },
+                    "state_dir": {
+                        "description": "Directory for model server logs and state. Empty: {AIRFLOW_HOME}/modeldeploy.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "/var/lib/modeldeploy",
+                        "default": "",
+                    },
+                    "default_conn_id": {
+                        "description": "Connection used when an operator or command names none. When "
+                        "it is not defined, a local MLflow deployer with default settings is used.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "modeldeploy_default",
+                        "default": "modeldeploy_default",
+                    },
+                },
+            }
+        },
+    }

@@ -1,0 +1,1 @@
+"""Hooks holding the connections of the model deployer backends."""

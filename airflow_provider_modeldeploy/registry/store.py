@@ -1,0 +1,427 @@
+"""Reading and writing the served-models registry.
+
+Every write is a short transaction. Deployments to one endpoint are serialised by a *lease* on the
+endpoint row (an atomic conditional UPDATE), not by a long database transaction, so the registry
+stays writable while a model loads; a lease whose holder died on this host is taken over at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+import uuid as uuidlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, delete, event, func, insert, select, text, update
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from airflow_provider_modeldeploy import config
+from airflow_provider_modeldeploy.exceptions import (
+    EndpointBusyError,
+    InvalidParameterError,
+    RegistryUnavailableError,
+    ServiceNotFoundError,
+)
+from airflow_provider_modeldeploy.registry.models import EndpointRow, EventRow, ServiceRow, utcnow
+from airflow_provider_modeldeploy.services import ServiceRecord, ServiceState
+
+# Kept equal to the newest file in migrations/versions (a test checks it), so that a process can
+# tell the schema is current with one query and without importing Alembic.
+HEAD_REVISION = "0001"
+VERSION_TABLE = "modeldeploy_alembic_version"
+_MIGRATION_LOCK_KEY = 0x6D6F64656C  # "model", for pg_advisory_lock
+
+_RECORD_FIELDS = [f.name for f in fields(ServiceRecord)]
+HOSTNAME = socket.gethostname()
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def row_to_record(row: ServiceRow) -> ServiceRecord:
+    data = {name: getattr(row, name) for name in _RECORD_FIELDS}
+    data["state"] = ServiceState(row.state)
+    data["config"] = dict(row.config or {})
+    data["created_at"] = _aware(row.created_at)
+    data["updated_at"] = _aware(row.updated_at)
+    return ServiceRecord(**data)
+
+
+def safe_url(url: str) -> str:
+    """The URL with its password masked, for messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable registry URL>"
+
+
+@dataclass
+class EndpointLease:
+    backend: str
+    name: str
+    owner: str
+    created: bool
+    address: dict[str, Any]
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Registry:
+    """The served-models table and its companions (endpoints, history), in one database."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url or config.registry_url()
+        self._engine: Engine | None = None
+        self._sessionmaker: sessionmaker[Session] | None = None
+        self._schema_ready = False
+
+    # -- connection ------------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = self._create_engine()
+            self._sessionmaker = sessionmaker(self._engine, expire_on_commit=False)
+        return self._engine
+
+    def _create_engine(self) -> Engine:
+        try:
+            if self.url.startswith("sqlite"):
+                path = self.url.split("///", 1)[-1]
+                if path and path != ":memory:":
+                    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                engine = create_engine(self.url, connect_args={"timeout": 60})
+                _make_sqlite_serialisable(engine)
+            else:
+                engine = create_engine(self.url, pool_pre_ping=True, pool_size=2, max_overflow=4)
+        except (SQLAlchemyError, ImportError, ValueError) as exc:
+            raise RegistryUnavailableError(
+                f"registry_sql_alchemy_conn={safe_url(self.url)!r}: cannot use this database URL ({exc})"
+            ) from None
+        return engine
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        self.ensure_schema()
+        assert self._sessionmaker is not None
+        try:
+            with self._sessionmaker.begin() as session:
+                yield session
+        except OperationalError as exc:
+            raise RegistryUnavailableError(
+                f"registry_sql_alchemy_conn={safe_url(self.url)!r}: database unreachable "
+                f"({str(exc.orig).strip().splitlines()[0] if exc.orig else exc})"
+            ) from None
+
+    def ensure_schema(self) -> None:
+        """Create or upgrade the tables (Alembic), once per process, safely under concurrency."""
+        if self._schema_ready:
+            return
+        engine = self.engine
+        try:
+            if self._current_revision(engine) != HEAD_REVISION:
+                self._upgrade(engine)
+        except OperationalError as exc:
+            raise RegistryUnavailableError(
+                f"registry_sql_alchemy_conn={safe_url(self.url)!r}: database unreachable "
+                f"({str(exc.orig).strip().splitlines()[0] if exc.orig else exc})"
+            ) from None
+        self._schema_ready = True
+
+    @staticmethod
+    def _current_revision(engine: Engine) -> str | None:
+        with engine.connect() as conn:
+            try:
+                return conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
+            except (OperationalError, SQLAlchemyError) as exc:
+                if "no such table" in str(exc) or "does not exist" in str(exc) or "UndefinedTable" in str(exc):
+                    return None
+                raise
+
+    @staticmethod
+    def _upgrade(engine: Engine) -> None:
+        from alembic import command
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", "airflow_provider_modeldeploy:registry/migrations")
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+            # On SQLite the transaction began IMMEDIATE: concurrent upgrades queue here, and the
+            # later ones find the schema current inside their own transaction.
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    def dispose(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+
+    # -- services --------------------------------------------------------------------------------
+
+    def add_service(self, record: ServiceRecord) -> ServiceRecord:
+        values = record.to_dict()
+        values["state"] = str(record.state)
+        values["created_at"] = values["updated_at"] = utcnow()
+        with self.session() as s:
+            s.execute(insert(ServiceRow).values(**values))
+        return self.get_service(record.uuid)
+
+    def get_service(self, service_uuid: str) -> ServiceRecord:
+        with self.session() as s:
+            row = s.get(ServiceRow, service_uuid)
+            if row is None:
+                matches = s.scalars(select(ServiceRow).where(ServiceRow.uuid.startswith(service_uuid)).limit(2)).all()
+                if len(service_uuid) >= 4 and len(matches) == 1:
+                    row = matches[0]
+                else:
+                    raise ServiceNotFoundError("uuid", service_uuid, "no served model has this uuid")
+            return row_to_record(row)
+
+    def update_service(self, service_uuid: str, **values: Any) -> ServiceRecord:
+        if "state" in values:
+            values["state"] = str(values["state"])
+        values["updated_at"] = utcnow()
+        with self.session() as s:
+            result = s.execute(update(ServiceRow).where(ServiceRow.uuid == service_uuid).values(**values))
+            if result.rowcount == 0:
+                raise ServiceNotFoundError("uuid", service_uuid, "no served model has this uuid")
+        return self.get_service(service_uuid)
+
+    def delete_service(self, service_uuid: str) -> None:
+        with self.session() as s:
+            s.execute(delete(ServiceRow).where(ServiceRow.uuid == service_uuid))
+
+    def find_services(
+        self,
+        *,
+        backend: str | None = None,
+        endpoint: str | None = None,
+        model_name: str | None = None,
+        dag_id: str | None = None,
+        task_id: str | None = None,
+        run_id: str | None = None,
+        states: Sequence[ServiceState] | None = None,
+        service_uuid: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[ServiceRecord]:
+        query = select(ServiceRow)
+        for column, value in (
+            (ServiceRow.backend, backend),
+            (ServiceRow.endpoint, endpoint),
+            (ServiceRow.model_name, model_name),
+            (ServiceRow.dag_id, dag_id),
+            (ServiceRow.task_id, task_id),
+            (ServiceRow.run_id, run_id),
+        ):
+            if value is not None:
+                query = query.where(column == value)
+        if service_uuid is not None:
+            query = query.where(ServiceRow.uuid.startswith(service_uuid))
+        if states is not None:
+            query = query.where(ServiceRow.state.in_([str(s) for s in states]))
+        query = query.order_by(ServiceRow.updated_at.desc(), ServiceRow.uuid).offset(offset)
+        if limit is not None:
+            query = query.limit(limit)
+        with self.session() as s:
+            return [row_to_record(row) for row in s.scalars(query)]
+
+    def count_services(self) -> int:
+        with self.session() as s:
+            return int(s.scalar(select(func.count()).select_from(ServiceRow)) or 0)
+
+    def activate(self, service_uuid: str, *, retire: Sequence[str] = (), **values: Any) -> ServiceRecord:
+        """In one transaction: delete the retired services and make this one the active one."""
+        values.update(state=str(ServiceState.ACTIVE), last_error=None, updated_at=utcnow())
+        try:
+            with self.session() as s:
+                if retire:
+                    s.execute(delete(ServiceRow).where(ServiceRow.uuid.in_(list(retire))))
+                s.execute(update(ServiceRow).where(ServiceRow.uuid == service_uuid).values(**values))
+        except IntegrityError as exc:  # the one-active-per-endpoint index fired
+            raise EndpointBusyError(
+                f"uuid={service_uuid!r}: another server of this endpoint is active ({exc.orig})"
+            ) from None
+        return self.get_service(service_uuid)
+
+    # -- endpoints and their lease ---------------------------------------------------------------
+
+    def get_endpoint(self, backend: str, name: str) -> EndpointRow | None:
+        with self.session() as s:
+            return s.get(EndpointRow, (backend, name))
+
+    def set_endpoint_address(self, backend: str, name: str, address: dict[str, Any]) -> None:
+        with self.session() as s:
+            s.execute(
+                update(EndpointRow)
+                .where(EndpointRow.backend == backend, EndpointRow.name == name)
+                .values(address=address)
+            )
+
+    def delete_endpoint(self, backend: str, name: str) -> None:
+        with self.session() as s:
+            s.execute(delete(EndpointRow).where(EndpointRow.backend == backend, EndpointRow.name == name))
+
+    def _create_endpoint(self, backend: str, name: str, conn_id: str | None) -> bool:
+        try:
+            with self.session() as s:
+                s.execute(insert(EndpointRow).values(backend=backend, name=name, conn_id=conn_id, address={}))
+            return True
+        except IntegrityError:
+            return False
+
+    @contextlib.contextmanager
+    def lease(
+        self, backend: str, name: str, *, conn_id: str | None = None, ttl: float = 600, wait: float = 600
+    ) -> Iterator[EndpointLease]:
+        """Hold the endpoint for one deployment or lifecycle action. Waits for other holders."""
+        owner = uuidlib.uuid4().hex
+        created = self._create_endpoint(backend, name, conn_id)
+        deadline = time.monotonic() + wait
+        delay = 0.05
+        while True:
+            if self._try_acquire(backend, name, owner, ttl):
+                break
+            if time.monotonic() > deadline:
+                row = self.get_endpoint(backend, name)
+                holder = f"{row.lock_host}:{row.lock_pid}" if row else "unknown"
+                raise EndpointBusyError(
+                    f"endpoint={name!r}: still held by another deployment ({holder}) after {wait:.0f}s"
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+        row = self.get_endpoint(backend, name)
+        lease = EndpointLease(backend, name, owner, created, dict(row.address or {}) if row else {})
+        try:
+            yield lease
+        finally:
+            with contextlib.suppress(RegistryUnavailableError), self.session() as s:
+                s.execute(
+                    update(EndpointRow)
+                    .where(EndpointRow.backend == backend, EndpointRow.name == name)
+                    .where(EndpointRow.lock_owner == owner)
+                    .values(lock_owner=None, lock_host=None, lock_pid=None, lock_expires_at=None)
+                )
+
+    def _try_acquire(self, backend: str, name: str, owner: str, ttl: float) -> bool:
+        now = utcnow()
+        mine = dict(
+            lock_owner=owner, lock_host=HOSTNAME, lock_pid=os.getpid(),
+            lock_expires_at=now + timedelta(seconds=ttl),
+        )  # fmt: skip
+        key = (EndpointRow.backend == backend, EndpointRow.name == name)
+        with self.session() as s:
+            free = (EndpointRow.lock_owner.is_(None)) | (EndpointRow.lock_expires_at < now)
+            if s.execute(update(EndpointRow).where(*key).where(free).values(**mine)).rowcount == 1:
+                return True
+            row = s.execute(
+                select(EndpointRow.lock_owner, EndpointRow.lock_host, EndpointRow.lock_pid).where(*key)
+            ).one_or_none()
+            if row is None:
+                raise ServiceNotFoundError("endpoint", name, "endpoint vanished while waiting for it")
+            holder_owner, holder_host, holder_pid = row
+            # A holder on this host whose process is gone (killed mid-deploy) gives the lease up now.
+            if holder_host == HOSTNAME and holder_pid != os.getpid() and not _pid_alive(holder_pid):
+                stolen = s.execute(
+                    update(EndpointRow).where(*key).where(EndpointRow.lock_owner == holder_owner).values(**mine)
+                )
+                return stolen.rowcount == 1
+        return False
+
+    # -- history ---------------------------------------------------------------------------------
+
+    def add_event(
+        self,
+        backend: str,
+        endpoint: str,
+        action: str,
+        *,
+        outcome: str = "success",
+        service_uuid: str | None = None,
+        actor: str | None = None,
+        message: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        with self.session() as s:
+            s.add(
+                EventRow(
+                    backend=backend, endpoint=endpoint, action=str(action), outcome=outcome,
+                    service_uuid=service_uuid, actor=actor, message=message, details=details or {},
+                )
+            )  # fmt: skip
+
+    def list_events(self, backend: str, endpoint: str, limit: int = 50) -> list[dict[str, Any]]:
+        with self.session() as s:
+            rows = s.scalars(
+                select(EventRow)
+                .where(EventRow.backend == backend, EventRow.endpoint == endpoint)
+                .order_by(EventRow.id.desc())
+                .limit(limit)
+            ).all()
+            return [
+                {
+                    "id": r.id, "action": r.action, "outcome": r.outcome, "service_uuid": r.service_uuid,
+                    "actor": r.actor, "message": r.message, "details": r.details,
+                    "created_at": _aware(r.created_at).isoformat() if r.created_at else None,
+                }
+                for r in rows
+            ]  # fmt: skip
+
+
+def _make_sqlite_serialisable(engine: Engine) -> None:
+    """Every SQLite transaction takes the write lock up front (BEGIN IMMEDIATE).
+
+    pysqlite's default deferred transactions upgrade to a write lock late, and in WAL mode such an
+    upgrade fails at once with 'database is locked' instead of waiting on the busy timeout.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=60000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+_registries: dict[str, Registry] = {}
+_registries_lock = threading.Lock()
+
+
+def get_registry(url: str | None = None) -> Registry:
+    """The process-wide registry for a URL (default: the configured one)."""
+    url = url or config.registry_url()
+    if not url or not isinstance(url, str):
+        raise InvalidParameterError("registry_sql_alchemy_conn", url, "must be a SQLAlchemy URL")
+    with _registries_lock:
+        if url not in _registries:
+            _registries[url] = Registry(url)
+        return _registries[url]

@@ -1,0 +1,511 @@
+"""The model-server process of the local MLflow backend, and the client the deployer drives it with.
+
+One process tree per service::
+
+    master    resolves the model URI (aliases included), downloads and loads the model once, forks
+              the workers, then answers control requests on a unix socket. It holds the endpoint's
+              listening TCP socket for its whole life and can hand it to the next server.
+    workers   run MLflow's own scoring app (``mlflow.pyfunc.scoring_server.init``: /invocations,
+              /ping, /health, /version) under uvicorn. They first serve only a private unix socket
+              (staging), where the deployer checks health and a smoke prediction; on ``activate``
+              they start accepting on the shared TCP socket.
+
+Replacing a model therefore never closes the listening socket: the new server accepts from the same
+socket (one accept queue, gunicorn-style) before the old one stops accepting and drains. Nothing is
+queued on a socket that closes, as happens with SO_REUSEPORT, and the URL never changes.
+
+Only the standard library is imported at module level: the deployer imports this module for the
+client functions, in Airflow task processes that must start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+SERVER_MODULE = "airflow_provider_modeldeploy.serving.mlflow_server"
+_MAX_MSG = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Client side: used by the deployer.
+# ---------------------------------------------------------------------------------------------
+
+
+class ControlError(Exception):
+    """The server's control socket did not answer as expected."""
+
+
+def _recv_line(sock: socket.socket, fds: list[int] | None = None) -> dict[str, Any]:
+    buf = b""
+    while not buf.endswith(b"\n"):
+        if fds is not None:
+            data, got, _flags, _addr = socket.recv_fds(sock, 65536, 1)
+            fds.extend(got)
+        else:
+            data = sock.recv(65536)
+        if not data:
+            raise ControlError("control socket closed before answering")
+        buf += data
+        if len(buf) > _MAX_MSG:
+            raise ControlError("control answer too large")
+    return json.loads(buf)
+
+
+def control_request(path: str | Path, cmd: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
+    """Send one command to a server's control socket and return its JSON answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+            sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+            return _recv_line(sock)
+        except (OSError, ValueError) as exc:
+            raise ControlError(f"{cmd}: {exc}") from exc
+
+
+def fetch_listener(path: str | Path, timeout: float = 10.0) -> socket.socket:
+    """Receive a duplicate of the server's listening TCP socket (SCM_RIGHTS)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        fds: list[int] = []
+        try:
+            sock.connect(str(path))
+            sock.sendall(b'{"cmd": "listener"}\n')
+            answer = _recv_line(sock, fds)
+        except (OSError, ValueError) as exc:
+            raise ControlError(f"listener: {exc}") from exc
+        if not answer.get("ok") or not fds:
+            for fd in fds:
+                os.close(fd)
+            raise ControlError(f"listener: {answer.get('error', 'no socket received')}")
+        return socket.socket(fileno=fds[0])
+
+
+def read_state(path: str | Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Server side: runs in the model-server process (``python -m`` this module).
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_state(path: Path, **state: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "time": time.time(), **state}))
+    os.replace(tmp, path)
+
+
+def _log(msg: str) -> None:
+    print(
+        f"{time.strftime('%Y-%m-%dT%H:%M:%S')} [modeldeploy pid={os.getpid()}] {msg}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+class _Failure(Exception):
+    def __init__(self, field: str, value: Any, message: str) -> None:
+        super().__init__(f"{field}={value!r}: {message}")
+        self.field, self.value = field, value
+
+
+def resolve_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
+    """The URI to load, the registered version and the run id. Aliases are resolved here, once."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if not model_uri.startswith("models:/"):
+        run_id = model_uri.split("/")[1] if model_uri.startswith("runs:/") else None
+        return model_uri, None, run_id
+    client = MlflowClient()
+    body = model_uri[len("models:/") :]
+    try:
+        if "/" not in body and "@" not in body:  # an MLflow 3 logged model id: models:/m-...
+            return model_uri, None, client.get_logged_model(body).source_run_id
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, ref = body.split("/", 1)
+            if ref.isdigit():
+                mv = client.get_model_version(name, ref)
+            elif ref.lower() == "latest":
+                versions = client.search_model_versions(f"name = '{name}'")
+                if not versions:
+                    raise _Failure("model_uri", model_uri, f"registered model '{name}' has no versions")
+                mv = max(versions, key=lambda v: int(v.version))
+            else:
+                found = client.get_latest_versions(name, stages=[ref])
+                if not found:
+                    raise _Failure("model_uri", model_uri, f"registered model '{name}' has no version in stage '{ref}'")
+                mv = found[0]
+    except MlflowException as exc:
+        raise _Failure("model_uri", model_uri, exc.message.splitlines()[0]) from None
+    return f"models:/{mv.name}/{mv.version}", str(mv.version), mv.run_id
+
+
+def _load(served_uri: str, model_uri: str) -> tuple[Any, str | None]:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    try:
+        local_path = mlflow.artifacts.download_artifacts(artifact_uri=served_uri)
+    except (MlflowException, OSError) as exc:
+        msg = getattr(exc, "message", None) or str(exc)
+        raise _Failure("model_uri", model_uri, f"cannot download the model: {msg.splitlines()[0]}") from None
+    if not (Path(local_path) / "MLmodel").exists():
+        raise _Failure("model_uri", model_uri, "not an MLflow model (no MLmodel file)")
+    try:
+        model = mlflow.pyfunc.load_model(local_path)
+    except Exception as exc:
+        raise _Failure("model_uri", model_uri, f"cannot load the model: {type(exc).__name__}: {exc}") from None
+    example = None
+    with contextlib.suppress(Exception):
+        example = Model.load(local_path).get_serving_input(local_path)
+    return model, example
+
+
+def _build_app(model: Any, headers: dict[str, str]) -> Any:
+    from mlflow.pyfunc import scoring_server
+
+    app = scoring_server.init(model)
+    extra = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+
+    async def with_headers(scope: dict, receive: Any, send: Any) -> None:
+        # Tells callers which model version answered: the URL stays the same across replaces.
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        return await app(scope, receive, send_with_headers)
+
+    return with_headers
+
+
+def _set_pdeathsig() -> None:
+    """Workers die with their master, so that killing the master (the service's pid) stops it all."""
+    import ctypes
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _run_worker(app: Any, staging: socket.socket, listener: socket.socket, ack_fd: int, args: Any) -> int:
+    import asyncio
+    import functools
+
+    import uvicorn
+
+    class WorkerServer(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGUSR1, lambda: loop.create_task(self.activate()))
+            # SIGUSR1 was blocked since the fork: one sent early is delivered now, to the handler.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR1])
+            os.write(ack_fd, b"s")
+
+        async def activate(self) -> None:
+            if getattr(self, "_active", False):
+                os.write(ack_fd, b"a")
+                return
+            base = self.config.http_protocol_class
+
+            class NoDelayProtocol(base):  # type: ignore[misc,valid-type]
+                # Set on every accepted connection: keep-alive answers must not wait for Nagle.
+                def connection_made(self, transport: Any) -> None:
+                    sock = transport.get_extra_info("socket")
+                    if sock is not None:
+                        with contextlib.suppress(OSError):
+                            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    super().connection_made(transport)
+
+            factory = functools.partial(
+                NoDelayProtocol,
+                config=self.config,
+                server_state=self.server_state,
+                app_state=self.lifespan.state,
+            )
+            server = await asyncio.get_running_loop().create_server(factory, sock=listener, backlog=self.config.backlog)
+            self.servers.append(server)
+            self._active = True
+            os.write(ack_fd, b"a")
+
+    config = uvicorn.Config(
+        app,
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+        timeout_keep_alive=args.keep_alive,
+        timeout_graceful_shutdown=args.drain_timeout,
+        backlog=2048,
+    )
+    server = WorkerServer(config)
+    asyncio.run(server.serve(sockets=[staging]))
+    return 0
+
+
+class _Master:
+    def __init__(self, args: Any, listener: socket.socket, staging_path: Path, state_path: Path) -> None:
+        self.args = args
+        self.listener = listener
+        self.staging_path = staging_path
+        self.state_path = state_path
+        self.workers: dict[int, int] = {}
+        self.active = False
+        self.draining = False
+        self.info: dict[str, Any] = {}
+
+    def spawn(self, app: Any, staging: socket.socket, ctl: socket.socket) -> None:
+        self.ack_r, ack_w = os.pipe()
+        for index in range(self.args.workers):
+            pid = os.fork()
+            if pid == 0:  # worker
+                code = 1
+                try:
+                    _set_pdeathsig()
+                    if os.getppid() != self.master_pid:
+                        os._exit(1)
+                    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+                    ctl.close()
+                    os.close(self.ack_r)
+                    signal.set_wakeup_fd(-1)
+                    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+                        signal.signal(sig, signal.SIG_DFL)
+                    code = _run_worker(app, staging, self.listener, ack_w, self.args)
+                except BaseException as exc:  # a worker must never return into the master's code
+                    _log(f"worker {index} failed: {type(exc).__name__}: {exc}")
+                finally:
+                    os._exit(code)
+            self.workers[pid] = index
+        os.close(ack_w)
+
+    def wait_acks(self, kind: bytes, timeout: float) -> str | None:
+        """Wait until every worker wrote ``kind`` to the ack pipe; the reason when they did not."""
+        acks, deadline = 0, time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.ack_r, selectors.EVENT_READ)
+            while acks < len(self.workers):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return f"{acks} of {len(self.workers)} workers answered within {timeout:.0f}s"
+                if sel.select(remaining):
+                    data = os.read(self.ack_r, 64)
+                    if not data:
+                        return "every worker exited"
+                    acks += data.count(kind)
+                for pid, status in self.reap():
+                    return f"worker {pid} {_exit_reason(status)}"
+        return None
+
+    def activate(self, timeout: float) -> dict[str, Any]:
+        for pid in self.workers:
+            os.kill(pid, signal.SIGUSR1)
+        error = self.wait_acks(b"a", timeout)
+        if error:
+            return {"ok": False, "error": f"activation failed: {error}"}
+        self.active = True
+        self.write_state("active")
+        _log(f"accepting on {self.listener.getsockname()}")
+        return {"ok": True}
+
+    def drain(self, timeout: float) -> dict[str, Any]:
+        self.draining = True
+        _log(f"draining (timeout {timeout}s)")
+        for pid in list(self.workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while self.workers and time.monotonic() < deadline:
+            self.reap()
+            time.sleep(0.02)
+        for pid in list(self.workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        while self.workers:
+            self.reap(block=True)
+        return {"ok": True}
+
+    def reap(self, block: bool = False) -> list[tuple[int, int]]:
+        gone = []
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                self.workers.clear()
+                break
+            if pid == 0:
+                break
+            self.workers.pop(pid, None)
+            gone.append((pid, status))
+            if block:
+                break
+        return gone
+
+    def write_state(self, phase: str, **extra: Any) -> None:
+        _write_state(
+            self.state_path, phase=phase, active=self.active, workers=sorted(self.workers),
+            staging=str(self.staging_path), **self.info, **extra,
+        )  # fmt: skip
+
+    def handle(self, conn: socket.socket) -> bool:
+        """Answer one control request; True when the master should exit afterwards."""
+        conn.settimeout(30)
+        try:
+            request = _recv_line(conn)
+        except (ControlError, OSError, ValueError) as exc:
+            _log(f"bad control request: {exc}")
+            return False
+        cmd = request.get("cmd")
+        if cmd == "status":
+            answer = {"ok": True, "active": self.active, "workers": sorted(self.workers), **self.info}
+        elif cmd == "activate":
+            answer = self.activate(float(request.get("activate_timeout", 30)))
+        elif cmd == "listener":
+            payload = json.dumps({"ok": True}).encode() + b"\n"
+            socket.send_fds(conn, [payload], [self.listener.fileno()])
+            return False
+        elif cmd == "drain":
+            answer = self.drain(float(request.get("drain_timeout", self.args.drain_timeout)))
+            self.write_state("stopped")
+            conn.sendall(json.dumps(answer).encode() + b"\n")
+            return True
+        else:
+            answer = {"ok": False, "error": f"unknown command {cmd!r}"}
+        with contextlib.suppress(OSError):
+            conn.sendall(json.dumps(answer).encode() + b"\n")
+        return False
+
+    def serve_control(self, ctl: socket.socket) -> int:
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        terminate = []
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, lambda *_: terminate.append(True))
+        signal.signal(signal.SIGINT, lambda *_: terminate.append(True))
+        sel = selectors.DefaultSelector()
+        sel.register(ctl, selectors.EVENT_READ, "ctl")
+        sel.register(wake_r, selectors.EVENT_READ, "wake")
+        while True:
+            for key, _ in sel.select(timeout=5):
+                if key.data == "wake":
+                    os.read(wake_r, 512)
+                else:
+                    conn, _ = ctl.accept()
+                    with conn:
+                        if self.handle(conn):
+                            return 0
+            if terminate:
+                self.drain(self.args.drain_timeout)
+                self.write_state("stopped")
+                return 0
+            for pid, status in self.reap():
+                reason = _exit_reason(status)
+                _log(f"worker {pid} {reason}; stopping the server")
+                self.drain(5)
+                self.write_state("failed", error=f"model server worker {pid} {reason}")
+                return 1
+
+
+def _exit_reason(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"was killed by signal {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with code {os.WEXITSTATUS(status)}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=SERVER_MODULE, description="Serve one MLflow model (one service).")
+    parser.add_argument("--service-uuid", required=True)
+    parser.add_argument("--model-uri", required=True)
+    parser.add_argument("--model-name", required=True)
+    parser.add_argument("--listen-fd", type=int, required=True)
+    parser.add_argument("--runtime-dir", required=True)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--keep-alive", type=int, default=5)
+    parser.add_argument("--drain-timeout", type=float, default=30)
+    parser.add_argument("--start-timeout", type=float, default=120)
+    args = parser.parse_args(argv)
+
+    run = Path(args.runtime_dir)
+    key = args.service_uuid.replace("-", "")
+    state_path, ctl_path, staging_path = run / f"{key}.state", run / f"{key}.ctl", run / f"{key}.sock"
+    listener = socket.socket(fileno=args.listen_fd)
+    _log(f"service {args.service_uuid}: loading {args.model_uri}")
+    _write_state(state_path, phase="loading")
+    try:
+        served_uri, version, run_id = resolve_model_uri(args.model_uri)
+        model, example = _load(served_uri, args.model_uri)
+        headers = {"x-modeldeploy-service": args.service_uuid, "x-model-name": args.model_name}
+        if version:
+            headers["x-model-version"] = version
+        app = _build_app(model, headers)
+    except _Failure as exc:
+        _log(f"failed: {exc}")
+        _write_state(state_path, phase="failed", error=str(exc), field=exc.field)
+        return 2
+    except Exception as exc:
+        _log(f"failed: {type(exc).__name__}: {exc}")
+        _write_state(state_path, phase="failed", error=f"model_uri={args.model_uri!r}: {type(exc).__name__}: {exc}")
+        return 2
+
+    for path in (ctl_path, staging_path):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    old_umask = os.umask(0o077)
+    try:
+        staging = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        staging.bind(str(staging_path))
+        staging.listen(128)
+        ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        ctl.bind(str(ctl_path))
+        ctl.listen(16)
+    finally:
+        os.umask(old_umask)
+
+    master = _Master(args, listener, staging_path, state_path)
+    master.master_pid = os.getpid()
+    master.info = {
+        "served_uri": served_uri, "model_version": version, "model_run_id": run_id,
+        "input_example": example, "port": listener.getsockname()[1],
+    }  # fmt: skip
+    master.spawn(app, staging, ctl)
+    staging.close()  # workers hold it; the master only needs the listener and the control socket
+    error = master.wait_acks(b"s", args.start_timeout)
+    if error:
+        _log(f"failed: {error}")
+        master.drain(5)
+        master.write_state("failed", error=f"model server did not start: {error}")
+        return 3
+    master.write_state("ready")
+    _log(f"ready: {served_uri} (version {version}), workers {sorted(master.workers)}")
+    try:
+        return master.serve_control(ctl)
+    finally:
+        for path in (ctl_path, staging_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        _log("stopped")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
