@@ -222,6 +222,13 @@ class Service:
         self.record = self._deployer.stop_model_server(self.uuid, timeout=timeout, force=force).record
         return self
 
+    def delete(self, timeout: int = 60, force: bool = False) -> None:
+        self._deployer.delete_model_server(self.uuid, timeout=timeout, force=force)
+
+    @property
+    def deployer(self) -> BaseModelDeployer:
+        return self._deployer
+
     def to_dict(self) -> dict[str, Any]:
         return self.record.to_dict()
 

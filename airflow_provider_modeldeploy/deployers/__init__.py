@@ -114,3 +114,34 @@ def deployer_for_service(service_uuid: str) -> BaseModelDeployer:
             f"now picks the {deployer.backend} backend, but service {record.uuid} runs on {record.backend}",
         )
     return deployer
+
+
+def find_services(
+    *,
+    service_uuid: str | None = None,
+    model_name: str | None = None,
+    endpoint: str | None = None,
+    dag_id: str | None = None,
+    task_id: str | None = None,
+    run_id: str | None = None,
+    running: bool | None = None,
+    limit: int | None = None,
+    offset: int = 0,
+) -> list[Service]:
+    """Services of every backend matching the filters, each bound to the deployer that manages it."""
+    from airflow_provider_modeldeploy.registry import get_registry
+
+    records = get_registry().find_services(
+        service_uuid=service_uuid, model_name=model_name, endpoint=endpoint, dag_id=dag_id,
+        task_id=task_id, run_id=run_id, limit=limit, offset=offset,
+    )  # fmt: skip
+    deployers: dict[tuple[str, str | None], BaseModelDeployer] = {}
+    services = []
+    for record in records:
+        key = (record.backend, record.conn_id)
+        if key not in deployers:
+            deployers[key] = deployer_for_service(record.uuid)
+        services.append(deployers[key].get_model_server(record.uuid))
+    if running is not None:
+        services = [s for s in services if s.is_running == running]
+    return services

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from airflow_provider_modeldeploy.exceptions import (
+    DeploymentFailedError,
     InvalidParameterError,
     ModelDeployError,
     ServiceNotFoundError,
@@ -336,6 +337,27 @@ class BaseModelDeployer(ABC):
         if tail is not None and (isinstance(tail, bool) or not isinstance(tail, int) or tail < 0):
             raise InvalidParameterError("tail", tail, "must be a non-negative integer")
         return self._log_lines(self._get(service_uuid), tail, follow)
+
+    def wait_until_healthy(self, service: Service, timeout: float = 300, sample_input: Any = None) -> Service:
+        """Poll the service's public health URL (and a sample prediction) until it answers 200."""
+        import time
+
+        from airflow_provider_modeldeploy.health import check_health
+
+        deadline = time.monotonic() + timeout
+        while True:
+            service.refresh()
+            if service.is_failed:
+                raise DeploymentFailedError(f"uuid={service.uuid!r}: {service.status.last_error}")
+            if service.is_running and service.health_url:
+                ok, reason = check_health(service.health_url, service.prediction_url, sample_input)
+                if ok:
+                    return service
+            else:
+                reason = f"service is {service.status.state}"
+            if time.monotonic() > deadline:
+                raise DeploymentFailedError(f"uuid={service.uuid!r}: not healthy after {timeout}s ({reason})")
+            time.sleep(0.5)
 
     def get_history(self, service_or_endpoint: str, limit: int = 50) -> list[dict[str, Any]]:
         try:

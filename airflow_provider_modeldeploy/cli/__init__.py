@@ -1,0 +1,1 @@
+"""`airflow served-models ...`: see and act on served models from the command line."""

@@ -1,0 +1,132 @@
+"""Implementations of ``airflow served-models`` commands. Errors print one line, no traceback."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from airflow_provider_modeldeploy.exceptions import ModelDeployError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+LIST_FIELDS = (
+    "uuid", "state", "model_name", "model_version", "endpoint", "backend", "dag_id", "task_id", "run_id",
+    "prediction_url", "last_error", "updated_at",
+)  # fmt: skip
+TABLE_FIELDS = ("uuid", "state", "model_name", "model_version", "backend", "dag_id", "task_id", "prediction_url")
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def cli_errors(func: F) -> F:
+    @functools.wraps(func)
+    def wrapper(args: Any) -> Any:
+        import logging
+
+        if not getattr(args, "verbose", False):
+            for name in ("alembic", "airflow_provider_modeldeploy", "httpx"):
+                logging.getLogger(name).setLevel(logging.WARNING)
+        try:
+            return func(args)
+        except ModelDeployError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _print(data: list[dict[str, Any]], output: str) -> None:
+    from airflow.cli.simple_table import AirflowConsole
+
+    AirflowConsole().print_as(data=data, output=output)
+
+
+def _row(service: Any, fields: tuple[str, ...]) -> dict[str, Any]:
+    data = service.to_dict()
+    return {key: data.get(key) for key in fields}
+
+
+def _service(uuid: str) -> Any:
+    from airflow_provider_modeldeploy.deployers import deployer_for_service
+
+    deployer = deployer_for_service(uuid)
+    return deployer.get_model_server(uuid)
+
+
+@cli_errors
+def list_services(args: Any) -> None:
+    from airflow_provider_modeldeploy.deployers import find_services
+
+    services = find_services(
+        model_name=args.model, dag_id=args.dag_id, task_id=args.task_id,
+        running=True if args.running else None, limit=args.limit, offset=args.offset,
+    )  # fmt: skip
+    fields = TABLE_FIELDS if args.output in ("table", "plain") else LIST_FIELDS
+    _print([_row(s, fields) for s in services], args.output)
+
+
+@cli_errors
+def describe_service(args: Any) -> None:
+    service = _service(args.uuid)
+    data = service.to_dict()
+    history = service.deployer.get_history(service.uuid, limit=args.history) if args.history else []
+    if args.output in ("json", "yaml"):
+        _print([{**data, "history": history}], args.output)
+        return
+    rows = [{"property": k, "value": v if not isinstance(v, dict) else ", ".join(f"{a}={b}" for a, b in v.items())}
+            for k, v in data.items()]  # fmt: skip
+    _print(rows, args.output)
+    if history:
+        print()
+        _print(
+            [{k: e[k] for k in ("created_at", "action", "outcome", "actor", "message")} for e in history], args.output
+        )
+
+
+@cli_errors
+def get_url(args: Any) -> None:
+    service = _service(args.uuid)
+    if not service.is_running:
+        _fail(f"uuid={service.uuid!r}: the service is {service.status.state}, it has no live prediction URL")
+    print(service.prediction_url)
+
+
+@cli_errors
+def show_logs(args: Any) -> None:
+    from airflow_provider_modeldeploy.deployers import deployer_for_service
+
+    deployer = deployer_for_service(args.uuid)
+    for line in deployer.get_model_server_logs(args.uuid, tail=args.tail, follow=args.follow):
+        print(line, flush=args.follow)
+
+
+@cli_errors
+def start_service(args: Any) -> None:
+    service = _service(args.uuid).start(timeout=args.timeout)
+    _print([_row(service, TABLE_FIELDS)], args.output)
+
+
+@cli_errors
+def stop_service(args: Any) -> None:
+    service = _service(args.uuid).stop(timeout=args.timeout, force=args.force)
+    _print([_row(service, TABLE_FIELDS)], args.output)
+
+
+@cli_errors
+def delete_service(args: Any) -> None:
+    service = _service(args.uuid)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            _fail(f"uuid={service.uuid!r}: refusing to delete without confirmation; pass --yes")
+        answer = input(f"Delete service {service.uuid} ({service.record.model_name}, {service.status.state})? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("Cancelled.")
+            return
+    service.delete(timeout=args.timeout, force=args.force)
+    print(f"Deleted service {service.uuid}")

@@ -1,0 +1,101 @@
+"""Declares ``airflow served-models``; Airflow loads it through the provider info's ``cli`` entry."""
+
+from __future__ import annotations
+
+from airflow.cli.cli_config import ARG_OUTPUT, ARG_VERBOSE, ARG_YES, ActionCommand, Arg, GroupCommand, lazy_load_command
+
+
+def _non_negative_int(value: str) -> int:
+    import argparse
+
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a non-negative integer")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    import argparse
+
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of seconds")
+    return number
+
+
+_COMMANDS = "airflow_provider_modeldeploy.cli.commands."
+ARG_UUID = Arg(("uuid",), help="Service uuid (a unique prefix of at least 4 characters is enough)")
+ARG_MODEL = Arg(("--model",), help="Only services of this model name")
+ARG_DAG_ID = Arg(("--dag-id",), help="Only services deployed by this DAG")
+ARG_TASK_ID = Arg(("--task-id",), help="Only services deployed by this task")
+ARG_RUNNING = Arg(("--running",), help="Only services that are running", action="store_true")
+ARG_LIMIT = Arg(("--limit",), help="At most this many services (default 100)", type=_non_negative_int, default=100)
+ARG_OFFSET = Arg(("--offset",), help="Skip this many services first", type=_non_negative_int, default=0)
+ARG_TIMEOUT = Arg(("--timeout",), help="Seconds to wait (default 300)", type=_positive_float, default=300.0)
+ARG_FORCE = Arg(("--force",), help="Kill at once instead of draining in-flight requests", action="store_true")
+ARG_TAIL = Arg(("--tail",), help="Only the last N lines", type=_non_negative_int, default=None)
+ARG_FOLLOW = Arg(("-f", "--follow"), help="Keep printing new lines while the server runs", action="store_true")
+ARG_HISTORY = Arg(
+    ("--history",), help="Events of the endpoint to show (default 10)", type=_non_negative_int, default=10
+)
+
+SERVED_MODELS_COMMANDS = (
+    ActionCommand(
+        name="list",
+        help="List served models",
+        func=lazy_load_command(_COMMANDS + "list_services"),
+        args=(ARG_MODEL, ARG_DAG_ID, ARG_TASK_ID, ARG_RUNNING, ARG_LIMIT, ARG_OFFSET, ARG_OUTPUT, ARG_VERBOSE),
+    ),
+    ActionCommand(
+        name="describe",
+        help="Show every property of a served model and its endpoint's history",
+        func=lazy_load_command(_COMMANDS + "describe_service"),
+        args=(ARG_UUID, ARG_HISTORY, ARG_OUTPUT, ARG_VERBOSE),
+    ),
+    ActionCommand(
+        name="get-url",
+        help="Print the prediction URL of a running served model",
+        func=lazy_load_command(_COMMANDS + "get_url"),
+        args=(ARG_UUID, ARG_VERBOSE),
+    ),
+    ActionCommand(
+        name="logs",
+        help="Print the log of a served model's server",
+        func=lazy_load_command(_COMMANDS + "show_logs"),
+        args=(ARG_UUID, ARG_TAIL, ARG_FOLLOW, ARG_VERBOSE),
+    ),
+    ActionCommand(
+        name="start",
+        help="Start a stopped served model at its endpoint's URL",
+        func=lazy_load_command(_COMMANDS + "start_service"),
+        args=(ARG_UUID, ARG_TIMEOUT, ARG_OUTPUT, ARG_VERBOSE),
+    ),
+    ActionCommand(
+        name="stop",
+        help="Stop a served model (it can be started again)",
+        func=lazy_load_command(_COMMANDS + "stop_service"),
+        args=(ARG_UUID, ARG_TIMEOUT, ARG_FORCE, ARG_OUTPUT, ARG_VERBOSE),
+    ),
+    ActionCommand(
+        name="delete",
+        help="Stop a served model and remove it from the registry",
+        func=lazy_load_command(_COMMANDS + "delete_service"),
+        args=(ARG_UUID, ARG_YES, ARG_TIMEOUT, ARG_FORCE, ARG_VERBOSE),
+    ),
+)
+
+
+def get_served_models_cli_commands() -> list[GroupCommand]:
+    return [
+        GroupCommand(
+            name="served-models",
+            help="See and act on served models (model servers deployed by DAGs)",
+            subcommands=SERVED_MODELS_COMMANDS,
+        )
+    ]

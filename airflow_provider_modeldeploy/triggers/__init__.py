@@ -1,0 +1,1 @@
+"""Triggers: waits handed to Airflow's triggerer."""

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Creates (or refreshes) the project's virtualenv in .venv with everything the example and the
+# tests need. Sourced by run-example.sh and test.sh; safe to run again.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${MODELDEPLOY_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+
+"$PYTHON" - <<'PY'
+import sys
+if sys.version_info < (3, 11):
+    sys.exit(f"Python >= 3.11 is needed, this is {sys.version.split()[0]}")
+PY
+if [ ! -x "$VENV/bin/python" ]; then
+  echo ">> creating virtualenv $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+# uv resolves Airflow's and MLflow's dependency trees in seconds where pip may backtrack for minutes.
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "uv>=0.4"
+echo ">> installing airflow-provider-modeldeploy and its dependencies (Airflow 3.3.2, MLflow 3)"
+"$VENV/bin/python" -m uv pip install --quiet --python "$VENV/bin/python" \
+  "apache-airflow==3.3.2" -e "$ROOT[test,postgres,examples]"
+export PATH="$VENV/bin:$PATH"
