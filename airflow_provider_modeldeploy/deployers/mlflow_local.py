@@ -131,13 +131,29 @@ class MLflowLocalDeployer(BaseModelDeployer):
             return proc
         return None  # the pid was reused by an unrelated process: never signal it
 
+    @staticmethod
+    def _service_processes(record: ServiceRecord) -> list[Any]:
+        """Every process of this service (master and forked workers share its command line)."""
+        import psutil
+
+        if record.host and record.host != HOSTNAME:
+            return []
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            cmdline = proc.info.get("cmdline") or []
+            if mlflow_server.SERVER_MODULE in cmdline and record.uuid in cmdline:
+                found.append(proc)
+        return found
+
     def _terminate(self, record: ServiceRecord, pid: int | None, grace: float) -> None:
         import psutil
 
         proc = self._server_process(record, pid)
-        if proc is None:
+        family = [proc, *proc.children(recursive=True)] if proc is not None else []
+        # Workers orphaned by a master that was killed are found by their command line.
+        family += [p for p in self._service_processes(record) if p.pid not in {f.pid for f in family}]
+        if not family:
             return
-        family = [proc, *proc.children(recursive=True)]
         for p in family:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.send_signal(signal.SIGTERM if grace > 0 else signal.SIGKILL)
@@ -146,8 +162,9 @@ class MLflowLocalDeployer(BaseModelDeployer):
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
         psutil.wait_procs(alive, timeout=5)
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(proc.pid, os.WNOHANG)
+        for p in family:
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(p.pid, os.WNOHANG)
 
     # -- the listening socket --------------------------------------------------------------------
 
@@ -203,6 +220,7 @@ class MLflowLocalDeployer(BaseModelDeployer):
         self, record: ServiceRecord, lease: EndpointLease, previous: ServiceRecord | None, timeout: float
     ) -> Launch:
         paths = self._paths(record.uuid)
+        self._terminate(record, None, grace=0)  # leftovers of an earlier run of this service
         paths["state"].unlink(missing_ok=True)
         opts = record.config
         listener = self._listener(record, lease, previous)

@@ -202,11 +202,12 @@ def _build_app(model: Any, headers: dict[str, str]) -> Any:
 
 
 def _set_pdeathsig() -> None:
-    """Workers die with their master, so that killing the master (the service's pid) stops it all."""
+    """Workers die at once with their master: without it nobody supervises them or owns the service,
+    and a worker left behind would keep the endpoint's port."""
     import ctypes
 
     with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _run_worker(app: Any, staging: socket.socket, listener: socket.socket, ack_fd: int, args: Any) -> int:

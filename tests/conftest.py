@@ -1,0 +1,226 @@
+"""Shared fixtures: a real MLflow tracking store with trained models, fresh AIRFLOW_HOMEs, registries
+on SQLite and on the machine's real PostgreSQL, and a guard that no model server outlives the suite."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVER_MODULE = "airflow_provider_modeldeploy.serving.mlflow_server"
+PG_BASE = os.environ.get("MODELDEPLOY_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+IRIS_COLUMNS = ["sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)"]
+IRIS_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
+
+
+def iris_payload(rows: list[list[float]] | None = None) -> dict[str, Any]:
+    return {"dataframe_split": {"columns": IRIS_COLUMNS, "data": rows or IRIS_ROWS}}
+
+
+def server_pids() -> set[int]:
+    pids = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = proc.info.get("cmdline") or []
+        if SERVER_MODULE in cmdline:
+            pids.add(proc.info["pid"])
+    return pids
+
+
+def kill_pids(pids: set[int]) -> None:
+    procs = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            proc.send_signal(signal.SIGKILL)
+            procs.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_server_left_behind() -> Iterator[None]:
+    """Fails the session if any model server started during it is still running at the end."""
+    before = server_pids()
+    yield
+    left = server_pids() - before
+    kill_pids(left)
+    assert not left, f"model server processes left running after the suite: {sorted(left)}"
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="modeldeploy-tests-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+BROKEN_MODEL = textwrap.dedent(
+    """
+    import mlflow
+
+
+    class CorruptedModel(mlflow.pyfunc.PythonModel):
+        def load_context(self, context):
+            raise RuntimeError("model weights are corrupted")
+
+        def predict(self, context, model_input, params=None):
+            return model_input
+
+
+    mlflow.models.set_model(CorruptedModel())
+    """
+)
+
+
+@pytest.fixture(scope="session")
+def mlflow_models(session_dir: Path) -> Iterator[dict[str, Any]]:
+    """A real MLflow tracking store (SQLite) with registered models, trained once per session.
+
+    iris v1 and v2 (alias ``champion`` -> 1), and ``broken`` v1 whose loading always fails.
+    """
+    tracking = f"sqlite:///{session_dir / 'mlflow.db'}"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = tracking
+    script = textwrap.dedent(
+        f"""
+        import json, mlflow
+        from mlflow import MlflowClient
+        from sklearn.datasets import load_iris
+        from sklearn.linear_model import LogisticRegression
+        mlflow.set_tracking_uri({tracking!r})
+        exp = mlflow.create_experiment("tests", artifact_location={(session_dir / "artifacts").as_uri()!r})
+        mlflow.set_experiment("tests")
+        X, y = load_iris(return_X_y=True, as_frame=True)
+        out = {{}}
+        for c in (1.0, 0.05):
+            with mlflow.start_run() as run:
+                model = LogisticRegression(C=c, max_iter=500).fit(X, y)
+                info = mlflow.sklearn.log_model(model, name="model", input_example=X.head(2),
+                                                registered_model_name="iris")
+                out.setdefault("iris_runs", []).append(run.info.run_id)
+        with mlflow.start_run() as run:
+            mlflow.pyfunc.log_model(name="model", python_model={str(session_dir / "broken_model.py")!r},
+                                    registered_model_name="broken")
+        MlflowClient().set_registered_model_alias("iris", "champion", "1")
+        print(json.dumps(out))
+        """
+    )
+    (session_dir / "broken_model.py").write_text(BROKEN_MODEL)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=session_dir, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    runs = json.loads(done.stdout.strip().splitlines()[-1])
+    yield {"tracking_uri": tracking, "iris_v1": "models:/iris/1", "iris_v2": "models:/iris/2", **runs}
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def _delete_all_services() -> None:
+    from airflow_provider_modeldeploy.deployers import find_services
+
+    try:
+        services = find_services()
+    except Exception:
+        return
+    for service in services:
+        try:
+            service.delete(timeout=10, force=True)
+        except Exception:
+            pass
+
+
+@pytest.fixture
+def airflow_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh AIRFLOW_HOME (hence a fresh SQLite registry); every server deployed in it is deleted after."""
+    home = tmp_path / "airflow"
+    home.mkdir()
+    monkeypatch.setenv("AIRFLOW_HOME", str(home))
+    monkeypatch.setenv("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    monkeypatch.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(ROOT / "dags"))
+    monkeypatch.setenv("_MODELDEPLOY_NO_METASTORE", "1")
+    monkeypatch.delenv("AIRFLOW__MODELDEPLOY__REGISTRY_SQL_ALCHEMY_CONN", raising=False)
+    yield home
+    _delete_all_services()
+
+
+@pytest.fixture
+def pg_registry_url() -> Iterator[str]:
+    """A private schema in the real PostgreSQL's ``test`` database, dropped afterwards."""
+    import sqlalchemy as sa
+
+    schema = f"md_{uuid.uuid4().hex[:10]}"
+    engine = sa.create_engine(PG_BASE)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    except sa.exc.OperationalError as exc:  # pragma: no cover - the machine's PostgreSQL is required
+        pytest.fail(f"PostgreSQL at {PG_BASE} is not reachable: {exc}")
+    yield f"{PG_BASE}?options=-csearch_path%3D{schema}"
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_url(request: pytest.FixtureRequest, airflow_home: Path) -> Iterator[str]:
+    """The registry URL on each database, set as the provider's configuration."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{airflow_home / 'modeldeploy' / 'registry.db'}"
+        os.environ["AIRFLOW__MODELDEPLOY__REGISTRY_SQL_ALCHEMY_CONN"] = url
+        yield url
+    else:
+        url = request.getfixturevalue("pg_registry_url")
+        os.environ["AIRFLOW__MODELDEPLOY__REGISTRY_SQL_ALCHEMY_CONN"] = url
+        yield url
+        _delete_all_services()
+    os.environ.pop("AIRFLOW__MODELDEPLOY__REGISTRY_SQL_ALCHEMY_CONN", None)
+
+
+@pytest.fixture
+def deployer(airflow_home: Path, mlflow_models: dict[str, Any]) -> Any:
+    from airflow_provider_modeldeploy.deployers import get_model_deployer
+
+    return get_model_deployer()
+
+
+def airflow_env(home: Path, **extra: str) -> dict[str, str]:
+    """Environment for an ``airflow`` subprocess using this home."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update(
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    )
+    env.update(extra)
+    return env
+
+
+def run_airflow(home: Path, *args: str, timeout: float = 600, **extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "airflow"), *args],
+        capture_output=True,
+        text=True,
+        env=airflow_env(home, **extra),
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )

@@ -1,0 +1,119 @@
+"""The local MLflow backend end to end: real MLflow models, real server processes, real HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+from conftest import iris_payload
+
+from airflow_provider_modeldeploy.deployers import ServiceConfig, get_model_deployer
+from airflow_provider_modeldeploy.exceptions import DeploymentFailedError
+from airflow_provider_modeldeploy.registry import get_registry
+from airflow_provider_modeldeploy.services import Lineage, ServiceState
+
+
+def predict(url: str) -> httpx.Response:
+    return httpx.post(url, json=iris_payload(), timeout=30)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_deploy_replace_rollback_stop_start_delete(deployer: Any, mlflow_models: dict[str, Any]) -> None:
+    # An alias is resolved at deploy time and the resolved version recorded.
+    first = deployer.deploy_model(ServiceConfig(model_uri="models:/iris@champion", model_name="iris"))
+    assert first.is_running and first.status.state == ServiceState.ACTIVE
+    assert first.record.model_version == "1"
+    assert first.record.served_uri == "models:/iris/1"
+    assert first.record.model_run_id == mlflow_models["iris_runs"][0]
+    url = first.prediction_url
+    assert url.startswith("http://127.0.0.1:")
+    answer = predict(url)
+    assert answer.status_code == 200 and len(answer.json()["predictions"]) == 2
+    assert answer.headers["x-model-version"] == "1"
+    for path in ("/ping", "/health", "/version"):
+        assert httpx.get(url.replace("/invocations", path), timeout=10).status_code == 200
+
+    # Replace keeps the URL; the old server is drained and gone.
+    second = deployer.deploy_model(ServiceConfig(model_uri=mlflow_models["iris_v2"], model_name="iris"))
+    assert second.uuid != first.uuid and second.prediction_url == url
+    assert predict(url).headers["x-model-version"] == "2"
+    assert not alive(first.record.pid)
+    services = deployer.find_model_server(model_name="iris")
+    assert [s.uuid for s in services] == [second.uuid]
+
+    # A model that cannot load: the task fails naming the cause, the old server keeps serving.
+    with pytest.raises(DeploymentFailedError, match="model weights are corrupted"):
+        deployer.deploy_model(ServiceConfig(model_uri="models:/broken/1", model_name="iris"))
+    assert predict(url).headers["x-model-version"] == "2"
+    [still] = deployer.find_model_server(model_name="iris")
+    assert still.uuid == second.uuid and still.is_running
+    history = deployer.get_history(second.uuid)
+    assert [e["action"] for e in history[:3]] == ["rollback", "replace", "deploy"]
+    assert history[0]["outcome"] == "failed" and "corrupted" in history[0]["message"]
+
+    # Logs, stop, start at the same URL.
+    lines = list(deployer.get_model_server_logs(second.uuid, tail=5))
+    assert any("accepting on" in line for line in lines)
+    stopped = deployer.stop_model_server(second.uuid)
+    assert stopped.status.state == ServiceState.INACTIVE and stopped.prediction_url is None
+    assert not alive(second.record.pid)
+    with pytest.raises(httpx.ConnectError):
+        predict(url)
+    started = deployer.start_model_server(second.uuid)
+    assert started.prediction_url == url and predict(url).status_code == 200
+
+    # A killed server shows as error, with a last error that says so; start brings it back.
+    os.kill(started.record.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        refreshed = deployer.get_model_server(second.uuid)
+        if refreshed.is_failed:
+            break
+        time.sleep(0.2)
+    assert refreshed.is_failed and "gone" in refreshed.status.last_error
+    restarted = deployer.start_model_server(second.uuid)
+    assert restarted.prediction_url == url and predict(url).headers["x-model-version"] == "2"
+
+    deployer.delete_model_server(second.uuid)
+    assert not alive(restarted.record.pid)
+    assert deployer.find_model_server() == []
+    assert deployer.get_history("iris")[0]["action"] == "delete"
+
+
+def test_retried_task_gets_its_server_back(deployer: Any, mlflow_models: dict[str, Any]) -> None:
+    lineage = Lineage(dag_id="ct", run_id="manual__1", task_id="deploy", try_number=1)
+    config = ServiceConfig(model_uri=mlflow_models["iris_v1"], model_name="iris-retry")
+    first = deployer.deploy_model(config, lineage=lineage)
+    retry = Lineage(dag_id="ct", run_id="manual__1", task_id="deploy", try_number=2)
+    again = deployer.deploy_model(config, lineage=retry)
+    assert again.uuid == first.uuid and again.record.pid == first.record.pid
+    assert len(deployer.find_model_server(model_name="iris-retry")) == 1
+
+
+def test_server_outlives_the_process_that_deployed_it(airflow_home: Any, mlflow_models: dict[str, Any]) -> None:
+    code = (
+        "from airflow_provider_modeldeploy.deployers import get_model_deployer, ServiceConfig\n"
+        f"s = get_model_deployer().deploy_model(ServiceConfig(model_uri={mlflow_models['iris_v1']!r}, model_name='iris-detached'))\n"
+        "print(s.prediction_url)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    url = done.stdout.strip().splitlines()[-1]
+    assert predict(url).status_code == 200  # the deploying process has exited
+    [service] = get_model_deployer().find_model_server(model_name="iris-detached", running=True)
+    proc = psutil.Process(service.record.pid)
+    assert proc.ppid() != os.getpid()
+    assert service.record.host and get_registry().get_service(service.uuid).pid == proc.pid
