@@ -3,6 +3,7 @@ on SQLite and on the machine's real PostgreSQL, and a guard that no model server
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -141,10 +142,8 @@ def _delete_all_services() -> None:
     except Exception:
         return
     for service in services:
-        try:
+        with contextlib.suppress(Exception):
             service.delete(timeout=10, force=True)
-        except Exception:
-            pass
 
 
 @pytest.fixture
