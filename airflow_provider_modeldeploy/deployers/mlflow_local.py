@@ -237,8 +237,9 @@ class MLflowLocalDeployer(BaseModelDeployer):
         env = {**os.environ, **self.settings.server_env()}
         if "timeout" in opts:
             env["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = str(opts["timeout"])
-        # Airflow's task environment must not leak into a long-lived server.
-        for key in [k for k in env if k.startswith(("AIRFLOW_CTX_", "_AIRFLOW"))]:
+        # The server never imports Airflow: none of Airflow's settings, connections (with their
+        # passwords) or task context may leak into a long-lived process.
+        for key in [k for k in env if k.startswith(("AIRFLOW", "_AIRFLOW"))]:
             env.pop(key)
         try:
             with paths["log"].open("ab") as logfile:
