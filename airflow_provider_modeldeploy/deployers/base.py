@@ -102,6 +102,9 @@ class BaseModelDeployer(ABC):
     def _log_lines(self, record: ServiceRecord, tail: int | None, follow: bool) -> Iterator[str]:
         """The server's log."""
 
+    def _forget(self, record: ServiceRecord) -> None:  # noqa: B027 - optional for backends
+        """Remove what the backend keeps of a service that is deleted (files, cached state)."""
+
     def _validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """Check ``backend_options``; return what to store with the service (never a secret)."""
         clean: dict[str, Any] = {}
@@ -235,6 +238,7 @@ class BaseModelDeployer(ABC):
         if not fresh:
             return
         self.registry.delete_service(record.uuid)
+        self._forget(record)
         if previous is not None:
             kept = previous.state == ServiceState.ACTIVE
             self.registry.add_event(
@@ -328,6 +332,7 @@ class BaseModelDeployer(ABC):
             record = self._get(record.uuid)
             self._stop(record, timeout, force)
             self.registry.delete_service(record.uuid)
+            self._forget(record)
             self.registry.add_event(
                 self.backend, record.endpoint, EventAction.DELETE, service_uuid=record.uuid, actor=default_actor(),
                 message=f"deleted service of {record.model_uri} (version {record.model_version or '-'})",
@@ -411,6 +416,7 @@ class BaseModelDeployer(ABC):
                 log.exception("Could not stop orphan server of service %s", r.uuid)
                 continue
             self.registry.delete_service(r.uuid)
+            self._forget(r)
             self.registry.add_event(
                 self.backend, endpoint, EventAction.CLEANUP, service_uuid=r.uuid, actor=default_actor(),
                 message=f"removed server of {r.model_uri} left by an interrupted deployment",

@@ -342,6 +342,11 @@ class MLflowLocalDeployer(BaseModelDeployer):
         self._terminate(record, record.pid, grace=0 if force else 5)
         self._remove_runtime_files(record.uuid)
 
+    def _forget(self, record: ServiceRecord) -> None:
+        paths = self._paths(record.uuid)
+        for name in ("state", "log"):
+            paths[name].unlink(missing_ok=True)
+
     def _remove_runtime_files(self, service_uuid: str) -> None:
         for name in ("ctl", "staging"):
             self._paths(service_uuid)[name].unlink(missing_ok=True)
