@@ -141,7 +141,7 @@ def find_services(
         key = (record.backend, record.conn_id)
         if key not in deployers:
             deployers[key] = deployer_for_service(record.uuid)
-        services.append(deployers[key].get_model_server(record.uuid))
+        services.append(deployers[key].service_for(record))
     if running is not None:
         services = [s for s in services if s.is_running == running]
     return services

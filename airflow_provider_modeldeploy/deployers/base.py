@@ -275,6 +275,10 @@ class BaseModelDeployer(ABC):
             services = [s for s in services if s.is_running == running]
         return services
 
+    def service_for(self, record: ServiceRecord) -> Service:
+        """A registry record of this backend as a Service, its state checked against reality."""
+        return self._service(self._refresh(record))
+
     def get_model_server(self, service_uuid: str) -> Service:
         return self._service(self._refresh(self._get(service_uuid)))
 
