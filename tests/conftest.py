@@ -51,12 +51,26 @@ def kill_pids(pids: set[int]) -> None:
     psutil.wait_procs(procs, timeout=10)
 
 
+def servers_under(base: str) -> set[int]:
+    """Model servers whose working directory (their AIRFLOW_HOME's state dir) is under ``base``."""
+    pids = set()
+    for pid in server_pids():
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(pid).cwd().startswith(base):
+                pids.add(pid)
+    return pids
+
+
 @pytest.fixture(scope="session", autouse=True)
-def no_server_left_behind() -> Iterator[None]:
-    """Fails the session if any model server started during it is still running at the end."""
-    before = server_pids()
+def no_server_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Fails the session if a model server this session started is still running at its end.
+
+    Servers run in their AIRFLOW_HOME's state dir, under this session's temporary directory: other
+    people's servers on the same machine are neither counted nor touched.
+    """
+    base = str(tmp_path_factory.getbasetemp())
     yield
-    left = server_pids() - before
+    left = servers_under(base)
     kill_pids(left)
     assert not left, f"model server processes left running after the suite: {sorted(left)}"
 

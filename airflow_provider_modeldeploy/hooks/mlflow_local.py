@@ -73,7 +73,7 @@ class MlflowServingSettings:
     tracking_uri: str = field(default_factory=default_tracking_uri)
     registry_uri: str | None = None
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in logs or tracebacks
 
     def server_env(self) -> dict[str, str]:
         """Environment of a model server: where MLflow is, with credentials (never on argv)."""

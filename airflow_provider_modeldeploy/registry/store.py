@@ -193,7 +193,9 @@ class Registry:
         with self.session() as s:
             row = s.get(ServiceRow, service_uuid)
             if row is None:
-                matches = s.scalars(select(ServiceRow).where(ServiceRow.uuid.startswith(service_uuid)).limit(2)).all()
+                matches = s.scalars(
+                    select(ServiceRow).where(ServiceRow.uuid.startswith(service_uuid, autoescape=True)).limit(2)
+                ).all()
                 if len(service_uuid) >= 4 and len(matches) == 1:
                     row = matches[0]
                 else:
@@ -240,7 +242,7 @@ class Registry:
             if value is not None:
                 query = query.where(column == value)
         if service_uuid is not None:
-            query = query.where(ServiceRow.uuid.startswith(service_uuid))
+            query = query.where(ServiceRow.uuid.startswith(service_uuid, autoescape=True))
         if states is not None:
             query = query.where(ServiceRow.state.in_([str(s) for s in states]))
         query = query.order_by(ServiceRow.updated_at.desc(), ServiceRow.uuid).offset(offset)
