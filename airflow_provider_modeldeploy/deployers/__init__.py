@@ -129,10 +129,20 @@ def find_services(
     offset: int = 0,
 ) -> list[Service]:
     """Services of every backend matching the filters, each bound to the deployer that manages it."""
+    from airflow_provider_modeldeploy.exceptions import ServiceNotFoundError
     from airflow_provider_modeldeploy.registry import get_registry
 
-    records = get_registry().find_services(
-        service_uuid=service_uuid, model_name=model_name, endpoint=endpoint, dag_id=dag_id,
+    registry = get_registry()
+    if service_uuid is not None:
+        # A uuid names one service (exactly, or by a unique prefix): never every service it prefixes.
+        try:
+            uuid = registry.get_service(service_uuid).uuid
+        except ServiceNotFoundError:
+            return []
+    else:
+        uuid = None
+    records = registry.find_services(
+        service_uuid=uuid, model_name=model_name, endpoint=endpoint, dag_id=dag_id,
         task_id=task_id, run_id=run_id, limit=limit, offset=offset,
     )  # fmt: skip
     deployers: dict[tuple[str, str | None], BaseModelDeployer] = {}

@@ -1,0 +1,212 @@
+"""``airflow served-models``: the real Airflow CLI in subprocesses, over a real model server.
+
+One service is deployed for the module through the Python API; the CLI subprocesses find it because
+they get the same AIRFLOW_HOME (hence registry) and MLFLOW_TRACKING_URI. The read-only commands are
+tested first; ``test_stop_start_delete`` changes the service and runs last.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import yaml
+from conftest import ROOT, _delete_all_services, iris_payload, run_airflow, server_pids
+
+from airflow_provider_modeldeploy.deployers import ServiceConfig, get_model_deployer
+
+MODEL = "iris-cli"
+LIST_KEYS = {"uuid", "state", "model_name", "model_version", "dag_id", "task_id", "prediction_url"}
+UNKNOWN = "00000000-0000-4000-8000-000000000000"
+
+
+@pytest.fixture(scope="module")
+def cli_home(tmp_path_factory: pytest.TempPathFactory, mlflow_models: dict[str, Any]) -> Iterator[Path]:
+    """Like ``airflow_home``, for the whole module: one deployment serves every CLI test."""
+    home = tmp_path_factory.mktemp("cli") / "airflow"
+    home.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AIRFLOW_HOME", str(home))
+        mp.setenv("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+        mp.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(ROOT / "dags"))
+        mp.setenv("_MODELDEPLOY_NO_METASTORE", "1")
+        mp.delenv("AIRFLOW__MODELDEPLOY__REGISTRY_SQL_ALCHEMY_CONN", raising=False)
+        try:
+            yield home
+        finally:
+            _delete_all_services()
+
+
+@pytest.fixture(scope="module")
+def service(cli_home: Path, mlflow_models: dict[str, Any]) -> Any:
+    return get_model_deployer().deploy_model(ServiceConfig(model_uri=mlflow_models["iris_v1"], model_name=MODEL))
+
+
+def cli(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return run_airflow(home, "served-models", *args, **env)
+
+
+def ok(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode == 0, f"exit {done.returncode}\nstdout: {done.stdout[-2000:]}\nstderr: {done.stderr[-3000:]}"
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    return done.stdout
+
+
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    """A failed command exits 1 with exactly one ``error: ...`` line and no traceback."""
+    assert done.returncode == 1, f"exit {done.returncode}\nstdout: {done.stdout[-2000:]}\nstderr: {done.stderr[-3000:]}"
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, done.stderr[-3000:]
+    return errors[0]
+
+
+def listed(home: Path, *args: str) -> list[dict[str, Any]]:
+    data = json.loads(ok(cli(home, "list", "-o", "json", *args)))
+    assert isinstance(data, list)
+    return data
+
+
+def cells(line: str) -> list[str]:
+    """The words of a row of a plain or rich table (whose columns are separated by '|')."""
+    return line.replace("|", " ").split()
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_provider_is_registered(cli_home: Path) -> None:
+    out = ok(run_airflow(cli_home, "providers", "list", "-o", "json"))
+    packages = [p.get("package_name") for p in json.loads(out)]
+    assert "airflow-provider-modeldeploy" in packages
+
+
+def test_list_json_and_filters(cli_home: Path, service: Any) -> None:
+    [row] = listed(cli_home)
+    assert set(row) >= LIST_KEYS
+    assert row["uuid"] == service.uuid
+    assert row["state"] == "active"
+    assert row["model_name"] == MODEL and row["model_version"] == "1"
+    assert row["dag_id"] is None and row["task_id"] is None  # deployed from Python, not by a task
+    assert row["prediction_url"] == service.prediction_url
+
+    assert [r["uuid"] for r in listed(cli_home, "--model", MODEL)] == [service.uuid]
+    assert listed(cli_home, "--model", "no-such-model") == []
+    assert [r["uuid"] for r in listed(cli_home, "--running")] == [service.uuid]
+
+
+def test_list_yaml_plain_and_table(cli_home: Path, service: Any) -> None:
+    [row] = yaml.safe_load(ok(cli(cli_home, "list", "-o", "yaml")))
+    assert set(row) >= LIST_KEYS
+    assert row["uuid"] == service.uuid and str(row["model_version"]) == "1"
+
+    for output in ("plain", "table"):
+        lines = [line for line in ok(cli(cli_home, "list", "-o", output)).splitlines() if line.strip()]
+        header = cells(lines[0])
+        assert header[:4] == ["uuid", "state", "model_name", "model_version"], lines
+        assert "prediction_url" in header
+        [line] = [line for line in lines if service.uuid in line]
+        assert "active" in line and MODEL in line and service.prediction_url in line
+
+
+def test_describe_json_has_history(cli_home: Path, service: Any) -> None:
+    [data] = json.loads(ok(cli(cli_home, "describe", service.uuid, "-o", "json")))
+    assert data["uuid"] == service.uuid and data["state"] == "active"
+    assert data["model_uri"] == "models:/iris/1" and data["served_uri"] == "models:/iris/1"
+    assert data["prediction_url"] == service.prediction_url
+    assert data["history"], data
+    [event] = data["history"]
+    assert event["action"] == "deploy" and event["outcome"] == "success"
+    assert event["service_uuid"] == service.uuid and service.prediction_url in event["message"]
+
+    # A unique prefix is enough; the table form shows the properties, then the history.
+    out = ok(cli(cli_home, "describe", service.uuid[:8]))
+    lines = out.splitlines()
+    assert cells(lines[0]) == ["property", "value"], lines[:3]
+    assert ["uuid", service.uuid] in [cells(line) for line in lines]
+    assert ["model_uri", "models:/iris/1"] in [cells(line) for line in lines]
+    assert any({"deploy", "success"} <= set(cells(line)) for line in lines), out
+
+
+def test_get_url_serves_predictions(cli_home: Path, service: Any) -> None:
+    url = ok(cli(cli_home, "get-url", service.uuid)).strip()
+    assert url == service.prediction_url
+    answer = httpx.post(url, json=iris_payload(), timeout=30)
+    assert answer.status_code == 200 and len(answer.json()["predictions"]) == 2
+    assert answer.headers["x-model-version"] == "1"
+
+
+def test_logs_tail(cli_home: Path, service: Any) -> None:
+    full = list(get_model_deployer().get_model_server_logs(service.uuid))
+    assert any("accepting on" in line for line in full)
+    assert ok(cli(cli_home, "logs", service.uuid, "--tail", "5")).splitlines() == full[-5:]
+    assert ok(cli(cli_home, "logs", service.uuid[:8], "--tail", "1")).splitlines() == full[-1:]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("describe", UNKNOWN),
+        ("logs", UNKNOWN),
+        ("get-url", "____"),  # a prefix is matched literally: '_' and '%' are no SQL wildcards
+        ("delete", "%%%%", "--yes"),
+    ],
+    ids=lambda args: " ".join(args),
+)
+def test_unknown_uuid_is_one_line_error(cli_home: Path, service: Any, args: tuple[str, ...]) -> None:
+    error = one_line_error(cli(cli_home, *args))
+    assert error.startswith(f"error: uuid={args[1]!r}: "), error
+    assert get_model_deployer().get_model_server(service.uuid).is_running
+
+
+def test_stop_start_delete(cli_home: Path, service: Any) -> None:
+    url, pid = service.prediction_url, service.record.pid
+
+    # stop: listed as inactive, not running, and get-url says so in one line.
+    out = ok(cli(cli_home, "stop", service.uuid))
+    assert service.uuid in out and "inactive" in out
+    [row] = listed(cli_home)
+    assert row["uuid"] == service.uuid and row["state"] == "inactive"
+    assert listed(cli_home, "--running") == []
+    assert not alive(pid)
+    with pytest.raises(httpx.ConnectError):
+        httpx.post(url, json=iris_payload(), timeout=10)
+    error = one_line_error(cli(cli_home, "get-url", service.uuid))
+    assert error == f"error: uuid={service.uuid!r}: the service is inactive, it has no live prediction URL"
+
+    # start: back at the same URL.
+    out = ok(cli(cli_home, "start", service.uuid))
+    assert service.uuid in out and "active" in out
+    assert ok(cli(cli_home, "get-url", service.uuid)).strip() == url
+    assert httpx.post(url, json=iris_payload(), timeout=30).status_code == 200
+    [row] = listed(cli_home, "--running")
+    assert row["uuid"] == service.uuid
+    started = get_model_deployer().get_model_server(service.uuid)
+    new_pid = started.record.pid
+    assert new_pid and new_pid != pid and alive(new_pid)
+
+    # delete without --yes, stdin not a TTY: refused, nothing changes.
+    error = one_line_error(cli(cli_home, "delete", service.uuid))
+    assert "--yes" in error
+    [row] = listed(cli_home)
+    assert row["uuid"] == service.uuid and row["state"] == "active"
+    assert alive(new_pid)
+
+    # delete --yes: gone from the registry, and its server process is gone.
+    assert ok(cli(cli_home, "delete", service.uuid, "--yes")).strip() == f"Deleted service {service.uuid}"
+    assert listed(cli_home) == []
+    assert not alive(new_pid) and new_pid not in server_pids()
+    error = one_line_error(cli(cli_home, "describe", service.uuid))
+    assert error.startswith(f"error: uuid={service.uuid!r}: ")
+    history = get_model_deployer().get_history(MODEL)
+    assert [e["action"] for e in history[:4]] == ["delete", "start", "stop", "deploy"]
