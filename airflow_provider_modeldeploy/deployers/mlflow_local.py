@@ -181,6 +181,18 @@ class MLflowLocalDeployer(BaseModelDeployer):
         sock.set_inheritable(True)
         return sock
 
+    def _bind_released(self, host: str, port: int) -> socket.socket:
+        """Bind the endpoint's own port, waiting a little for a process that is exiting to let go of it.
+
+        A killed server's workers close their sockets only at the end of their exit, after their
+        command line (by which we find them) is already gone.
+        """
+        from tenacity import retry, retry_if_exception, stop_after_delay, wait_fixed
+
+        in_use = retry_if_exception(lambda exc: isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE)
+        bind = retry(retry=in_use, stop=stop_after_delay(10), wait=wait_fixed(0.2), reraise=True)(self._bind)
+        return bind(host, port)
+
     def _listener(self, record: ServiceRecord, lease: EndpointLease, previous: ServiceRecord | None) -> socket.socket:
         host = lease.address.get("host") or self.settings.host
         if previous is not None and self._server_process(previous) is not None:
@@ -193,7 +205,7 @@ class MLflowLocalDeployer(BaseModelDeployer):
         port = lease.address.get("port") or record.config.get("port")
         if port:
             try:
-                return self._bind(host, int(port))
+                return self._bind_released(host, int(port))
             except OSError as exc:
                 raise DeploymentFailedError(
                     f"port={port!r}: the port of endpoint '{record.endpoint}' on {host} is unavailable "
