@@ -232,7 +232,8 @@ class MLflowLocalDeployer(BaseModelDeployer):
         self, record: ServiceRecord, lease: EndpointLease, previous: ServiceRecord | None, timeout: float
     ) -> Launch:
         paths = self._paths(record.uuid)
-        self._terminate(record, None, grace=0)  # leftovers of an earlier run of this service
+        if record.pid is not None:  # a service that ran before: stop what is left of that run
+            self._terminate(record, None, grace=0)
         paths["state"].unlink(missing_ok=True)
         opts = record.config
         listener = self._listener(record, lease, previous)
