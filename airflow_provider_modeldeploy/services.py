@@ -45,6 +45,10 @@ class EventAction(StrEnum):
     DELETE = "delete"
     FAIL = "fail"
     CLEANUP = "cleanup"
+    CANARY = "canary"
+    PROMOTE = "promote"
+    ADOPT = "adopt"
+    LOST = "lost"
 
 
 def validate_name(field_name: str, value: Any) -> str:

@@ -130,3 +130,19 @@ def delete_service(args: Any) -> None:
             return
     service.delete(timeout=args.timeout, force=args.force)
     print(f"Deleted service {service.uuid}")
+
+
+@cli_errors
+def sync_services(args: Any) -> None:
+    from airflow_provider_modeldeploy.deployers import sync_all
+
+    reports = sync_all(args.conn_ids or [])
+    _print(
+        [
+            {**r.to_dict(), **{k: ", ".join(v) or "-" for k, v in r.to_dict().items() if isinstance(v, list)}}
+            for r in reports
+        ]
+        if args.output in ("table", "plain")
+        else [r.to_dict() for r in reports],
+        args.output,
+    )

@@ -40,6 +40,12 @@ ARG_TIMEOUT = Arg(("--timeout",), help="Seconds to wait (default 300)", type=_po
 ARG_FORCE = Arg(("--force",), help="Kill at once instead of draining in-flight requests", action="store_true")
 ARG_TAIL = Arg(("--tail",), help="Only the last N lines", type=_non_negative_int, default=None)
 ARG_FOLLOW = Arg(("-f", "--follow"), help="Keep printing new lines while the server runs", action="store_true")
+ARG_CONN_ID = Arg(
+    ("--conn-id",),
+    help="Also reconcile this deployer connection (default: the connections the registry names, and the default one)",
+    action="append",
+    dest="conn_ids",
+)
 ARG_HISTORY = Arg(
     ("--history",), help="Events of the endpoint to show (default 10)", type=_non_negative_int, default=10
 )
@@ -86,6 +92,12 @@ SERVED_MODELS_COMMANDS = (
         help="Stop a served model and remove it from the registry",
         func=lazy_load_command(_COMMANDS + "delete_service"),
         args=(ARG_UUID, ARG_YES, ARG_TIMEOUT, ARG_FORCE, ARG_VERBOSE),
+    ),
+    ActionCommand(
+        name="sync",
+        help="Reconcile the registry with what the backends run: adopt unknown servers, mark lost ones",
+        func=lazy_load_command(_COMMANDS + "sync_services"),
+        args=(ARG_CONN_ID, ARG_OUTPUT, ARG_VERBOSE),
     ),
 )
 

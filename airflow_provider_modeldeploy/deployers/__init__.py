@@ -17,7 +17,7 @@ from airflow_provider_modeldeploy.exceptions import InvalidParameterError
 from airflow_provider_modeldeploy.services import Lineage, Service, ServiceConfig, ServiceState
 
 if TYPE_CHECKING:
-    from airflow_provider_modeldeploy.deployers.base import BaseModelDeployer
+    from airflow_provider_modeldeploy.deployers.base import BaseModelDeployer, SyncReport
 
 __all__ = [
     "Lineage",
@@ -26,6 +26,7 @@ __all__ = [
     "ServiceState",
     "deployer_for_service",
     "get_model_deployer",
+    "sync_all",
 ]
 
 #: connection type -> "module:Class" of its deployer. Backends are imported only when used.
@@ -93,12 +94,7 @@ def get_model_deployer(conn_id: str | None = None) -> BaseModelDeployer:
             f"is a '{conn_type}' connection, not a model deployer connection "
             f"(use one of: {', '.join(sorted(DEPLOYERS))})",
         )  # fmt: skip
-    cls = _load(DEPLOYERS[conn_type])
-    if conn_type == "modeldeploy_mlflow":
-        from airflow_provider_modeldeploy.hooks.mlflow_local import MlflowDeployerHook
-
-        return cls(conn_id=conn_id, hook=MlflowDeployerHook(conn_id=conn_id, connection=conn))
-    return cls(conn_id=conn_id)
+    return _load(DEPLOYERS[conn_type]).from_connection(conn_id, conn)
 
 
 def deployer_for_service(service_uuid: str) -> BaseModelDeployer:
@@ -155,3 +151,14 @@ def find_services(
     if running is not None:
         services = [s for s in services if s.is_running == running]
     return services
+
+
+def sync_all(conn_ids: list[str] | None = None) -> list[SyncReport]:
+    """Reconcile the registry with every backend it names, the default one and ``conn_ids``."""
+    from airflow_provider_modeldeploy.registry import get_registry
+
+    deployers: dict[tuple[str, str | None], BaseModelDeployer] = {}
+    for conn_id in [None, *get_registry().connection_ids(), *(conn_ids or [])]:
+        deployer = get_model_deployer(conn_id)
+        deployers.setdefault((deployer.backend, deployer.conn_id), deployer)
+    return [deployer.sync_services() for deployer in deployers.values()]

@@ -48,6 +48,24 @@ class Launch:
     handle: Any = None
 
 
+@dataclass
+class SyncReport:
+    """What ``sync_services`` changed in the registry for one backend connection."""
+
+    backend: str
+    conn_id: str | None
+    checked: int = 0
+    adopted: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend, "conn_id": self.conn_id, "checked": self.checked,
+            "adopted": self.adopted, "lost": self.lost, "removed": self.removed,
+        }  # fmt: skip
+
+
 def default_actor() -> str:
     try:
         user = getpass.getuser()
@@ -66,6 +84,11 @@ class BaseModelDeployer(ABC):
     def __init__(self, conn_id: str | None = None, registry: Registry | None = None) -> None:
         self.conn_id = conn_id
         self._registry = registry
+
+    @classmethod
+    def from_connection(cls, conn_id: str, connection: Any) -> BaseModelDeployer:
+        """The deployer for an Airflow connection of this backend's type (already looked up)."""
+        return cls(conn_id=conn_id)
 
     @property
     def registry(self) -> Registry:
@@ -104,6 +127,17 @@ class BaseModelDeployer(ABC):
 
     def _forget(self, record: ServiceRecord) -> None:  # noqa: B027 - optional for backends
         """Remove what the backend keeps of a service that is deleted (files, cached state)."""
+
+    def _discover(self) -> list[ServiceRecord] | None:
+        """Every service this backend (through this connection) actually runs, known to the registry
+        or not, as records rebuilt from what the backend keeps (labels, state files): uuid, endpoint,
+        model and lineage, with the state the backend reports. None: the backend cannot list them."""
+        return None
+
+    def _adopt_conflict(self, found: ServiceRecord, current: ServiceRecord) -> None:
+        """A discovered server whose endpoint already has another active service: by default stop it,
+        since it is a leftover nobody accounts for (a deployment killed before it was recorded)."""
+        self._stop(found, timeout=10, force=True)
 
     def _validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """Check ``backend_options``; return what to store with the service (never a secret)."""
@@ -367,6 +401,67 @@ class BaseModelDeployer(ABC):
             if time.monotonic() > deadline:
                 raise DeploymentFailedError(f"uuid={service.uuid!r}: not healthy after {timeout}s ({reason})")
             time.sleep(0.5)
+
+    def sync_services(self) -> SyncReport:
+        """Reconcile the registry with what the backend runs.
+
+        A registry service the backend no longer runs is marked inactive (its last error says so);
+        ``start`` brings it back at its endpoint's URL. A server the backend runs that the registry
+        does not know (the registry was lost, or a deployment died before recording it) is adopted
+        with the lineage the backend kept, or stopped when its endpoint is already served by
+        another service. Deployments in progress (pending under a live lease) are left alone.
+        """
+        report = SyncReport(self.backend, self.conn_id)
+        discovered = self._discover()
+        found = {r.uuid: r for r in discovered or []}
+        known = [r for r in self.registry.find_services(backend=self.backend) if r.conn_id == self.conn_id]
+        for record in known:
+            report.checked += 1
+            if record.state == ServiceState.PENDING:
+                continue  # an interrupted deployment's leftovers are cleaned under the endpoint lease
+            if discovered is not None and record.uuid not in found:
+                if record.state in (ServiceState.ACTIVE, ServiceState.ERROR):
+                    reason = f"not running in the {self.backend} backend any more (found by sync)"
+                    if record.last_error and record.state == ServiceState.ERROR:
+                        reason = f"{reason}; before: {record.last_error}"
+                    self.registry.update_service(record.uuid, state=ServiceState.INACTIVE, last_error=reason, pid=None)
+                    self.registry.add_event(
+                        self.backend, record.endpoint, EventAction.LOST, service_uuid=record.uuid,
+                        actor=default_actor(), message=reason,
+                    )  # fmt: skip
+                    report.lost.append(record.uuid)
+                continue
+            self._refresh(record)
+        known_uuids = {r.uuid for r in self.registry.find_services(backend=self.backend)}
+        for record in found.values():
+            if record.uuid in known_uuids:
+                continue
+            with self.registry.lease(self.backend, record.endpoint, conn_id=self.conn_id, ttl=180, wait=120):
+                current = next(
+                    (r for r in self.registry.find_services(backend=self.backend, endpoint=record.endpoint,
+                                                            states=[ServiceState.ACTIVE])),
+                    None,
+                )  # fmt: skip
+                if record.state == ServiceState.ACTIVE and current is not None:
+                    self._adopt_conflict(record, current)
+                    self.registry.add_event(
+                        self.backend, record.endpoint, EventAction.CLEANUP, service_uuid=record.uuid,
+                        actor=default_actor(),
+                        message=f"stopped a server of {record.model_uri} nobody accounts for; "
+                        f"service {current.uuid} serves the endpoint",
+                    )  # fmt: skip
+                    report.removed.append(record.uuid)
+                    continue
+                record.conn_id = self.conn_id
+                self.registry.add_service(record)
+                self.registry.add_event(
+                    self.backend, record.endpoint, EventAction.ADOPT, service_uuid=record.uuid,
+                    actor=default_actor(),
+                    message=f"adopted {record.model_uri} (version {record.model_version or '-'}, {record.state}) "
+                    f"found running in the {self.backend} backend",
+                )  # fmt: skip
+                report.adopted.append(record.uuid)
+        return report
 
     def get_history(self, service_or_endpoint: str, limit: int = 50) -> list[dict[str, Any]]:
         try:

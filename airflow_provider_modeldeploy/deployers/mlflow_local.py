@@ -74,6 +74,10 @@ class MLflowLocalDeployer(BaseModelDeployer):
         self.hook = hook or MlflowDeployerHook(conn_id=conn_id)
         self._settings: MlflowServingSettings | None = None
 
+    @classmethod
+    def from_connection(cls, conn_id: str, connection: Any) -> MLflowLocalDeployer:
+        return cls(conn_id=conn_id, hook=MlflowDeployerHook(conn_id=conn_id, connection=connection))
+
     @property
     def settings(self) -> MlflowServingSettings:
         if self._settings is None:

@@ -251,6 +251,12 @@ class Registry:
         with self.session() as s:
             return [row_to_record(row) for row in s.scalars(query)]
 
+    def connection_ids(self) -> list[str]:
+        """The deployer connections services were deployed through."""
+        with self.session() as s:
+            query = select(ServiceRow.conn_id).where(ServiceRow.conn_id.is_not(None)).distinct()
+            return sorted(str(c) for c in s.scalars(query))
+
     def count_services(self) -> int:
         with self.session() as s:
             return int(s.scalar(select(func.count()).select_from(ServiceRow)) or 0)
