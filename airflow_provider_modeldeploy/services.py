@@ -218,16 +218,20 @@ class Service:
         self.record = self._deployer.get_model_server(self.uuid).record
         return self
 
-    def start(self, timeout: int = 300) -> Service:
-        self.record = self._deployer.start_model_server(self.uuid, timeout=timeout).record
+    def start(self, timeout: int = 300, *, actor: str | None = None) -> Service:
+        self.record = self._deployer.start_model_server(self.uuid, timeout=timeout, actor=actor).record
         return self
 
-    def stop(self, timeout: int = 60, force: bool = False) -> Service:
-        self.record = self._deployer.stop_model_server(self.uuid, timeout=timeout, force=force).record
+    def stop(self, timeout: int = 60, force: bool = False, *, actor: str | None = None) -> Service:
+        self.record = self._deployer.stop_model_server(self.uuid, timeout=timeout, force=force, actor=actor).record
         return self
 
-    def delete(self, timeout: int = 60, force: bool = False) -> None:
-        self._deployer.delete_model_server(self.uuid, timeout=timeout, force=force)
+    def delete(self, timeout: int = 60, force: bool = False, *, actor: str | None = None) -> None:
+        self._deployer.delete_model_server(self.uuid, timeout=timeout, force=force, actor=actor)
+
+    def rollback(self, to_service_uuid: str | None = None, timeout: int = 300, *, actor: str | None = None) -> Service:
+        """Serve an earlier version of this service's endpoint again; returns the service now serving."""
+        return self._deployer.rollback_model_server(self.uuid, to_service_uuid, timeout=timeout, actor=actor)
 
     @property
     def deployer(self) -> BaseModelDeployer:

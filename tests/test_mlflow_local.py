@@ -15,7 +15,7 @@ import pytest
 from conftest import iris_payload
 
 from airflow_provider_modeldeploy.deployers import ServiceConfig, get_model_deployer
-from airflow_provider_modeldeploy.exceptions import DeploymentFailedError
+from airflow_provider_modeldeploy.exceptions import DeploymentFailedError, InvalidParameterError
 from airflow_provider_modeldeploy.registry import get_registry
 from airflow_provider_modeldeploy.services import Lineage, ServiceState
 
@@ -63,6 +63,22 @@ def test_deploy_replace_rollback_stop_start_delete(deployer: Any, mlflow_models:
     history = deployer.get_history(second.uuid)
     assert [e["action"] for e in history[:3]] == ["rollback", "replace", "deploy"]
     assert history[0]["outcome"] == "failed" and "corrupted" in history[0]["message"]
+
+    # Rollback brings the replaced version back at the same URL, recorded with the acting user;
+    # rolling back again returns to the version it replaced.
+    back = second.rollback(actor="alice (Airflow UI)")
+    assert back.prediction_url == url and back.record.served_uri == "models:/iris/1"
+    assert predict(url).headers["x-model-version"] == "1"
+    assert [s.uuid for s in deployer.find_model_server(model_name="iris")] == [back.uuid]
+    event = deployer.get_history("iris")[0]
+    assert (event["action"], event["outcome"], event["actor"]) == ("rollback", "success", "alice (Airflow UI)")
+    assert event["details"]["previous_uuid"] == second.uuid
+    with pytest.raises(InvalidParameterError, match="already serves the endpoint"):
+        deployer.rollback_model_server(back.uuid, to_service_uuid=back.uuid)
+    with pytest.raises(InvalidParameterError, match="to_service_uuid='nope'"):
+        deployer.rollback_model_server(back.uuid, to_service_uuid="nope")
+    second = deployer.rollback_model_server(back.uuid)  # back to the version it replaced
+    assert second.prediction_url == url and predict(url).headers["x-model-version"] == "2"
 
     # Logs, stop, start at the same URL.
     lines = list(deployer.get_model_server_logs(second.uuid, tail=5))

@@ -316,9 +316,13 @@ class BaseModelDeployer(ABC):
     def get_model_server(self, service_uuid: str) -> Service:
         return self._service(self._refresh(self._get(service_uuid)))
 
-    def start_model_server(self, service_uuid: str, timeout: float = 300) -> Service:
+    def start_model_server(self, service_uuid: str, timeout: float = 300, *, actor: str | None = None) -> Service:
+        """Start a stopped (or failed) service again at its endpoint's URL.
+
+        :param actor: who asks, for the history (default: the OS user at this host).
+        """
         record = self._get(service_uuid)
-        lineage = Lineage(actor=default_actor())
+        lineage = Lineage(actor=actor or default_actor())
         with self.registry.lease(
             self.backend, record.endpoint, conn_id=self.conn_id, ttl=timeout + 120, wait=timeout
         ) as lease:
@@ -348,7 +352,10 @@ class BaseModelDeployer(ABC):
                 )  # fmt: skip
                 raise
 
-    def stop_model_server(self, service_uuid: str, timeout: float = 60, force: bool = False) -> Service:
+    def stop_model_server(
+        self, service_uuid: str, timeout: float = 60, force: bool = False, *, actor: str | None = None
+    ) -> Service:
+        """Stop a service's server (draining in-flight requests unless ``force``); it can be started again."""
         record = self._get(service_uuid)
         with self.registry.lease(
             self.backend, record.endpoint, conn_id=self.conn_id, ttl=timeout + 120, wait=timeout + 60
@@ -358,11 +365,14 @@ class BaseModelDeployer(ABC):
             stopped = self.registry.update_service(record.uuid, state=ServiceState.INACTIVE, pid=None)
             self.registry.add_event(
                 self.backend, record.endpoint, EventAction.STOP, service_uuid=record.uuid,
-                actor=default_actor(), message=f"stopped{' (forced)' if force else ''}",
+                actor=actor or default_actor(), message=f"stopped{' (forced)' if force else ''}",
             )  # fmt: skip
         return self._service(stopped)
 
-    def delete_model_server(self, service_uuid: str, timeout: float = 60, force: bool = False) -> None:
+    def delete_model_server(
+        self, service_uuid: str, timeout: float = 60, force: bool = False, *, actor: str | None = None
+    ) -> None:
+        """Stop a service's server and remove the service from the registry (its endpoint history stays)."""
         record = self._get(service_uuid)
         with self.registry.lease(
             self.backend, record.endpoint, conn_id=self.conn_id, ttl=timeout + 120, wait=timeout + 60
@@ -372,9 +382,87 @@ class BaseModelDeployer(ABC):
             self.registry.delete_service(record.uuid)
             self._forget(record)
             self.registry.add_event(
-                self.backend, record.endpoint, EventAction.DELETE, service_uuid=record.uuid, actor=default_actor(),
+                self.backend, record.endpoint, EventAction.DELETE, service_uuid=record.uuid,
+                actor=actor or default_actor(),
                 message=f"deleted service of {record.model_uri} (version {record.model_version or '-'})",
             )  # fmt: skip
+
+    def rollback_model_server(
+        self,
+        service_uuid: str,
+        to_service_uuid: str | None = None,
+        timeout: float = 300,
+        *,
+        actor: str | None = None,
+    ) -> Service:
+        """Serve an earlier version of an endpoint again, in place (same prediction URL).
+
+        Replaced services leave the registry but not the endpoint's history, which records what each
+        served; a rollback deploys that again as a new service of the endpoint.
+
+        :param service_uuid: a service of the endpoint to roll back (usually the one serving now).
+        :param to_service_uuid: the earlier service, as the history names it, whose version to serve
+            again; default: the one the serving service replaced.
+        :param actor: who asks, for the history.
+
+        The earlier version takes traffic only once it answers health and a smoke prediction; if it
+        fails, the serving one keeps serving and this raises DeploymentFailedError.
+        """
+        record = self._get(service_uuid)
+        lineage = Lineage(actor=actor or default_actor())
+        with self.registry.lease(
+            self.backend, record.endpoint, conn_id=self.conn_id, ttl=timeout + 120, wait=timeout
+        ) as lease:
+            current = self._current(record.endpoint)
+            target = self._rollback_target(record, current, to_service_uuid)
+            restored = self.registry.add_service(
+                ServiceRecord(
+                    uuid=str(uuidlib.uuid4()), backend=self.backend, endpoint=record.endpoint,
+                    conn_id=self.conn_id, model_name=target.get("model_name") or record.model_name,
+                    model_uri=target["served_uri"] or target["model_uri"],
+                    config=(current or record).config, state=ServiceState.PENDING, host=HOSTNAME,
+                )
+            )  # fmt: skip
+            previous = current if current is not None and current.state == ServiceState.ACTIVE else None
+            return self._bring_up(restored, lease, previous, timeout, lineage, action=EventAction.ROLLBACK)
+
+    def _rollback_target(
+        self, record: ServiceRecord, current: ServiceRecord | None, to_service_uuid: str | None
+    ) -> dict[str, Any]:
+        """What an earlier service served, from the endpoint's history: model_uri, served_uri, version."""
+        served: dict[str, dict[str, Any]] = {}
+        replaced_by: dict[str, str] = {}
+        for event in reversed(self.registry.list_events(self.backend, record.endpoint, limit=1000)):
+            details = event.get("details") or {}
+            if event["outcome"] != "success" or not event.get("service_uuid") or "model_uri" not in details:
+                continue
+            served[event["service_uuid"]] = {
+                "uuid": event["service_uuid"], "model_uri": details["model_uri"],
+                "served_uri": details.get("served_uri"), "model_version": details.get("model_version"),
+            }  # fmt: skip
+            if details.get("previous_uuid"):
+                replaced_by[event["service_uuid"]] = details["previous_uuid"]
+        if to_service_uuid is None:
+            anchor = current.uuid if current is not None else record.uuid
+            to_service_uuid = replaced_by.get(anchor)
+            if to_service_uuid is None:
+                raise InvalidParameterError(
+                    "uuid", record.uuid, f"endpoint '{record.endpoint}' has no earlier version to roll back to"
+                )
+        elif not isinstance(to_service_uuid, str) or not to_service_uuid:
+            raise InvalidParameterError("to_service_uuid", to_service_uuid, "must be a service uuid")
+        matches = [uuid for uuid in served if uuid.startswith(to_service_uuid)]
+        if len(matches) != 1:
+            raise InvalidParameterError(
+                "to_service_uuid", to_service_uuid,
+                f"names no{' single' if matches else ''} earlier service in the history of endpoint "
+                f"'{record.endpoint}'",
+            )  # fmt: skip
+        if current is not None and matches[0] == current.uuid and current.state == ServiceState.ACTIVE:
+            raise InvalidParameterError(
+                "to_service_uuid", to_service_uuid, "already serves the endpoint; name an earlier service"
+            )
+        return served[matches[0]]
 
     def get_model_server_logs(self, service_uuid: str, tail: int | None = None, follow: bool = False) -> Iterator[str]:
         if tail is not None and (isinstance(tail, bool) or not isinstance(tail, int) or tail < 0):
