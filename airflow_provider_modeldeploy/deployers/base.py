@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from airflow_provider_modeldeploy.exceptions import (
     DeploymentFailedError,
+    EndpointBusyError,
     InvalidParameterError,
     ModelDeployError,
     ServiceNotFoundError,
@@ -134,9 +135,9 @@ class BaseModelDeployer(ABC):
         model and lineage, with the state the backend reports. None: the backend cannot list them."""
         return None
 
-    def _adopt_conflict(self, found: ServiceRecord, current: ServiceRecord) -> None:
-        """A discovered server whose endpoint already has another active service: by default stop it,
-        since it is a leftover nobody accounts for (a deployment killed before it was recorded)."""
+    def _adopt_conflict(self, found: ServiceRecord, current: ServiceRecord | None) -> None:
+        """A discovered server sync will not adopt (never activated, or its endpoint is served by
+        another service): by default stop it, since it is a leftover nobody accounts for."""
         self._stop(found, timeout=10, force=True)
 
     def _validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
@@ -503,10 +504,12 @@ class BaseModelDeployer(ABC):
         discovered = self._discover()
         found = {r.uuid: r for r in discovered or []}
         known = [r for r in self.registry.find_services(backend=self.backend) if r.conn_id == self.conn_id]
+        interrupted: set[str] = set()
         for record in known:
             report.checked += 1
             if record.state == ServiceState.PENDING:
-                continue  # an interrupted deployment's leftovers are cleaned under the endpoint lease
+                interrupted.add(record.endpoint)
+                continue
             if discovered is not None and record.uuid not in found:
                 if record.state in (ServiceState.ACTIVE, ServiceState.ERROR):
                     reason = f"not running in the {self.backend} backend any more (found by sync)"
@@ -520,36 +523,53 @@ class BaseModelDeployer(ABC):
                     report.lost.append(record.uuid)
                 continue
             self._refresh(record)
+        # Pending services of a deployment that died: their lease is free (or its holder dead).
+        for endpoint in sorted(interrupted):
+            before = {r.uuid for r in self.registry.find_services(backend=self.backend, endpoint=endpoint)}
+            try:
+                with self.registry.lease(self.backend, endpoint, conn_id=self.conn_id, ttl=120, wait=2):
+                    self._cleanup_orphans(endpoint)
+            except EndpointBusyError:
+                continue  # a deployment is in progress
+            after = {r.uuid for r in self.registry.find_services(backend=self.backend, endpoint=endpoint)}
+            report.removed.extend(sorted(before - after))
         known_uuids = {r.uuid for r in self.registry.find_services(backend=self.backend)}
         for record in found.values():
-            if record.uuid in known_uuids:
+            if record.uuid in known_uuids or record.uuid in report.removed:
                 continue
-            with self.registry.lease(self.backend, record.endpoint, conn_id=self.conn_id, ttl=180, wait=120):
-                current = next(
-                    (r for r in self.registry.find_services(backend=self.backend, endpoint=record.endpoint,
-                                                            states=[ServiceState.ACTIVE])),
-                    None,
-                )  # fmt: skip
-                if record.state == ServiceState.ACTIVE and current is not None:
-                    self._adopt_conflict(record, current)
-                    self.registry.add_event(
-                        self.backend, record.endpoint, EventAction.CLEANUP, service_uuid=record.uuid,
-                        actor=default_actor(),
-                        message=f"stopped a server of {record.model_uri} nobody accounts for; "
-                        f"service {current.uuid} serves the endpoint",
-                    )  # fmt: skip
-                    report.removed.append(record.uuid)
-                    continue
-                record.conn_id = self.conn_id
-                self.registry.add_service(record)
-                self.registry.add_event(
-                    self.backend, record.endpoint, EventAction.ADOPT, service_uuid=record.uuid,
-                    actor=default_actor(),
-                    message=f"adopted {record.model_uri} (version {record.model_version or '-'}, {record.state}) "
-                    f"found running in the {self.backend} backend",
-                )  # fmt: skip
-                report.adopted.append(record.uuid)
+            try:
+                lease = self.registry.lease(self.backend, record.endpoint, conn_id=self.conn_id, ttl=180, wait=2)
+                with lease:
+                    self._adopt(record, report)
+            except EndpointBusyError:
+                continue
         return report
+
+    def _adopt(self, record: ServiceRecord, report: SyncReport) -> None:
+        current = next(
+            iter(self.registry.find_services(backend=self.backend, endpoint=record.endpoint, states=[ServiceState.ACTIVE])),
+            None,
+        )  # fmt: skip
+        if record.state == ServiceState.PENDING or (record.state == ServiceState.ACTIVE and current is not None):
+            # Never activated (its deployment died first), or its endpoint is served by another service.
+            self._adopt_conflict(record, current)
+            why = f"service {current.uuid} serves the endpoint" if current else "its deployment never finished"
+            self.registry.add_event(
+                self.backend, record.endpoint, EventAction.CLEANUP, service_uuid=record.uuid, actor=default_actor(),
+                message=f"stopped a server of {record.model_uri} the registry did not know; {why}",
+            )  # fmt: skip
+            report.removed.append(record.uuid)
+            return
+        record.conn_id = self.conn_id
+        self.registry.add_service(record)
+        self.registry.add_event(
+            self.backend, record.endpoint, EventAction.ADOPT, service_uuid=record.uuid, actor=default_actor(),
+            message=f"adopted {record.model_uri} (version {record.model_version or '-'}, {record.state}) "
+            f"found running in the {self.backend} backend",
+            details={"model_uri": record.model_uri, "served_uri": record.served_uri,
+                     "model_version": record.model_version},
+        )  # fmt: skip
+        report.adopted.append(record.uuid)
 
     def get_history(self, service_or_endpoint: str, limit: int = 50) -> list[dict[str, Any]]:
         try:

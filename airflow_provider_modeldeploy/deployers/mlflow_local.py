@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import logging
 import os
@@ -110,6 +111,9 @@ class MLflowLocalDeployer(BaseModelDeployer):
             "ctl": run / f"{key}.ctl",
             "staging": run / f"{key}.sock",
             "log": config.logs_dir() / f"{service_uuid}.log",
+            # What the registry knows of the service, kept beside its log so that `sync` can adopt
+            # a running server whose registry row was lost (never a secret: config is public).
+            "record": config.logs_dir() / f"{service_uuid}.service.json",
         }
 
     # -- process identity ------------------------------------------------------------------------
@@ -239,6 +243,7 @@ class MLflowLocalDeployer(BaseModelDeployer):
         if record.pid is not None:  # a service that ran before: stop what is left of that run
             self._terminate(record, None, grace=0)
         paths["state"].unlink(missing_ok=True)
+        paths["record"].write_text(json.dumps(record.to_dict()))
         opts = record.config
         listener = self._listener(record, lease, previous)
         host, port = listener.getsockname()[:2]
@@ -361,7 +366,7 @@ class MLflowLocalDeployer(BaseModelDeployer):
 
     def _forget(self, record: ServiceRecord) -> None:
         paths = self._paths(record.uuid)
-        for name in ("state", "log"):
+        for name in ("state", "log", "record"):
             paths[name].unlink(missing_ok=True)
 
     def _remove_runtime_files(self, service_uuid: str) -> None:
@@ -381,6 +386,63 @@ class MLflowLocalDeployer(BaseModelDeployer):
             reason = f"the model server process {record.pid} is gone (killed or crashed)"
         last = " | ".join(line.strip() for line in _tail(paths["log"], 2))
         return ServiceState.ERROR, f"{reason}; last log lines: {last}" if last else reason
+
+    def _discover(self) -> list[ServiceRecord]:
+        """The model servers running on this host for this installation (same state directory)."""
+        import psutil
+
+        here = str(config.state_dir().resolve())
+        masters: dict[str, Any] = {}
+        for proc in psutil.process_iter(["cmdline", "cwd", "ppid"]):
+            cmdline = proc.info.get("cmdline") or []
+            if mlflow_server.SERVER_MODULE not in cmdline or "--service-uuid" not in cmdline:
+                continue
+            if proc.info.get("cwd") != here:
+                continue
+            uuid = cmdline[cmdline.index("--service-uuid") + 1]
+            try:
+                parent = psutil.Process(proc.info["ppid"]).cmdline()
+            except (psutil.Error, TypeError):
+                parent = []
+            if uuid in parent:
+                continue  # a forked worker: its master stands for the service
+            masters[uuid] = (proc, cmdline)
+        found = []
+        for uuid, (proc, cmdline) in masters.items():
+            paths = self._paths(uuid)
+            try:
+                data = json.loads(paths["record"].read_text())
+            except (FileNotFoundError, ValueError):
+                arg = dict(itertools.pairwise(cmdline))
+                data = {"uuid": uuid, "backend": self.backend, "endpoint": arg.get("--model-name"),
+                        "model_name": arg.get("--model-name"), "model_uri": arg.get("--model-uri")}  # fmt: skip
+            if not data.get("endpoint") or not data.get("model_uri"):
+                continue
+            known = {f for f in ServiceRecord.__dataclass_fields__ if f not in ("created_at", "updated_at", "state")}
+            record = ServiceRecord(**{k: v for k, v in data.items() if k in known})
+            record.pid, record.host = proc.pid, HOSTNAME
+            state = mlflow_server.read_state(paths["state"]) or {}
+            if state.get("pid") == proc.pid:
+                record.served_uri = state.get("served_uri") or record.served_uri
+                record.model_version = state.get("model_version") or record.model_version
+                record.model_run_id = state.get("model_run_id") or record.model_run_id
+            host = next(
+                (c.laddr.ip for c in proc.net_connections("inet") if c.status == psutil.CONN_LISTEN), "127.0.0.1"
+            )
+            port = state.get("port")
+            if state.get("active") and port:
+                url_host = f"[{host}]" if ":" in host else host
+                record.state = ServiceState.ACTIVE
+                record.prediction_url = f"http://{url_host}:{port}/invocations"
+                record.health_url = f"http://{url_host}:{port}/health"
+            else:
+                record.state = ServiceState.PENDING  # never activated: a deployment that died midway
+            found.append(record)
+        return found
+
+    def _adopt_conflict(self, found: ServiceRecord, current: ServiceRecord | None) -> None:
+        self._terminate(found, found.pid, grace=2)
+        self._forget(found)
 
     def _log_lines(self, record: ServiceRecord, tail: int | None, follow: bool) -> Iterator[str]:
         path = self._paths(record.uuid)["log"]

@@ -180,20 +180,63 @@ def _load(served_uri: str, model_uri: str) -> tuple[Any, str | None]:
     return model, example
 
 
+#: Error bodies above this size are cut: MLflow echoes the whole request in some error messages.
+MAX_ERROR_BODY = 8 * 1024
+
+
+def _shorten_error(body: bytes) -> bytes:
+    try:
+        error = json.loads(body)
+        error["message"] = f"{str(error.get('message'))[:2000]} ... (cut: the error was {len(body)} bytes)"
+        return json.dumps(error).encode()
+    except (ValueError, AttributeError, TypeError):
+        return body[:2000] + f" ... (cut: the error was {len(body)} bytes)".encode()
+
+
 def _build_app(model: Any, headers: dict[str, str]) -> Any:
+    from fastapi.responses import JSONResponse
     from mlflow.pyfunc import scoring_server
 
     app = scoring_server.init(model)
     extra = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
 
+    async def unparseable(_request: Any, exc: Exception) -> Any:
+        # MLflow turns JSONDecodeError into a 400 but lets other parse errors through as a 500:
+        # an integer of more than 4300 digits (ValueError), JSON nested too deep (RecursionError).
+        return JSONResponse(
+            {"error_code": "BAD_REQUEST", "message": f"Ensure that input is a valid JSON formatted string. "
+             f"Error: {type(exc).__name__}: {str(exc)[:300]}"},
+            status_code=400,
+        )  # fmt: skip
+
+    app.add_exception_handler(ValueError, unparseable)
+    app.add_exception_handler(RecursionError, unparseable)
+
     async def with_headers(scope: dict, receive: Any, send: Any) -> None:
         # Tells callers which model version answered: the URL stays the same across replaces.
         if scope["type"] != "http":
             return await app(scope, receive, send)
+        held: dict[str, Any] = {}
+        chunks: list[bytes] = []
 
         async def send_with_headers(message: dict) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []), *extra]
+                if message["status"] >= 400:
+                    held["start"] = message  # sent with the (possibly cut) body
+                    return
+            elif message["type"] == "http.response.body" and "start" in held:
+                chunks.append(message.get("body", b""))
+                if message.get("more_body"):
+                    return
+                body = b"".join(chunks)
+                if len(body) > MAX_ERROR_BODY:
+                    body = _shorten_error(body)
+                start = held.pop("start")
+                start["headers"] = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+                start["headers"].append((b"content-length", str(len(body)).encode()))
+                await send(start)
+                message = {"type": "http.response.body", "body": body, "more_body": False}
             await send(message)
 
         return await app(scope, receive, send_with_headers)

@@ -1,0 +1,298 @@
+"""The fault suite: killed servers, killed deployments, a lost registry, a reboot, a failing replace
+under load and bad prediction payloads. Real model-server processes, real signals, the real CLI.
+
+(Four concurrent deployments of one endpoint on SQLite and PostgreSQL are in test_registry.py; an
+unreachable registry is in test_errors.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+from conftest import iris_payload, run_airflow, servers_under
+
+from airflow_provider_modeldeploy.deployers import ServiceConfig, get_model_deployer
+from airflow_provider_modeldeploy.exceptions import DeploymentFailedError
+from airflow_provider_modeldeploy.registry import get_registry
+from airflow_provider_modeldeploy.services import Lineage, ServiceState
+
+
+def cli_json(home: Path, *args: str) -> Any:
+    done = run_airflow(home, "served-models", *args, "--output", "json")
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    return json.loads(done.stdout[done.stdout.index("[") :])
+
+
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL a server's master and its workers, as a crash or a reboot would."""
+    master = psutil.Process(pid)
+    family = [master, *master.children(recursive=True)]
+    for proc in family:
+        proc.send_signal(signal.SIGKILL)
+    psutil.wait_procs(family, timeout=10)
+    return [p.pid for p in family]
+
+
+def predict(url: str, **kwargs: Any) -> httpx.Response:
+    return httpx.post(url, json=iris_payload(), timeout=30, **kwargs)
+
+
+def test_killed_server_is_listed_as_error_and_starts_at_the_same_url(
+    deployer: Any, airflow_home: Path, mlflow_models: dict[str, Any]
+) -> None:
+    service = deployer.deploy_model(ServiceConfig(model_uri=mlflow_models["iris_v1"], model_name="iris-kill"))
+    url = service.prediction_url
+    killed_at = time.monotonic()
+    kill_tree(service.record.pid)
+    [row] = cli_json(airflow_home, "list", "--model", "iris-kill")
+    assert time.monotonic() - killed_at < 10
+    assert row["state"] == "error" and row["prediction_url"] == url  # where it served, for the record
+    assert f"process {service.record.pid} is gone (killed or crashed)" in row["last_error"]
+    [started] = cli_json(airflow_home, "start", service.uuid)
+    assert started["state"] == "active" and started["prediction_url"] == url
+    assert predict(url).status_code == 200
+
+
+# -- a deploying task killed in the middle ---------------------------------------------------------
+
+DEPLOY_SCRIPT = """
+import sys
+from airflow_provider_modeldeploy.deployers import ServiceConfig, get_model_deployer
+from airflow_provider_modeldeploy.services import Lineage
+lineage = Lineage(dag_id="ct", run_id="scheduled__1", task_id="deploy", try_number=1)
+get_model_deployer().deploy_model(ServiceConfig(model_uri=sys.argv[1], model_name=sys.argv[2]), lineage=lineage)
+"""
+
+
+def start_deploy(model_uri: str, name: str, home: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    return subprocess.Popen(
+        [sys.executable, "-c", DEPLOY_SCRIPT, model_uri, name],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def wait_for(condition: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_deploying_task_killed_midway_leaves_nothing_unaccounted(
+    airflow_home: Path, mlflow_models: dict[str, Any]
+) -> None:
+    """SIGKILL the deploying process once its server runs but before it takes traffic; `sync` then
+    stops that server and removes the pending service; the next deploy works."""
+    registry = get_registry()
+    deploying = start_deploy(mlflow_models["iris_v1"], "iris-midway", airflow_home)
+    try:
+        wait_for(lambda: servers_under(str(airflow_home)), 120, "the new server process")
+        [pending] = registry.find_services(endpoint="iris-midway")
+        assert pending.state == ServiceState.PENDING
+    finally:
+        deploying.send_signal(signal.SIGKILL)
+        deploying.wait(10)
+    orphans = servers_under(str(airflow_home))
+    assert orphans, "the server outlives the task that started it"
+
+    [report] = cli_json(airflow_home, "sync")
+    assert report["removed"] == [pending.uuid] and report["adopted"] == []
+    assert registry.find_services(endpoint="iris-midway") == []
+    assert not servers_under(str(airflow_home))
+    assert registry.list_events("mlflow", "iris-midway")[0]["action"] == "cleanup"
+
+    service = get_model_deployer().deploy_model(
+        ServiceConfig(model_uri=mlflow_models["iris_v1"], model_name="iris-midway")
+    )
+    assert service.is_running and predict(service.prediction_url).status_code == 200
+
+
+def test_sync_adopts_servers_of_a_lost_registry(airflow_home: Path, mlflow_models: dict[str, Any]) -> None:
+    lineage = Lineage(dag_id="ct", run_id="scheduled__2", task_id="deploy", try_number=1)
+    service = get_model_deployer().deploy_model(
+        ServiceConfig(model_uri="models:/iris@champion", model_name="iris-lost"), lineage=lineage
+    )
+    db = Path(get_registry().url.removeprefix("sqlite:///"))
+    get_registry().dispose()
+    for path in db.parent.glob(db.name + "*"):  # the database and its WAL files
+        path.unlink()
+
+    assert cli_json(airflow_home, "list") == []
+    [report] = cli_json(airflow_home, "sync")
+    assert report["adopted"] == [service.uuid] and report["lost"] == [] and report["removed"] == []
+    [row] = cli_json(airflow_home, "list")
+    assert {k: row[k] for k in ("uuid", "state", "model_name", "model_version", "dag_id", "task_id")} == {
+        "uuid": service.uuid, "state": "active", "model_name": "iris-lost", "model_version": "1",
+        "dag_id": "ct", "task_id": "deploy",
+    }  # fmt: skip
+    assert row["prediction_url"] == service.prediction_url and row["run_id"] == "scheduled__2"
+    # Adopted services are managed as before: a second sync changes nothing, stop works.
+    [again] = cli_json(airflow_home, "sync")
+    assert (again["adopted"], again["lost"], again["removed"]) == ([], [], [])
+    get_model_deployer().stop_model_server(service.uuid)
+    assert not servers_under(str(airflow_home))
+
+
+def test_reboot_like_restart(airflow_home: Path, mlflow_models: dict[str, Any]) -> None:
+    """All server processes gone, registry intact: sync marks them inactive; start restores each
+    at its recorded URL."""
+    deployer = get_model_deployer()
+    services = [
+        deployer.deploy_model(ServiceConfig(model_uri=mlflow_models[uri], model_name=name))
+        for uri, name in (("iris_v1", "iris-reboot-a"), ("iris_v2", "iris-reboot-b"))
+    ]
+    for service in services:
+        kill_tree(service.record.pid)
+    assert not servers_under(str(airflow_home))
+
+    [report] = cli_json(airflow_home, "sync")
+    assert sorted(report["lost"]) == sorted(s.uuid for s in services) and report["adopted"] == []
+    rows = {r["uuid"]: r for r in cli_json(airflow_home, "list")}
+    for service in services:
+        assert rows[service.uuid]["state"] == "inactive"
+        assert "not running in the mlflow backend any more" in rows[service.uuid]["last_error"]
+    for service in services:
+        [started] = cli_json(airflow_home, "start", service.uuid)
+        assert started["prediction_url"] == service.prediction_url
+        answer = predict(service.prediction_url)
+        assert answer.status_code == 200 and answer.headers["x-model-version"] == service.record.model_version
+
+
+# -- a replace that fails, under load --------------------------------------------------------------
+
+
+class Load:
+    """Keep-alive clients posting predictions in threads, counting every outcome."""
+
+    def __init__(self, url: str, clients: int) -> None:
+        self.url = url
+        self.outcomes: Counter[str] = Counter()
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=30) as client:
+            while not self._stop.is_set():
+                try:
+                    answer = client.post(self.url, json=iris_payload())
+                    outcome = str(answer.status_code)
+                    if answer.status_code != 200:
+                        self.errors.append(f"{answer.status_code}: {answer.text[:200]}")
+                except httpx.HTTPError as exc:
+                    outcome = type(exc).__name__
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+                with self._lock:
+                    self.outcomes[outcome] += 1
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+
+def test_failed_replace_under_load_keeps_the_old_server_serving(deployer: Any, mlflow_models: dict[str, Any]) -> None:
+    served = deployer.deploy_model(ServiceConfig(model_uri=mlflow_models["iris_v1"], model_name="iris-load"))
+    with Load(served.prediction_url, clients=16) as load:
+        wait_for(lambda: sum(load.outcomes.values()) > 50, 60, "load to start")
+        with pytest.raises(DeploymentFailedError, match="model weights are corrupted"):
+            deployer.deploy_model(ServiceConfig(model_uri="models:/broken/1", model_name="iris-load"))
+        settled = sum(load.outcomes.values())
+        wait_for(lambda: sum(load.outcomes.values()) > settled + 50, 60, "load after the failed replace")
+    assert set(load.outcomes) == {"200"}, (load.outcomes, load.errors[:5])
+    [still] = deployer.find_model_server(model_name="iris-load")
+    assert still.uuid == served.uuid and still.is_running
+    event = deployer.get_history("iris-load")[0]
+    assert (event["action"], event["outcome"]) == ("rollback", "failed")
+    assert "corrupted" in event["message"] and served.uuid in event["message"]
+
+
+# -- bad prediction payloads -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def payload_server(tmp_path_factory: pytest.TempPathFactory, mlflow_models: dict[str, Any]) -> Iterator[Any]:
+    home = tmp_path_factory.mktemp("payloads") / "airflow"
+    home.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AIRFLOW_HOME", str(home))
+        mp.setenv("_MODELDEPLOY_NO_METASTORE", "1")
+        mp.delenv("AIRFLOW__MODELDEPLOY__REGISTRY_SQL_ALCHEMY_CONN", raising=False)
+        deployer = get_model_deployer()
+        service = deployer.deploy_model(ServiceConfig(model_uri=mlflow_models["iris_v1"], model_name="iris-payload"))
+        try:
+            yield service
+        finally:
+            deployer.delete_model_server(service.uuid, force=True)
+
+
+TEN_MB = 10 * 1024 * 1024
+BAD_PAYLOADS: dict[str, tuple[bytes, str]] = {
+    "wrong columns": (
+        json.dumps({"dataframe_split": {"columns": ["a", "b", "c", "d"], "data": [[1, 2, 3, 4]]}}).encode(),
+        "application/json",
+    ),
+    "wrong types": (
+        json.dumps(
+            {
+                "dataframe_split": {
+                    "columns": iris_payload()["dataframe_split"]["columns"],
+                    "data": [["x", "y", "z", "w"]],
+                }
+            }
+        ).encode(),
+        "application/json",
+    ),
+    "not json": (b"{this is not json", "application/json"),
+    "unknown format": (json.dumps({"rows": [[1, 2, 3, 4]]}).encode(), "application/json"),
+    "unsupported content type": (b"<xml/>", "application/xml"),
+    "10 MB number": (b"[" + b"9" * TEN_MB + b"]", "application/json"),
+    "10 MB of junk": (b"{" + b"x" * TEN_MB, "application/json"),
+    "nested too deep": (b"[" * 100_000 + b"]" * 100_000, "application/json"),
+    "10 MB of wrong columns": (
+        json.dumps({"dataframe_split": {"columns": ["a"], "data": [[1.5]] * (TEN_MB // 7)}}).encode(),
+        "application/json",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_PAYLOADS))
+def test_bad_payload_gets_a_4xx_with_mlflows_error_body(payload_server: Any, name: str) -> None:
+    body, content_type = BAD_PAYLOADS[name]
+    url = payload_server.prediction_url
+    answer = httpx.post(url, content=body, headers={"content-type": content_type}, timeout=120)
+    assert 400 <= answer.status_code < 500, (answer.status_code, answer.text[:500])
+    assert len(answer.content) < 16 * 1024, "the error echoes the whole request"
+    if answer.status_code == 415:  # MLflow's own answer to a content type it does not read
+        assert answer.text.startswith("This predictor only supports the following content types")
+    else:
+        error = answer.json()
+        assert error["error_code"] in {"BAD_REQUEST", "INVALID_PARAMETER_VALUE"} and error["message"], error
+        assert "Traceback" not in error["message"]
+    # The server is alive and still answers good requests, on a new connection and on its pid.
+    assert predict(url).status_code == 200
+    assert psutil.Process(payload_server.record.pid).status() != psutil.STATUS_ZOMBIE
