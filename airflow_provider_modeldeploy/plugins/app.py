@@ -43,6 +43,7 @@ URL_PREFIX = "/served-models"
 RESOURCE_NAME = "Served Models"
 SORTABLE = Literal["updated_at", "created_at", "model_name", "model_version", "state", "backend", "endpoint", "dag_id"]
 _SECRET_KEY = re.compile(r"pass|secret|token|credential|auth|key", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"(://[^/:@\s]+):[^@/\s]+@")
 _UUID = Annotated[str, Path(min_length=4, max_length=64, pattern=r"^[0-9a-fA-F-]+$", description="service uuid")]
 
 # How each state reads on the page: text always, colour only as a second cue.
@@ -138,12 +139,16 @@ def _mask(value: Any) -> Any:
         return {k: ("***" if _SECRET_KEY.search(str(k)) else _mask(v)) for k, v in value.items()}
     if isinstance(value, list):
         return [_mask(v) for v in value]
+    if isinstance(value, str):
+        # Tracking or registry URLs may carry user:password@.
+        return _URL_PASSWORD.sub(r"\1:***@", value)
     return value
 
 
 def service_json(record: ServiceRecord, base: str) -> dict[str, Any]:
     data = record.to_dict()
     data["config"] = _mask(data.get("config") or {})
+    data["last_error"] = _mask(record.last_error)
     data["status_label"] = STATE_LABELS.get(record.state, str(record.state))
     data["live"] = record.state == ServiceState.ACTIVE
     links: dict[str, str | None] = {"detail": f"{base}{URL_PREFIX}/services/{record.uuid}"}
