@@ -199,6 +199,7 @@ def test_detail_api_shows_lineage_history_logs_health_and_no_secret(ui: dict[str
 def browser(ui: dict[str, Any]) -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
+    assert Path(CHROMIUM).exists(), "Debian's chromium is needed: apt-get install -y chromium chromium-driver"
     with sync_playwright() as p:
         # Debian's chromium, never a downloaded one (`playwright install` is not used).
         instance = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
