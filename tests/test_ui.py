@@ -164,6 +164,8 @@ def test_list_api_filters_sorts_and_pages(ui: dict[str, Any]) -> None:
             assert field in json.dumps(resp.json()["detail"]) and "Traceback" not in resp.text
         missing = admin.get("/api/services/abcdef12")
         assert missing.status_code == 404 and "abcdef12" in missing.json()["detail"]
+        page = admin.get("/services/abcdef12", headers={"Accept": "text/html"})
+        assert page.status_code == 404 and "abcdef12" in page.text and page.text.startswith("<!doctype html>")
 
 
 def test_detail_api_shows_lineage_history_logs_health_and_no_secret(ui: dict[str, Any]) -> None:
@@ -238,6 +240,9 @@ def test_browser_list_detail_and_actions(ui: dict[str, Any], browser: Any) -> No
     # The navigation of Airflow's own UI offers the view.
     page.goto(f"{server.url}/")
     page.get_by_text("Served Models").first.wait_for()
+    # Inside the UI, the page runs in Airflow's frame and signs in with the UI's session cookie.
+    page.goto(f"{server.url}/plugin/served-models")
+    page.frame_locator("iframe").locator("#range").filter(has_text="of 63").wait_for()
 
     page.goto(f"{server.url}/served-models/")
     page.locator("#range").filter(has_text="of 63").wait_for()
@@ -258,8 +263,9 @@ def test_browser_list_detail_and_actions(ui: dict[str, Any], browser: Any) -> No
     page.select_option("#f-state", "")
     page.fill("#f-dag", "iris_ct")
     page.click("#apply")
-    page.locator("#range").filter(has_text="1-1 of 1").wait_for()
-    assert _row(page, ui["real"]).count() == 1
+    # The range reads "1-1 of 1" before and after: wait for the row the new filter brings.
+    _row(page, ui["real"]).wait_for()
+    assert page.locator("tbody tr").count() == 1 and page.locator("#range").inner_text() == "1-1 of 1"
     page.fill("#f-dag", "")
     page.fill("#f-model", "iris")
     page.click("#apply")
@@ -295,7 +301,8 @@ def test_browser_list_detail_and_actions(ui: dict[str, Any], browser: Any) -> No
     victim = ui["bulk"][0]
     page.fill("#f-model", "bulk-00000")
     page.click("#apply")
-    page.locator("#range").filter(has_text="1-1 of 1").wait_for()
+    _row(page, victim).wait_for()
+    assert page.locator("#range").inner_text() == "1-1 of 1"
     page.once("dialog", lambda dialog: dialog.accept())
     _row(page, victim).locator('[data-action="delete"]').click()
     page.locator("#range").filter(has_text="no served models match").wait_for()
@@ -324,6 +331,42 @@ def test_browser_viewer_sees_no_actions(ui: dict[str, Any], browser: Any) -> Non
     assert status == 403
     assert ui["registry"].get_service(ui["real"]).state == "active"
     page.context.close()
+
+
+def test_browser_rollback_and_action_errors(ui: dict[str, Any], browser: Any, mlflow_models: dict[str, Any]) -> None:
+    """v2 replaces v1 at the endpoint; the history's "Roll back to v1" serves v1 again at the same URL."""
+    from airflow_provider_modeldeploy.deployers import get_model_deployer
+    from airflow_provider_modeldeploy.services import Lineage, ServiceConfig
+
+    server: ApiServer = ui["server"]
+    url = ui["registry"].get_service(ui["real"]).prediction_url
+    v2 = get_model_deployer().deploy_model(
+        ServiceConfig(model_uri=mlflow_models["iris_v2"], model_name="iris", endpoint="iris-ui"),
+        lineage=Lineage(dag_id="iris_ct", run_id="manual__ui2", task_id="deploy", try_number=1),
+    )
+    assert v2.prediction_url == url
+    page = _page_as(browser, server, "admin")
+    page.goto(f"{server.url}/served-models/services/{v2.uuid}")
+    page.locator('[data-prop="model_version"]').filter(has_text="2").wait_for()
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.locator('button[data-action="rollback"]').filter(has_text="v1").click()
+    page.locator('[data-prop="model_version"]').filter(has_text="1").wait_for(timeout=300_000)
+    page.locator("#title .state").filter(has_text="Running").wait_for()
+    restored = ui["registry"].find_services(endpoint="iris-ui")
+    assert len(restored) == 1 and restored[0].model_version == "1" and restored[0].prediction_url == url
+    assert restored[0].uuid in page.url
+    events = ui["registry"].list_events("mlflow", "iris-ui")
+    assert events[0]["action"] == "rollback" and events[0]["actor"] == "admin (Airflow UI)"
+    assert "rollback" in page.locator("#history").inner_text()
+    ui["real"] = restored[0].uuid
+    page.context.close()
+
+    # An action that fails reports why, as JSON, and changes nothing else.
+    with server.client("admin") as admin:
+        resp = admin.post(f"/api/services/{ui['bulk'][1]}/start", json={"timeout": 60})
+    assert 400 <= resp.status_code < 500, resp.text
+    assert "bulk-model-1" in resp.json()["detail"] and "Traceback" not in resp.text
+    assert ui["registry"].get_service(ui["real"]).state == "active"
 
 
 # -- fuzzing the JSON API ------------------------------------------------------------------------

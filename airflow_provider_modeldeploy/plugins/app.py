@@ -262,16 +262,16 @@ def create_app() -> FastAPI:
             status = 409
         elif isinstance(exc, RegistryUnavailableError):
             status = 503
+        if _wants_html(request):
+            return _html_message(request, str(exc), status)
         return _error(status, str(exc), **extra)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> Response:
         # People who open the page signed out get a sentence and a way in, not a JSON body.
-        if "/api/" not in request.url.path and "text/html" in request.headers.get("accept", ""):
-            base = airflow_base(request)
+        if _wants_html(request):
             text = "Please sign in to Airflow" if exc.status_code == 401 else str(exc.detail)
-            body = f'<!doctype html><title>Served Models</title><p>{_html(text)}. <a href="{base}/" target="_top">Airflow</a></p>'
-            return HTMLResponse(body, status_code=exc.status_code)
+            return _html_message(request, text, exc.status_code)
         return _error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(Exception)
@@ -412,6 +412,20 @@ def _acting(user: BaseUser, uuid: str, method: str) -> Any:
     record = _registry().get_service(uuid)
     _require_act(user, method, record)
     return deployer_for_service(record.uuid).service_for(record)
+
+
+def _wants_html(request: Request) -> bool:
+    return "/api/" not in request.url.path and "text/html" in request.headers.get("accept", "")
+
+
+def _html_message(request: Request, text: str, status: int) -> HTMLResponse:
+    """A sentence and a way back, for people: the pages never show JSON errors or tracebacks."""
+    base = airflow_base(request)
+    body = (
+        f"<!doctype html><title>Served Models</title><p>{_html(text)}.</p>"
+        f'<p><a href="{base}{URL_PREFIX}/">Served Models</a> · <a href="{base}/" target="_top">Airflow</a></p>'
+    )
+    return HTMLResponse(body, status_code=status)
 
 
 def _html(text: str) -> str:
