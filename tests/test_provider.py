@@ -130,7 +130,7 @@ def test_cli_entry_resolves_to_commands() -> None:
     [group] = get_served_models_cli_commands()
     assert group.name == "served-models"
     names = {cmd.name: cmd for cmd in group.subcommands}
-    assert set(names) == {"list", "describe", "get-url", "logs", "start", "stop", "delete"}
+    assert set(names) == {"list", "describe", "get-url", "logs", "start", "stop", "delete", "sync"}
     for cmd in group.subcommands:
         # Commands are lazy; each names a function that exists.
         target = getattr(importlib.import_module("airflow_provider_modeldeploy.cli.commands"), cmd.func.__name__)
