@@ -131,6 +131,10 @@ def test_viewer_reads_but_may_not_act(ui: dict[str, Any]) -> None:
     # State-changing routes are not GETs.
     with server.client("admin") as admin:
         assert admin.get(f"/api/services/{ui['real']}/stop").status_code == 405
+        # A cross-site form can only send text/plain or form bodies: actions take JSON only.
+        for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+            resp = admin.post(f"/api/services/{ui['real']}/stop", content=b"{}", headers={"Content-Type": content_type})
+            assert resp.status_code == 422, (content_type, resp.text)
     assert ui["registry"].get_service(ui["real"]).state == "active"
 
 
