@@ -186,7 +186,7 @@ class ServiceRecord:
 class Service:
     """A model server as users handle it: status, URL, start / stop, whatever the backend."""
 
-    def __init__(self, record: ServiceRecord, deployer: BaseModelDeployer) -> None:
+    def __init__(self, record: ServiceRecord, deployer: BaseModelDeployer | None) -> None:
         self.record = record
         self._deployer = deployer
 
@@ -215,26 +215,30 @@ class Service:
         return self.record.health_url if self.is_running else None
 
     def refresh(self) -> Service:
-        self.record = self._deployer.get_model_server(self.uuid).record
+        self.record = self.deployer.get_model_server(self.uuid).record
         return self
 
     def start(self, timeout: int = 300, *, actor: str | None = None) -> Service:
-        self.record = self._deployer.start_model_server(self.uuid, timeout=timeout, actor=actor).record
+        self.record = self.deployer.start_model_server(self.uuid, timeout=timeout, actor=actor).record
         return self
 
     def stop(self, timeout: int = 60, force: bool = False, *, actor: str | None = None) -> Service:
-        self.record = self._deployer.stop_model_server(self.uuid, timeout=timeout, force=force, actor=actor).record
+        self.record = self.deployer.stop_model_server(self.uuid, timeout=timeout, force=force, actor=actor).record
         return self
 
     def delete(self, timeout: int = 60, force: bool = False, *, actor: str | None = None) -> None:
-        self._deployer.delete_model_server(self.uuid, timeout=timeout, force=force, actor=actor)
+        self.deployer.delete_model_server(self.uuid, timeout=timeout, force=force, actor=actor)
 
     def rollback(self, to_service_uuid: str | None = None, timeout: int = 300, *, actor: str | None = None) -> Service:
         """Serve an earlier version of this service's endpoint again; returns the service now serving."""
-        return self._deployer.rollback_model_server(self.uuid, to_service_uuid, timeout=timeout, actor=actor)
+        return self.deployer.rollback_model_server(self.uuid, to_service_uuid, timeout=timeout, actor=actor)
 
     @property
     def deployer(self) -> BaseModelDeployer:
+        if self._deployer is None:
+            from airflow_provider_modeldeploy.deployers import deployer_for_service
+
+            self._deployer = deployer_for_service(self.uuid)  # raises the reason it is out of reach
         return self._deployer
 
     def to_dict(self) -> dict[str, Any]:

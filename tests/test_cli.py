@@ -169,6 +169,27 @@ def test_unknown_uuid_is_one_line_error(cli_home: Path, service: Any, args: tupl
     assert get_model_deployer().get_model_server(service.uuid).is_running
 
 
+def test_a_service_whose_connection_is_gone_is_listed_unchecked(cli_home: Path, service: Any) -> None:
+    from airflow_provider_modeldeploy.registry import get_registry
+    from airflow_provider_modeldeploy.services import ServiceRecord, ServiceState
+
+    registry = get_registry()
+    orphan = registry.add_service(
+        ServiceRecord(
+            uuid=UNKNOWN.replace("0000-4000", "0000-4001"), backend="mlflow", endpoint="iris-gone",
+            model_name="iris-gone", model_uri="models:/iris/1", conn_id="removed_conn", state=ServiceState.INACTIVE,
+        )
+    )  # fmt: skip
+    try:
+        rows = json.loads(ok(cli(cli_home, "list", "--output", "json")))
+        assert {r["uuid"]: r["state"] for r in rows} == {service.uuid: "active", orphan.uuid: "inactive"}
+        done = cli(cli_home, "describe", orphan.uuid)
+        assert done.returncode == 1 and "Traceback" not in done.stderr
+        assert "conn_id='removed_conn'" in done.stderr and "no Airflow connection has this id" in done.stderr
+    finally:
+        registry.delete_service(orphan.uuid)
+
+
 def test_stop_start_delete(cli_home: Path, service: Any) -> None:
     url, pid = service.prediction_url, service.record.pid
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,8 @@ __all__ = [
     "get_model_deployer",
     "sync_all",
 ]
+
+log = logging.getLogger(__name__)
 
 #: connection type -> "module:Class" of its deployer. Backends are imported only when used.
 DEPLOYERS: dict[str, str] = {
@@ -125,7 +128,7 @@ def find_services(
     offset: int = 0,
 ) -> list[Service]:
     """Services of every backend matching the filters, each bound to the deployer that manages it."""
-    from airflow_provider_modeldeploy.exceptions import ServiceNotFoundError
+    from airflow_provider_modeldeploy.exceptions import ModelDeployError, ServiceNotFoundError
     from airflow_provider_modeldeploy.registry import get_registry
 
     registry = get_registry()
@@ -141,13 +144,20 @@ def find_services(
         service_uuid=uuid, model_name=model_name, endpoint=endpoint, dag_id=dag_id,
         task_id=task_id, run_id=run_id, limit=limit, offset=offset,
     )  # fmt: skip
-    deployers: dict[tuple[str, str | None], BaseModelDeployer] = {}
+    deployers: dict[tuple[str, str | None], BaseModelDeployer | None] = {}
     services = []
     for record in records:
         key = (record.backend, record.conn_id)
         if key not in deployers:
-            deployers[key] = deployer_for_service(record.uuid)
-        services.append(deployers[key].service_for(record))
+            try:
+                deployers[key] = deployer_for_service(record.uuid)
+            except ModelDeployError as exc:
+                # One backend out of reach (its connection removed or changed) must not hide the
+                # others: its services are listed as the registry knows them, not re-checked.
+                log.warning("Services of %s / %s are shown unchecked: %s", record.backend, record.conn_id, exc)
+                deployers[key] = None
+        deployer = deployers[key]
+        services.append(deployer.service_for(record) if deployer is not None else Service(record, None))
     if running is not None:
         services = [s for s in services if s.is_running == running]
     return services
