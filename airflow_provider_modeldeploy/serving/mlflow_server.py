@@ -240,6 +240,24 @@ def _run_worker(app: Any, staging: socket.socket, listener: socket.socket, ack_f
                             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     super().connection_made(transport)
 
+                def shutdown(self) -> None:
+                    # uvicorn closes idle keep-alive connections at once on shutdown; a client that is
+                    # sending its next request on one at that moment gets a reset (a failed request on
+                    # every replace under load). Instead the next request on each connection is still
+                    # answered, with "Connection: close", and the client reconnects through the shared
+                    # listener to the new server; a connection that stays idle is closed by the
+                    # keep-alive timeout, as always.
+                    if not hasattr(base, "on_headers_complete"):  # not the httptools protocol
+                        return super().shutdown()
+                    self._draining = True
+                    if self.cycle is not None and not self.cycle.response_complete:
+                        self.cycle.keep_alive = False
+
+                def on_headers_complete(self) -> None:
+                    super().on_headers_complete()
+                    if getattr(self, "_draining", False) and self.cycle is not None:
+                        self.cycle.keep_alive = False
+
             factory = functools.partial(
                 NoDelayProtocol,
                 config=self.config,
