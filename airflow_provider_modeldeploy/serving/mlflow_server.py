@@ -230,6 +230,7 @@ def _run_worker(app: Any, staging: socket.socket, listener: socket.socket, ack_f
                 os.write(ack_fd, b"a")
                 return
             base = self.config.http_protocol_class
+            worker = self
 
             class NoDelayProtocol(base):  # type: ignore[misc,valid-type]
                 # Set on every accepted connection: keep-alive answers must not wait for Nagle.
@@ -239,6 +240,8 @@ def _run_worker(app: Any, staging: socket.socket, listener: socket.socket, ack_f
                         with contextlib.suppress(OSError):
                             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     super().connection_made(transport)
+                    if worker.should_exit:  # accepted while shutting down: shutdown() missed it
+                        self._draining = True
 
                 def shutdown(self) -> None:
                     # uvicorn closes idle keep-alive connections at once on shutdown; a client that is
@@ -471,9 +474,12 @@ def main(argv: list[str] | None = None) -> int:
     listener = socket.socket(fileno=args.listen_fd)
     _log(f"service {args.service_uuid}: loading {args.model_uri}")
     _write_state(state_path, phase="loading")
+    started = time.monotonic()
     try:
         served_uri, version, run_id = resolve_model_uri(args.model_uri)
+        resolved = time.monotonic()
         model, example = _load(served_uri, args.model_uri)
+        _log(f"resolved in {resolved - started:.2f}s, loaded in {time.monotonic() - resolved:.2f}s")
         headers = {"x-modeldeploy-service": args.service_uuid, "x-model-name": args.model_name}
         if version:
             headers["x-model-version"] = version
@@ -516,7 +522,9 @@ def main(argv: list[str] | None = None) -> int:
         master.write_state("failed", error=f"model server did not start: {error}")
         return 3
     master.write_state("ready")
-    _log(f"ready: {served_uri} (version {version}), workers {sorted(master.workers)}")
+    _log(
+        f"ready in {time.monotonic() - started:.2f}s: {served_uri} (version {version}), workers {sorted(master.workers)}"
+    )
     try:
         return master.serve_control(ctl)
     finally:
