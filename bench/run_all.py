@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
 import signal
 import sqlite3
@@ -782,6 +783,13 @@ def main(argv: list[str] | None = None) -> int:
         tts.prepare_environment(tmp)
         os.environ["_MODELDEPLOY_NO_METASTORE"] = "1"  # the default deployer settings, no Airflow DB needed
         os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+        # The machine is shared: other people's servers use the default port range (5200-5399), and a
+        # replaced or redeployed endpoint keeps its port. This benchmark's servers get a range of
+        # their own (the deployer connection, read from the environment like any Airflow connection).
+        first = 20000 + secrets.randbelow(200) * 200
+        os.environ["AIRFLOW_CONN_MODELDEPLOY_DEFAULT"] = json.dumps(
+            {"conn_type": "modeldeploy_mlflow", "host": "127.0.0.1", "extra": {"port_range": f"{first}-{first + 199}"}}
+        )
         bench = Bench(tmp, args.quick, args.runs)
         if {"1", "2", "3"} & set(only):
             log("registering models:/bench-iris/1 and /2 ...")
