@@ -766,8 +766,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated items to run (default: all)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "docs", help="where performance.md/png go")
     parser.add_argument("--json", type=Path, help="also write the raw results as JSON")
+    parser.add_argument(
+        "--from-json", type=Path, help="render docs from the raw results of an earlier run (--json) instead of running"
+    )
     args = parser.parse_args(argv)
     args.runs = args.runs or (1 if args.quick else 5)
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+        when = dt.datetime.fromtimestamp(args.from_json.stat().st_mtime, dt.UTC).strftime("%Y-%m-%d %H:%M")
+        write_docs(results, args.out_dir, args, when)
+        print(table(results))
+        return 0
     only = [n.strip() for n in args.only.split(",") if n.strip()]
     started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M")
 

@@ -13,9 +13,9 @@ from conftest import ROOT
 def test_bench_command_quick_run_writes_the_report(tmp_path: Path) -> None:
     out = tmp_path / "docs"
     results = tmp_path / "results.json"
+    command = [sys.executable, str(ROOT / "bench" / "run_all.py"), "--quick", "--only", "4", "--out-dir", str(out)]
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run_all.py"), "--quick", "--only", "4", "--out-dir", str(out)]
-        + ["--json", str(results)],
+        [*command, "--json", str(results)],
         capture_output=True,
         text=True,
         timeout=120,
