@@ -100,6 +100,16 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "modeldeploy_default",
                         "default": "modeldeploy_default",
                     },
+                    "warm_host_idle_timeout": {
+                        "description": "Seconds the local MLflow backend's warm serving host (a process "
+                        "with MLflow, scikit-learn, pandas and uvicorn imported, that forks model servers "
+                        "so they start in about a second) lives without requests. 0: no warm host, every "
+                        "model server starts a new interpreter.",
+                        "version_added": "0.1.0",
+                        "type": "float",
+                        "example": "0",
+                        "default": "600",
+                    },
                 },
             }
         },

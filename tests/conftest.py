@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,6 +62,21 @@ def servers_under(base: str) -> set[int]:
     return pids
 
 
+def stop_warm_hosts(since: float) -> None:
+    """Stop the warm serving hosts (serving/warm_host.py) this interpreter started during the session:
+    the deployer starts one on first use and it would otherwise idle on for minutes."""
+    from airflow_provider_modeldeploy.serving.warm_host import HOST_MODULE
+
+    hosts = []
+    for proc in psutil.process_iter(["cmdline", "create_time"]):
+        cmdline = proc.info.get("cmdline") or []
+        if HOST_MODULE in cmdline and cmdline[:1] == [sys.executable] and (proc.info["create_time"] or 0) >= since:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+                hosts.append(proc)
+    psutil.wait_procs(hosts, timeout=10)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_server_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Fails the session if a model server this session started is still running at its end.
@@ -69,7 +85,9 @@ def no_server_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     people's servers on the same machine are neither counted nor touched.
     """
     base = str(tmp_path_factory.getbasetemp())
+    started = time.time() - 1
     yield
+    stop_warm_hosts(started)
     left = servers_under(base)
     kill_pids(left)
     assert not left, f"model server processes left running after the suite: {sorted(left)}"

@@ -32,7 +32,7 @@ from airflow_provider_modeldeploy.hooks.mlflow_local import MlflowDeployerHook, 
 from airflow_provider_modeldeploy.registry import EndpointLease, Registry
 from airflow_provider_modeldeploy.registry.store import HOSTNAME
 from airflow_provider_modeldeploy.services import ServiceRecord, ServiceState
-from airflow_provider_modeldeploy.serving import mlflow_server
+from airflow_provider_modeldeploy.serving import mlflow_server, warm_host
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ class MLflowLocalDeployer(BaseModelDeployer):
         cmd = [
             sys.executable, "-m", mlflow_server.SERVER_MODULE,
             "--service-uuid", record.uuid, "--model-uri", record.model_uri, "--model-name", record.model_name,
-            "--listen-fd", str(listener.fileno()), "--runtime-dir", str(config.runtime_dir()),
+            "--listen-fd", "{fd2}", "--runtime-dir", str(config.runtime_dir()),
             "--workers", str(opts.get("workers", self.settings.workers)),
             "--start-timeout", str(int(timeout)),
         ]  # fmt: skip
@@ -265,48 +265,95 @@ class MLflowLocalDeployer(BaseModelDeployer):
             env.pop(key)
         try:
             with paths["log"].open("ab") as logfile:
-                proc = subprocess.Popen(
-                    cmd, pass_fds=(listener.fileno(),), stdin=subprocess.DEVNULL, stdout=logfile,
-                    stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=str(config.state_dir()),
-                )  # fmt: skip
+                pid, handle = self._spawn(cmd, env, listener, logfile)
         finally:
             listener.close()
-        self.registry.update_service(record.uuid, pid=proc.pid)
+        self.registry.update_service(record.uuid, pid=pid)
         launch = Launch(
-            pid=proc.pid, handle=proc, address={"host": host, "port": port},
+            pid=pid, handle=handle, address={"host": host, "port": port},
             prediction_url=f"http://{url_host}:{port}/invocations", health_url=f"http://{url_host}:{port}/health",
         )  # fmt: skip
-        state = self._wait_ready(record, proc, paths, timeout)
+        state = self._wait_ready(record, pid, handle, paths, timeout)
         launch.served_uri = state.get("served_uri")
         launch.model_version = state.get("model_version")
         launch.model_run_id = state.get("model_run_id")
         self._check_staging(record, paths["staging"], opts.get("smoke_input") or state.get("input_example"))
         return launch
 
+    @staticmethod
+    def _warm_host_idle_timeout() -> float:
+        """Seconds a warm serving host lives without requests; 0 disables it (every server is exec'd)."""
+        value = config.get_option("warm_host_idle_timeout", "600")
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            raise InvalidParameterError("warm_host_idle_timeout", value, "must be a number of seconds") from None
+
+    def _spawn(
+        self, cmd: list[str], env: dict[str, str], listener: socket.socket, logfile: Any
+    ) -> tuple[int, subprocess.Popen | None]:
+        """Start the server: forked from the warm serving host when one runs (its libraries are
+        already imported), else as a new interpreter, starting a warm host for the next deploy."""
+        idle = self._warm_host_idle_timeout()
+        run = config.runtime_dir()
+        if idle > 0:
+            try:
+                fds = [logfile.fileno(), logfile.fileno(), listener.fileno()]
+                return warm_host.spawn(run, cmd, env, str(config.state_dir()), fds), None
+            except warm_host.HostUnavailable as exc:
+                log.debug("No warm serving host (%s): starting the server directly", exc)
+                # The host is shared by every connection: it never gets one's credentials or settings.
+                own = set(self.settings.server_env()) | {"MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"}
+                host_env = {k: v for k, v in env.items() if k not in own and not k.startswith("MLFLOW_TRACKING_")}
+                with contextlib.suppress(OSError):
+                    warm_host.start(run, warm_host.socket_path(run).with_suffix(".log"), host_env, idle)
+        cmd = [str(listener.fileno()) if arg == "{fd2}" else arg for arg in cmd]
+        proc = subprocess.Popen(
+            cmd, pass_fds=(listener.fileno(),), stdin=subprocess.DEVNULL, stdout=logfile,
+            stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=str(config.state_dir()),
+        )  # fmt: skip
+        return proc.pid, proc
+
     def _wait_ready(
-        self, record: ServiceRecord, proc: subprocess.Popen, paths: dict[str, Path], timeout: float
+        self, record: ServiceRecord, pid: int, proc: subprocess.Popen | None, paths: dict[str, Path], timeout: float
     ) -> dict:
         deadline = time.monotonic() + timeout
         while True:
             state = mlflow_server.read_state(paths["state"])
-            if state and state.get("pid") == proc.pid:
+            if state and state.get("pid") == pid:
                 if state["phase"] == "ready":
                     return state
                 if state["phase"] == "failed":
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        proc.wait(10)
+                    if proc is not None:
+                        with contextlib.suppress(subprocess.TimeoutExpired):
+                            proc.wait(10)
                     raise DeploymentFailedError(state.get("error") or "the model server failed to start")
-            code = proc.poll()
-            if code is not None:
+            exited = self._exit_code(pid, proc)
+            if exited is not None:
                 last = " | ".join(_tail(paths["log"], 3))
                 raise DeploymentFailedError(
-                    f"model_uri={record.model_uri!r}: the model server exited with code {code} before it was ready: {last}"
+                    f"model_uri={record.model_uri!r}: the model server {exited} before it was ready: {last}"
                 )
             if time.monotonic() > deadline:
                 raise DeploymentFailedError(
                     f"timeout={timeout!r}: the model server did not load {record.model_uri} in time"
                 )
-            time.sleep(0.05)
+            time.sleep(0.02)
+
+    @staticmethod
+    def _exit_code(pid: int, proc: subprocess.Popen | None) -> str | None:
+        """How the server exited (None: it runs). A server forked by the warm host is not our child."""
+        if proc is not None:
+            code = proc.poll()
+            return None if code is None else f"exited with code {code}"
+        import psutil
+
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return None
+        except psutil.NoSuchProcess:
+            pass
+        return "exited"
 
     @staticmethod
     def _check_staging(record: ServiceRecord, staging: Path, smoke_input: Any) -> None:

@@ -273,6 +273,7 @@ def _run_worker(app: Any, staging: socket.socket, listener: socket.socket, ack_f
                 os.write(ack_fd, b"a")
                 return
             base = self.config.http_protocol_class
+            worker = self
 
             class NoDelayProtocol(base):  # type: ignore[misc,valid-type]
                 # Set on every accepted connection: keep-alive answers must not wait for Nagle.
@@ -282,6 +283,26 @@ def _run_worker(app: Any, staging: socket.socket, listener: socket.socket, ack_f
                         with contextlib.suppress(OSError):
                             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     super().connection_made(transport)
+                    if worker.should_exit:  # accepted while shutting down: shutdown() missed it
+                        self._draining = True
+
+                def shutdown(self) -> None:
+                    # uvicorn closes idle keep-alive connections at once on shutdown; a client that is
+                    # sending its next request on one at that moment gets a reset (a failed request on
+                    # every replace under load). Instead the next request on each connection is still
+                    # answered, with "Connection: close", and the client reconnects through the shared
+                    # listener to the new server; a connection that stays idle is closed by the
+                    # keep-alive timeout, as always.
+                    if not hasattr(base, "on_headers_complete"):  # not the httptools protocol
+                        return super().shutdown()
+                    self._draining = True
+                    if self.cycle is not None and not self.cycle.response_complete:
+                        self.cycle.keep_alive = False
+
+                def on_headers_complete(self) -> None:
+                    super().on_headers_complete()
+                    if getattr(self, "_draining", False) and self.cycle is not None:
+                        self.cycle.keep_alive = False
 
             factory = functools.partial(
                 NoDelayProtocol,
@@ -496,9 +517,12 @@ def main(argv: list[str] | None = None) -> int:
     listener = socket.socket(fileno=args.listen_fd)
     _log(f"service {args.service_uuid}: loading {args.model_uri}")
     _write_state(state_path, phase="loading")
+    started = time.monotonic()
     try:
         served_uri, version, run_id = resolve_model_uri(args.model_uri)
+        resolved = time.monotonic()
         model, example = _load(served_uri, args.model_uri)
+        _log(f"resolved in {resolved - started:.2f}s, loaded in {time.monotonic() - resolved:.2f}s")
         headers = {"x-modeldeploy-service": args.service_uuid, "x-model-name": args.model_name}
         if version:
             headers["x-model-version"] = version
@@ -541,7 +565,9 @@ def main(argv: list[str] | None = None) -> int:
         master.write_state("failed", error=f"model server did not start: {error}")
         return 3
     master.write_state("ready")
-    _log(f"ready: {served_uri} (version {version}), workers {sorted(master.workers)}")
+    _log(
+        f"ready in {time.monotonic() - started:.2f}s: {served_uri} (version {version}), workers {sorted(master.workers)}"
+    )
     try:
         return master.serve_control(ctl)
     finally:

@@ -1,0 +1,841 @@
+"""All six benchmarks of issue 5 in one command; writes docs/performance.md and docs/performance.png.
+
+1. time to serve: deploy call -> first 200 of ``/invocations``, against ``mlflow models serve``
+2. replace under load: 16 keep-alive clients while 10 replaces run (failures, refusals, p99 in/out)
+3. throughput: single-row ``/invocations`` with 8 keep-alive clients (``wrk``, else ``bench/loadgen.py``),
+   against ``mlflow models serve -w 1`` and ``-w 2``
+4. import cost of the operator and the sensor over ``import airflow.sdk``, fresh interpreters
+5. registry scale: ``airflow served-models list`` and ``Registry.find_services(limit=100)`` at 10,
+   1,000 and 10,000 services
+6. a full CT/CD cycle of the example DAG with ``airflow dags test``: time beyond training
+
+Everything runs in one temporary directory (AIRFLOW_HOME, MLflow store, artifacts) removed at the end;
+every server is stopped, even on errors or Ctrl-C.
+
+Usage::
+
+    python bench/run_all.py            # >= 5 runs per measurement, writes docs/performance.{md,png}
+    python bench/run_all.py --quick    # fewer and shorter runs (a smoke run, not for quoting)
+    python bench/run_all.py --only 1,3 --out-dir /tmp/perf
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid as uuidlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+import time_to_serve as tts  # noqa: E402  (a sibling script, importable once BENCH is on the path)
+
+PY = sys.executable
+AIRFLOW = str(Path(PY).parent / "airflow")
+HEAVY = ("mlflow", "kubernetes", "sklearn", "pandas")
+CT_DAG = "continuous_training_mlflow"
+log = tts.log
+
+
+class Bench:
+    """Shared state of one benchmark session: the temp dir, the deployer, servers to stop."""
+
+    def __init__(self, tmp: Path, quick: bool, runs: int) -> None:
+        self.tmp = tmp
+        self.quick = quick
+        self.runs = runs
+        self.mlflow = tts.MlflowSide(tmp)
+        self._deployer: Any = None
+        self.body = tmp / "body.json"
+        self.body.write_text(json.dumps(tts.PAYLOAD))
+        self.children: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def deployer(self) -> Any:
+        if self._deployer is None:
+            from airflow_provider_modeldeploy.deployers import get_model_deployer
+
+            self._deployer = get_model_deployer()
+        return self._deployer
+
+    def delete_all_services(self) -> None:
+        from airflow_provider_modeldeploy.deployers import find_services
+
+        for service in find_services():
+            try:
+                service.deployer.delete_model_server(service.uuid, force=True)
+            except Exception as exc:
+                log(f"could not delete provider service {service.uuid}: {exc}")
+
+    def start_mlflow_serve(self, workers: int) -> tuple[subprocess.Popen[bytes], str]:
+        """``mlflow models serve -w N`` in its own process group; waits for its first 200."""
+        port = tts.free_port()
+        logfile = self.tmp / f"mlflow-serve-w{workers}-{port}.log"
+        cmd = [PY, "-m", "mlflow", "models", "serve", "-m", tts.MODEL_URI, "--env-manager", "local"]
+        cmd += ["-p", str(port), "-h", "127.0.0.1", "-w", str(workers)]
+        with logfile.open("wb") as out:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.tmp,
+                start_new_session=True,
+            )
+        self.mlflow.procs.append(proc)
+        url = f"http://127.0.0.1:{port}/invocations"
+
+        def check() -> None:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow models serve exited with code {proc.returncode}:\n{tts.tail(logfile)}")
+
+        with httpx.Client(timeout=tts.POLL_TIMEOUT) as client:
+            tts.wait_for_prediction(client, url, check)
+        return proc, url
+
+    def close(self) -> None:
+        for proc in list(self.children):
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+        try:
+            self.mlflow.close()
+        except Exception as exc:
+            log(f"cleanup of mlflow servers failed: {exc}")
+        if self._deployer is not None:
+            self.delete_all_services()
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def register_models(tmp: Path) -> None:
+    """Versions 1 and 2 of ``bench-iris`` (two LogisticRegressions on iris), for deploys and replaces."""
+    import mlflow
+    import mlflow.sklearn
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = load_iris(return_X_y=True, as_frame=True)
+    experiment_id = mlflow.create_experiment("bench", artifact_location=(tmp / "artifacts").as_uri())
+    for c in (1.0, 0.5):
+        with mlflow.start_run(experiment_id=experiment_id):
+            model = LogisticRegression(max_iter=500, C=c).fit(X, y)
+            mlflow.sklearn.log_model(model, name="model", input_example=X.head(2), registered_model_name=tts.MODEL_NAME)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. time to serve
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_time_to_serve(b: Bench) -> dict[str, Any]:
+    provider = tts.ProviderSide()
+    times: dict[str, list[float]] = {"provider": [], "mlflow": []}
+    try:
+        with httpx.Client(timeout=tts.POLL_TIMEOUT) as client:
+            # The first deploy of a session pays one-off costs (imports in this process, a cold page
+            # cache); it is reported separately and not part of the medians.
+            if wait_for_warm_host(timeout=0.5):
+                log("[1] a warm serving host of this interpreter already runs: the 'cold' deploy is warm")
+            cold = provider.run(client)
+            log(f"[1] cold provider deploy: {cold:.2f}s")
+            warm = wait_for_warm_host()
+            log(f"[1] warm serving host {'ready' if warm else 'NOT ready: warm runs start servers directly'}")
+            for i in range(b.runs):
+                sides: list[Any] = [provider, b.mlflow] if i % 2 == 0 else [b.mlflow, provider]
+                for side in sides:
+                    elapsed = side.run(client)
+                    times[side.name].append(elapsed)
+                    log(f"[1] run {i + 1}/{b.runs} {side.name}: {elapsed:.2f}s")
+    finally:
+        provider.close()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = med["provider"] / med["mlflow"]
+    return {
+        "provider_s": times["provider"], "mlflow_s": times["mlflow"], "cold_provider_s": cold,
+        "median_provider_s": med["provider"], "median_mlflow_s": med["mlflow"], "ratio": ratio,
+        "warm_host": warm, "pass": ratio <= 0.5,
+    }  # fmt: skip
+
+
+def wait_for_warm_host(timeout: float = 180) -> bool:
+    """Wait until the warm serving host the first deploy started accepts requests."""
+    import socket
+
+    from airflow_provider_modeldeploy import config
+    from airflow_provider_modeldeploy.serving import warm_host
+
+    path = warm_host.socket_path(config.runtime_dir())
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock, contextlib.suppress(OSError):
+            sock.connect(str(path))
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def stop_warm_hosts(since: float) -> None:
+    """Stop the warm serving hosts this benchmark started (by pid: this interpreter's, created since)."""
+    import psutil
+
+    from airflow_provider_modeldeploy.serving import warm_host
+
+    for proc in psutil.process_iter(["pid", "cmdline", "create_time"]):
+        cmdline = proc.info.get("cmdline") or []
+        if warm_host.HOST_MODULE in cmdline and cmdline[:1] == [PY] and (proc.info["create_time"] or 0) >= since:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+                proc.wait(10)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. replace under load
+# ---------------------------------------------------------------------------------------------
+
+
+def start_loadgen(b: Bench, url: str, clients: int, out: Path, duration: float | None = None) -> subprocess.Popen:
+    cmd = [PY, str(BENCH / "loadgen.py"), "--url", url, "--body", str(b.body), "--clients", str(clients)]
+    cmd += ["--out", str(out)] + (["--duration", str(duration)] if duration else [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
+    b.children.append(proc)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != b"started":
+        raise RuntimeError("the load generator did not start")
+    return proc
+
+
+def stop_loadgen(b: Bench, proc: subprocess.Popen, out: Path) -> dict[str, Any]:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+    b.children.remove(proc)
+    return json.loads(out.read_text())
+
+
+def bench_replace_under_load(b: Bench) -> dict[str, Any]:
+    from airflow_provider_modeldeploy.services import ServiceConfig
+
+    replaces = 3 if b.quick else 10
+    endpoint = "bench-replace"
+
+    def config(version: int) -> Any:
+        return ServiceConfig(
+            model_uri=f"models:/{tts.MODEL_NAME}/{version}", model_name=tts.MODEL_NAME, endpoint=endpoint
+        )
+
+    service = b.deployer.deploy_model(config(1))
+    out = b.tmp / "replace-load.json"
+    windows: list[tuple[float, float]] = []
+    proc = start_loadgen(b, service.prediction_url, 16, out)
+    try:
+        time.sleep(2 if b.quick else 5)  # latency outside replaces, before the first one
+        for i in range(replaces):
+            version = 2 if i % 2 == 0 else 1
+            start = time.time()
+            new = b.deployer.deploy_model(config(version), replace=True)
+            windows.append((start, time.time()))
+            if new.prediction_url != service.prediction_url:
+                raise RuntimeError(f"the URL changed: {service.prediction_url} -> {new.prediction_url}")
+            log(f"[2] replace {i + 1}/{replaces} -> v{version}: {windows[-1][1] - start:.2f}s")
+            time.sleep(1)
+        time.sleep(2 if b.quick else 5)
+    finally:
+        data = stop_loadgen(b, proc, out)
+    requests = data["requests"]
+
+    def inside(t: float) -> bool:
+        return any(s <= t <= e for s, e in windows)
+
+    outcomes: dict[str, int] = {}
+    for _t, _lat, outcome in requests:
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    lat_in = [lat for t, lat, o in requests if o == "ok" and inside(t)]
+    lat_out = [lat for t, lat, o in requests if o == "ok" and not inside(t)]
+    failed = sum(n for o, n in outcomes.items() if o != "ok")
+    refused = outcomes.get("refused", 0)
+    p99_in, p99_out = percentile(lat_in, 99), percentile(lat_out, 99)
+    ratio = p99_in / p99_out
+    return {
+        "replaces": replaces, "requests": len(requests), "outcomes": outcomes, "failed": failed, "refused": refused,
+        "p50_in_ms": percentile(lat_in, 50) * 1000, "p50_out_ms": percentile(lat_out, 50) * 1000,
+        "p99_in_ms": p99_in * 1000, "p99_out_ms": p99_out * 1000, "p99_ratio": ratio,
+        "replace_s": [e - s for s, e in windows], "pass": failed == 0 and refused == 0 and ratio <= 3,
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. throughput
+# ---------------------------------------------------------------------------------------------
+
+WRK_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [==[{body}]==]
+"""
+
+
+def _wrk_ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        return float("nan")
+    value, unit = float(m.group(1)), m.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
+def load_once(b: Bench, url: str, clients: int, duration: float) -> dict[str, float]:
+    """Requests/s and latency percentiles (ms) of one run: ``wrk`` if installed, else loadgen.py."""
+    wrk = shutil.which("wrk")
+    if wrk:
+        script = b.tmp / "post.lua"
+        script.write_text(WRK_LUA.format(body=b.body.read_text()))
+        done = subprocess.run(
+            [wrk, "-t", "2", "-c", str(clients), "-d", f"{duration:.0f}s", "--latency", "-s", str(script), url],
+            capture_output=True, text=True, timeout=duration + 60, check=True,
+        )  # fmt: skip
+        out = done.stdout
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        pct = {p: _wrk_ms(v) for p, v in re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M)}
+        return {"rps": rps, "p50_ms": pct.get("50", float("nan")), "p99_ms": pct.get("99", float("nan")),
+                "errors": errors + (int(non2xx.group(1)) if non2xx else 0), "tool": "wrk"}  # fmt: skip
+    out_file = b.tmp / "throughput.json"
+    proc = start_loadgen(b, url, clients, out_file, duration)
+    proc.wait(duration + 60)
+    b.children.remove(proc)
+    data = json.loads(out_file.read_text())
+    ok = [lat for _t, lat, o in data["requests"] if o == "ok"]
+    return {"rps": len(ok) / (data["ended"] - data["started"]), "p50_ms": percentile(ok, 50) * 1000,
+            "p99_ms": percentile(ok, 99) * 1000, "errors": len(data["requests"]) - len(ok), "tool": "loadgen.py"}  # fmt: skip
+
+
+def bench_throughput(b: Bench) -> dict[str, Any]:
+    from airflow_provider_modeldeploy.services import ServiceConfig
+
+    duration = 3.0 if b.quick else 10.0
+    workers = int(os.environ.get("BENCH_PROVIDER_WORKERS", "2"))
+    servers: dict[str, str] = {}
+    service = b.deployer.deploy_model(
+        ServiceConfig(model_uri=tts.MODEL_URI, model_name=tts.MODEL_NAME, endpoint="bench-throughput", workers=workers)
+    )
+    servers[f"provider ({workers} workers)"] = service.prediction_url
+    procs = []
+    for w in (1, 2):
+        proc, url = b.start_mlflow_serve(w)
+        procs.append(proc)
+        servers[f"mlflow models serve -w {w}"] = url
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
+    try:
+        for url in servers.values():  # warm-up: first requests pay lazy imports
+            load_once(b, url, 8, 1)
+        for i in range(b.runs):
+            for name, url in servers.items():  # side by side, interleaved
+                runs[name].append(load_once(b, url, 8, duration))
+                log(f"[3] run {i + 1}/{b.runs} {name}: {runs[name][-1]['rps']:.0f} req/s")
+    finally:
+        for proc in procs:
+            b.mlflow.stop(proc)
+        b.deployer.delete_model_server(service.uuid, force=True)
+    summary = {
+        name: {key: statistics.median(r[key] for r in rs) for key in ("rps", "p50_ms", "p99_ms")}
+        | {"errors": sum(r["errors"] for r in rs), "runs": rs}
+        for name, rs in runs.items()
+    }
+    provider = summary[f"provider ({workers} workers)"]
+    best_mlflow = max((v for k, v in summary.items() if k.startswith("mlflow")), key=lambda v: v["rps"])
+    ratio = provider["rps"] / best_mlflow["rps"]
+    no_cliff = provider["p50_ms"] < 20 and provider["p99_ms"] < 100
+    return {
+        "servers": summary, "ratio": ratio, "tool": runs[next(iter(runs))][0]["tool"], "no_cliff": no_cliff,
+        "duration_s": duration, "pass": ratio >= 1.5 and no_cliff and provider["errors"] == 0,
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. import cost
+# ---------------------------------------------------------------------------------------------
+
+IMPORT_PROBE = """
+import json, sys, time
+t0 = time.perf_counter()
+import airflow.sdk
+t1 = time.perf_counter()
+from airflow_provider_modeldeploy.operators import DeployModelOperator
+from airflow_provider_modeldeploy.sensors.health import ServedModelHealthSensor
+t2 = time.perf_counter()
+heavy = sorted(m for m in {heavy!r} if m in sys.modules)
+print(json.dumps({{"sdk_s": t1 - t0, "provider_s": t2 - t1, "heavy": heavy}}))
+"""
+
+
+def bench_import_cost(b: Bench) -> dict[str, Any]:
+    env = {**os.environ, "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+    samples = []
+    for _ in range(max(b.runs, 5)):
+        done = subprocess.run(
+            [PY, "-c", IMPORT_PROBE.format(heavy=HEAVY)], capture_output=True, text=True, env=env, check=True
+        )
+        samples.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    over = statistics.median(s["provider_s"] for s in samples) * 1000
+    heavy = sorted({m for s in samples for m in s["heavy"]})
+    return {
+        "sdk_ms": statistics.median(s["sdk_s"] for s in samples) * 1000, "over_sdk_ms": over,
+        "samples_ms": [s["provider_s"] * 1000 for s in samples], "heavy_imported": heavy,
+        "pass": over <= 50 and not heavy,
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. registry scale
+# ---------------------------------------------------------------------------------------------
+
+
+def seed_registry(url: str, count: int) -> None:
+    """``count`` inactive/error services (bulk insert: the table is what is measured, not add_service)."""
+    import sqlalchemy as sa
+
+    from airflow_provider_modeldeploy.registry.models import ServiceRow
+
+    engine = sa.create_engine(url)
+    now = dt.datetime.now(dt.UTC)
+    rows = [
+        {
+            "uuid": str(uuidlib.uuid4()),
+            "backend": "mlflow",
+            "endpoint": f"ep-{i % 500}",
+            "conn_id": None,
+            "model_name": f"model-{i % 50}",
+            "model_uri": f"models:/model-{i % 50}/{i}",
+            "model_version": str(i),
+            "dag_id": "bench",
+            "run_id": f"run-{i}",
+            "task_id": "deploy",
+            "map_index": -1,
+            "config": {},
+            "state": "inactive" if i % 3 else "error",
+            "last_error": None if i % 3 else "bench",
+            "prediction_url": f"http://127.0.0.1:{5200 + i % 200}/invocations",
+            "host": "bench-host",
+            "created_at": now - dt.timedelta(seconds=i),
+            "updated_at": now - dt.timedelta(seconds=i),
+        }
+        for i in range(count)
+    ]
+    with engine.begin() as conn:
+        for start in range(0, len(rows), 2000):
+            conn.execute(sa.insert(ServiceRow), rows[start : start + 2000])
+    engine.dispose()
+
+
+REGISTRY_PROBE = """
+import json, statistics, time
+from airflow_provider_modeldeploy.registry import get_registry
+from airflow_provider_modeldeploy.deployers import find_services
+reg = get_registry()
+assert reg.count_services() == {count}, reg.count_services()
+q, f, q10, f10 = [], [], [], []
+for _ in range({runs}):
+    t = time.perf_counter(); rows = reg.find_services(limit=100); q.append(time.perf_counter() - t)
+    t = time.perf_counter(); services = find_services(limit=100); f.append(time.perf_counter() - t)
+    t = time.perf_counter(); reg.find_services(limit=10); q10.append(time.perf_counter() - t)
+    t = time.perf_counter(); find_services(limit=10); f10.append(time.perf_counter() - t)
+assert len(rows) == min(100, {count}) and len(services) == len(rows)
+m = statistics.median
+print(json.dumps({{"query_s": m(q), "find_s": m(f), "query10_s": m(q10), "find10_s": m(f10)}}))
+"""
+
+
+def bench_registry_scale(b: Bench) -> dict[str, Any]:
+    sizes = (10, 1000, 10000)
+    out: dict[str, Any] = {}
+    for count in sizes:
+        home = b.tmp / f"registry-{count}"
+        home.mkdir()
+        env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+               "_MODELDEPLOY_NO_METASTORE": "1"}  # fmt: skip
+        env.pop("AIRFLOW__MODELDEPLOY__REGISTRY_SQL_ALCHEMY_CONN", None)
+        # Creates the registry (migrations) and prints the empty first page.
+        subprocess.run([AIRFLOW, "served-models", "list", "--output", "json"], env=env, check=True, capture_output=True)
+        seed = (
+            f"import sys; sys.path.insert(0, {str(BENCH)!r}); from run_all import seed_registry; "
+            f"from airflow_provider_modeldeploy import config; seed_registry(config.registry_url(), {count})"
+        )
+        subprocess.run([PY, "-c", seed], env=env, check=True, capture_output=True)
+        probe = subprocess.run(
+            [PY, "-c", REGISTRY_PROBE.format(count=count, runs=max(b.runs, 5) * 4)],
+            env=env, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        inproc = json.loads(probe.stdout.strip().splitlines()[-1])
+        cli = []
+        for _ in range(max(b.runs, 5) if not b.quick else 3):
+            t = time.perf_counter()
+            done = subprocess.run(
+                [AIRFLOW, "served-models", "list", "--output", "json"],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            cli.append(time.perf_counter() - t)
+            listed = json.loads(done.stdout[done.stdout.index("[") :])
+            if len(listed) != min(100, count):
+                raise RuntimeError(f"served-models list printed {len(listed)} services of {count}")
+        out[str(count)] = {"cli_s": statistics.median(cli)} | {
+            key.replace("_s", "_ms"): value * 1000 for key, value in inproc.items()
+        }
+        log(f"[5] {count} services: cli {out[str(count)]['cli_s']:.2f}s, query {out[str(count)]['query_ms']:.1f}ms")
+    small, large = out["10"], out["10000"]
+    # With 10 services the first page holds 10 rows, with 10,000 it holds 100: "same page" compares
+    # a page of 10 rows at both sizes, which isolates what the table's size costs.
+    ratios = {
+        "CLI": large["cli_s"] / small["cli_s"],
+        "query, same page": large["query10_ms"] / small["query10_ms"],
+        "find, same page": large["find10_ms"] / small["find10_ms"],
+        "query, first page": large["query_ms"] / small["query_ms"],
+        "find, first page": large["find_ms"] / small["find_ms"],
+    }
+    judged = ("CLI", "query, same page", "find, same page")
+    return {"sizes": out, "ratios": ratios, "judged": judged, "pass": all(ratios[k] <= 1.2 for k in judged)}
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. the example DAG
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_dag_cycle(b: Bench, time_to_serve_s: float | None) -> dict[str, Any]:
+    home = b.tmp / "dag-home"
+    home.mkdir()
+    env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+           "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags")}  # fmt: skip
+    for key in ("MLFLOW_TRACKING_URI", "_MODELDEPLOY_NO_METASTORE", "AIRFLOW__MODELDEPLOY__REGISTRY_SQL_ALCHEMY_CONN"):
+        env.pop(key, None)
+    subprocess.run([AIRFLOW, "db", "migrate"], env=env, check=True, capture_output=True)
+    cycles = []
+    try:
+        for i in range(1 if b.quick else max(3, b.runs)):
+            t = time.perf_counter()
+            done = subprocess.run(
+                [AIRFLOW, "dags", "test", CT_DAG, "-c", json.dumps({"seed": 1})],
+                env=env, capture_output=True, text=True, timeout=900,
+            )  # fmt: skip
+            wall = time.perf_counter() - t
+            if done.returncode != 0:
+                raise RuntimeError(f"dags test failed: {done.stderr[-2000:]}")
+            with contextlib.closing(sqlite3.connect(home / "airflow.db")) as db:
+                (run_id, start, end) = db.execute(
+                    "SELECT run_id, start_date, end_date FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1",
+                    (CT_DAG,),
+                ).fetchone()
+                tasks = {
+                    task: (dt.datetime.fromisoformat(e) - dt.datetime.fromisoformat(s)).total_seconds()
+                    for task, s, e in db.execute(
+                        "SELECT task_id, start_date, end_date FROM task_instance WHERE dag_id = ? AND run_id = ?"
+                        " AND start_date IS NOT NULL AND end_date IS NOT NULL",
+                        (CT_DAG, run_id),
+                    )
+                }
+            run_s = (dt.datetime.fromisoformat(end) - dt.datetime.fromisoformat(start)).total_seconds()
+            cycles.append(
+                {"wall_s": wall, "run_s": run_s, "tasks_s": tasks, "beyond_training_s": run_s - tasks["train"]}
+            )
+            log(f"[6] cycle {i + 1}: wall {wall:.1f}s, run {run_s:.1f}s, train {tasks['train']:.1f}s")
+    finally:
+        subprocess.run(
+            [PY, "-c", "from airflow_provider_modeldeploy.deployers import find_services\n"
+             "for s in find_services(): s.deployer.delete_model_server(s.uuid, force=True)"],
+            env={**env, "_MODELDEPLOY_NO_METASTORE": "1"}, capture_output=True, check=False,
+        )  # fmt: skip
+    beyond = statistics.median(c["beyond_training_s"] for c in cycles)
+    budget = (time_to_serve_s or float("nan")) + 1
+    return {
+        "cycles": cycles, "median_wall_s": statistics.median(c["wall_s"] for c in cycles),
+        "median_run_s": statistics.median(c["run_s"] for c in cycles), "median_beyond_training_s": beyond,
+        "budget_s": budget, "pass": beyond <= budget,
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# the report
+# ---------------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = ""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kb / 1024 / 1024:.1f} GiB RAM"
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    return f"{model}, nproc={nproc}{mem}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def versions() -> str:
+    from importlib.metadata import version
+
+    names = ("apache-airflow", "mlflow", "uvicorn", "scikit-learn")
+    return ", ".join(f"{n} {version(n)}" for n in names)
+
+
+def verdict(r: dict[str, Any] | None) -> str:
+    if r is None:
+        return "not run"
+    if "error" in r:
+        return "**error**"
+    return "pass" if r["pass"] else "**FAIL**"
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = ["| # | what | target | measured (medians) | ratio / figure | result |", "|---|---|---|---|---|---|"]
+    r = results.get("1")
+    if r and "error" not in r:
+        rows.append(
+            f"| 1 | time to serve, warm serving host (cold first deploy: {r['cold_provider_s']:.2f} s) | <= 0.5x `mlflow models serve` | "
+            f"provider {r['median_provider_s']:.2f} s, mlflow {r['median_mlflow_s']:.2f} s | {r['ratio']:.2f}x | {verdict(r)} |"
+        )
+    r = results.get("2")
+    if r and "error" not in r:
+        rows.append(
+            f"| 2 | replace under load: 16 keep-alive clients, {r['replaces']} replaces | 0 failed, 0 refused, "
+            f"p99 in <= 3x out | {r['requests']} requests, {r['failed']} failed, {r['refused']} refused; p99 in "
+            f"{r['p99_in_ms']:.1f} ms, out {r['p99_out_ms']:.1f} ms | {r['p99_ratio']:.2f}x | {verdict(r)} |"
+        )
+    r = results.get("3")
+    if r and "error" not in r:
+        parts = "; ".join(
+            f"{k}: {v['rps']:.0f} req/s, p50 {v['p50_ms']:.1f} ms, p99 {v['p99_ms']:.1f} ms"
+            for k, v in r["servers"].items()
+        )
+        rows.append(
+            f"| 3 | throughput, 8 keep-alive clients ({r['tool']}) | >= 1.5x best mlflow, no cliff | {parts} | "
+            f"{r['ratio']:.2f}x | {verdict(r)} |"
+        )
+    r = results.get("4")
+    if r and "error" not in r:
+        rows.append(
+            f"| 4 | import cost of operator + sensor | <= 50 ms over `import airflow.sdk` | "
+            f"{r['over_sdk_ms']:.1f} ms over airflow.sdk ({r['sdk_ms']:.0f} ms); heavy modules: "
+            f"{', '.join(r['heavy_imported']) or 'none'} | {r['over_sdk_ms']:.1f} ms | {verdict(r)} |"
+        )
+    r = results.get("5")
+    if r and "error" not in r:
+        s = r["sizes"]
+        fig = "; ".join(
+            f"{n}: CLI {v['cli_s']:.2f} s, query {v['query_ms']:.1f} ms ({v['query10_ms']:.2f} ms for 10 rows), "
+            f"find {v['find_ms']:.1f} ms ({v['find10_ms']:.2f} ms)"
+            for n, v in s.items()
+        )
+        rat = ", ".join(f"{k} {v:.2f}x" for k, v in r["ratios"].items())
+        rows.append(f"| 5 | registry scale, first page of 100 | 10,000 <= 1.2x 10 | {fig} | {rat} | {verdict(r)} |")
+    r = results.get("6")
+    if r and "error" not in r:
+        rows.append(
+            f"| 6 | CT/CD cycle, `airflow dags test` | beyond training <= time to serve + 1 s | run "
+            f"{r['median_run_s']:.1f} s (wall {r['median_wall_s']:.1f} s), beyond training "
+            f"{r['median_beyond_training_s']:.1f} s | budget {r['budget_s']:.1f} s | {verdict(r)} |"
+        )
+    for n, r in results.items():
+        if r and "error" in r:
+            rows.append(f"| {n} | (failed to run) | | `{r['error'][:200]}` | | **error** |")
+    return "\n".join(rows)
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [n for n in ("1", "3", "5") if n in results and "error" not in results[n]]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    axes = [axes] if len(panels) == 1 else list(axes)
+    for ax, n in zip(axes, panels, strict=True):
+        r = results[n]
+        if n == "1":
+            ax.bar(["provider", "mlflow serve"], [r["median_provider_s"], r["median_mlflow_s"]], color=["C0", "C1"])
+            ax.set_title("1. time to serve (s, median)")
+        elif n == "3":
+            names = list(r["servers"])
+            ax.bar(range(len(names)), [r["servers"][k]["rps"] for k in names], color=["C0", "C1", "C2"][: len(names)])
+            ax.set_xticks(range(len(names)), [k.replace("mlflow models serve", "mlflow") for k in names], fontsize=8)
+            ax.set_title("3. throughput (req/s, median)")
+        else:
+            sizes = list(r["sizes"])
+            ax.plot(sizes, [r["sizes"][s]["query_ms"] for s in sizes], "o-", label="find_services(limit=100)")
+            ax.plot(sizes, [r["sizes"][s]["find_ms"] for s in sizes], "s-", label="+ deployer refresh")
+            ax.set_title("5. registry first page (ms)")
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_docs(results: dict[str, Any], out_dir: Path, args: argparse.Namespace, started: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chart(results, out_dir / "performance.png")
+    notes = out_dir / "performance-notes.md"
+    extra = notes.read_text() if notes.exists() else ""
+    text = f"""# Performance
+
+Generated by `python bench/run_all.py{" --quick" if args.quick else ""}` on {started} (UTC); do not edit by
+hand: the design notes come from `docs/performance-notes.md`.
+
+**Machine**: {machine()}.
+**Software**: {versions()}.
+The machine is shared with other engineers' test runs and is noisy: every comparison is measured side by
+side in the same run (interleaved), and figures are medians of {args.runs} runs unless said otherwise.
+
+{table(results)}
+
+![benchmark chart](performance.png)
+
+## How to reproduce
+
+```bash
+bash -c 'source scripts/setup.sh'          # the venv, with the provider installed
+apt-get install -y wrk                     # optional: else bench/loadgen.py generates the load
+.venv/bin/python bench/run_all.py          # all six; --quick for a short smoke run, --only 1,3 for some
+```
+
+Everything runs in a temporary directory (AIRFLOW_HOME, MLflow SQLite store and artifacts) that is
+removed at the end; every server is stopped, also on errors and Ctrl-C. Raw figures:
+`bench/run_all.py --json results.json`.
+
+## What each item measures
+
+1. **Time to serve**: from the start of `deploy_model()` (in a process where the provider is already
+   imported) to the first HTTP 200 of `POST /invocations` at the service's URL, against `mlflow models
+   serve -m models:/bench-iris/1 --env-manager local` from its start to its first 200. A fresh service
+   each run. The first provider deploy of the session (cold) is reported separately.
+2. **Replace under load**: `bench/loadgen.py` (its own process, 16 threads each with one keep-alive
+   connection, no retries) hammers the URL while `deploy_model(..., replace=True)` alternates
+   `models:/bench-iris/2` and `/1`; every request's outcome and latency is recorded; p99 of requests
+   started inside a replace call vs outside.
+3. **Throughput**: `wrk -t2 -c8 --latency` with a Lua POST body (single row), one warm-up second,
+   then interleaved runs against the provider's server and `mlflow models serve -w 1` and `-w 2`.
+   "No cliff": provider p50 < 20 ms and p99 < 100 ms (the delayed-ACK cliff is ~40 ms per request).
+4. **Import cost**: fresh interpreters; time of importing the operator and the sensor after
+   `import airflow.sdk`; asserts none of {", ".join(HEAVY)} got imported.
+5. **Registry scale**: a SQLite registry seeded with 10 / 1,000 / 10,000 (inactive / error) services;
+   `airflow served-models list --output json` (whole CLI process), `Registry.find_services(limit=100)`
+   and the deployer-level `find_services(limit=100)` (with the state refresh the CLI does).
+6. **CT/CD cycle**: `airflow dags test continuous_training_mlflow` in a fresh AIRFLOW_HOME; the dag
+   run's duration minus the `train` task (training + MLflow logging), from Airflow's metadata DB.
+
+{extra}"""
+    (out_dir / "performance.md").write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (smoke run; not for quoting)")
+    parser.add_argument("--runs", type=int, help="runs per measurement (default 5, --quick: 1)")
+    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated items to run (default: all)")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "docs", help="where performance.md/png go")
+    parser.add_argument("--json", type=Path, help="also write the raw results as JSON")
+    parser.add_argument(
+        "--from-json", type=Path, help="render docs from the raw results of an earlier run (--json) instead of running"
+    )
+    args = parser.parse_args(argv)
+    args.runs = args.runs or (1 if args.quick else 5)
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+        when = dt.datetime.fromtimestamp(args.from_json.stat().st_mtime, dt.UTC).strftime("%Y-%m-%d %H:%M")
+        write_docs(results, args.out_dir, args, when)
+        print(table(results))
+        return 0
+    only = [n.strip() for n in args.only.split(",") if n.strip()]
+    started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M")
+
+    def terminate(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    tmp = Path(tempfile.mkdtemp(prefix="modeldeploy-bench-"))
+    since = time.time() - 1
+    results: dict[str, Any] = {}
+    bench: Bench | None = None
+    try:
+        tts.prepare_environment(tmp)
+        os.environ["_MODELDEPLOY_NO_METASTORE"] = "1"  # the default deployer settings, no Airflow DB needed
+        os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+        # The machine is shared: other people's servers use the default port range (5200-5399), and a
+        # replaced or redeployed endpoint keeps its port. This benchmark's servers get a range of
+        # their own (the deployer connection, read from the environment like any Airflow connection).
+        first = 20000 + secrets.randbelow(200) * 200
+        os.environ["AIRFLOW_CONN_MODELDEPLOY_DEFAULT"] = json.dumps(
+            {"conn_type": "modeldeploy_mlflow", "host": "127.0.0.1", "extra": {"port_range": f"{first}-{first + 199}"}}
+        )
+        bench = Bench(tmp, args.quick, args.runs)
+        if {"1", "2", "3"} & set(only):
+            log("registering models:/bench-iris/1 and /2 ...")
+            register_models(tmp)
+        steps: dict[str, Callable[[], dict[str, Any]]] = {
+            "4": lambda: bench_import_cost(bench),
+            "5": lambda: bench_registry_scale(bench),
+            "1": lambda: bench_time_to_serve(bench),
+            "3": lambda: bench_throughput(bench),
+            "2": lambda: bench_replace_under_load(bench),
+            "6": lambda: bench_dag_cycle(bench, results.get("1", {}).get("median_provider_s")),
+        }
+        for n, step in steps.items():
+            if n not in only:
+                continue
+            log(f"== {n} ==")
+            t = time.perf_counter()
+            try:
+                results[n] = step()
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:
+                log(f"item {n} failed: {type(exc).__name__}: {exc}")
+                results[n] = {"error": f"{type(exc).__name__}: {exc}"}
+            log(f"== {n}: {verdict(results[n])} ({time.perf_counter() - t:.0f}s)")
+    finally:
+        if bench is not None:
+            bench.close()
+        stop_warm_hosts(since)
+        shutil.rmtree(tmp, ignore_errors=True)
+    results = dict(sorted(results.items()))
+    write_docs(results, args.out_dir, args, started)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(table(results))
+    return 0 if all("error" not in r for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
