@@ -13,6 +13,7 @@ import pytest
 from conftest import IRIS_COLUMNS, IRIS_ROWS
 from seldon_env import Emulator, run_emulator
 
+from airflow_provider_modeldeploy.exceptions import DeploymentFailedError, InvalidParameterError
 from airflow_provider_modeldeploy.services import Lineage, ServiceConfig, ServiceState
 
 SELDON_PAYLOAD = {"data": {"names": IRIS_COLUMNS, "ndarray": IRIS_ROWS}}
@@ -99,3 +100,80 @@ def wait_for(check: Any, timeout: float = 30) -> None:
     while not check():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.1)
+
+
+def uris_answering(url: str, n: int) -> set[str]:
+    return {predict(url).headers["x-emulator-model-uri"] for _ in range(n)}
+
+
+def test_canary_conflict_rollback_promote_failure(
+    seldon: Any, emulator: Emulator, mlflow_models: dict[str, Any]
+) -> None:
+    first = seldon.deploy_model(cfg(mlflow_models["iris_v1"], "iris-canary"))
+    url, v1 = first.prediction_url, first.record.served_uri
+
+    # A concurrent writer changes the object between our read and our patch: 409, re-read, re-apply.
+    emulator.inject_conflicts(1)
+    canary = seldon.deploy_model(cfg(mlflow_models["iris_v2"], "iris-canary", canary_traffic_percent=50))
+    v2 = canary.record.served_uri
+    obj = sd(emulator, "iris-canary")
+    assert "emulator/concurrent-writer" in obj["metadata"]["annotations"]
+    assert [(p["name"], p["traffic"], p["graph"]["modelUri"]) for p in obj["spec"]["predictors"]] == [
+        ("main", 50, v1), ("canary", 50, v2),
+    ]  # fmt: skip
+    assert canary.status.state == ServiceState.ACTIVE and canary.prediction_url == url
+    assert uris_answering(url, 40) == {v1, v2}
+    assert seldon.get_history(canary.uuid)[0]["action"] == "canary"
+
+    # Rollback of a canary: main (v1) alone again, without restarting it.
+    back = canary.rollback()
+    assert back.record.served_uri == v1 and back.is_running
+    assert [p["name"] for p in sd(emulator, "iris-canary")["spec"]["predictors"]] == ["main"]
+    assert uris_answering(url, 10) == {v1}
+
+    # Canary again, then promote: v2 takes all traffic.
+    again = seldon.deploy_model(cfg(mlflow_models["iris_v2"], "iris-canary", canary_traffic_percent=30))
+    promoted = again.promote()
+    assert "canary_of" not in promoted.record.config
+    preds = sd(emulator, "iris-canary")["spec"]["predictors"]
+    assert [(p["name"], p["traffic"], p["graph"]["modelUri"]) for p in preds] == [("main", 100, v2)]
+    assert uris_answering(url, 10) == {v2}
+    assert seldon.get_history(again.uuid)[0]["action"] == "promote"
+    with pytest.raises(InvalidParameterError, match="has no canary to promote"):
+        promoted.promote()
+
+    # A model that cannot load: Failed with Seldon's description; the spec is restored, v2 keeps serving.
+    with pytest.raises(DeploymentFailedError, match="Failed: predictor main: .*model weights are corrupted"):
+        seldon.deploy_model(cfg("models:/broken/1", "iris-canary"))
+    assert sd(emulator, "iris-canary")["spec"]["predictors"][0]["graph"]["modelUri"] == v2
+    assert uris_answering(url, 5) == {v2}
+    current = seldon.find_model_server(endpoint="iris-canary")
+    assert [s.uuid for s in current] == [again.uuid] and current[0].status.state == ServiceState.ACTIVE
+
+
+def test_bad_names_and_manifests_leave_nothing(seldon: Any, emulator: Emulator, mlflow_models: dict[str, Any]) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    from airflow_provider_modeldeploy.registry import get_registry
+
+    with pytest.raises(InvalidParameterError, match=r"endpoint='Iris_Prod': is not a valid Kubernetes name"):
+        seldon.deploy_model(cfg(mlflow_models["iris_v1"], "Iris_Prod"))
+    with pytest.raises(InvalidParameterError) as info:
+        seldon.deploy_model(cfg(mlflow_models["iris_v1"], "iris-bad", resources={"requests": "lots"}))
+    assert info.value.field == "spec.predictors[0].componentSpecs[0].spec.containers[0].resources.requests"
+    assert "rejected by the SeldonDeployment CRD schema" in str(info.value) and "'lots'" in str(info.value)
+    with pytest.raises(InvalidParameterError, match="canary_traffic_percent=150"):
+        seldon.deploy_model(cfg(mlflow_models["iris_v1"], "iris-bad", canary_traffic_percent=150))
+    with pytest.raises(InvalidParameterError, match="a canary needs a version serving"):
+        seldon.deploy_model(cfg(mlflow_models["iris_v1"], "iris-bad", canary_traffic_percent=10))
+    assert get_registry().find_services() == []
+    assert sd(emulator, "iris-bad")["code"] == 404
+
+    # The emulator itself answers 422 for an object the CRD schema rejects, as the API server does.
+    bad = {"apiVersion": "machinelearning.seldon.io/v1", "kind": "SeldonDeployment",
+           "metadata": {"name": "raw"}, "spec": {"predictors": [{"name": "p", "replicas": "two", "graph": {}}]}}  # fmt: skip
+    with pytest.raises(ApiException) as raw:
+        seldon.api.create_namespaced_custom_object(
+            "machinelearning.seldon.io", "v1", "models", "seldondeployments", bad
+        )
+    assert raw.value.status == 422 and "spec.predictors[0].replicas" in raw.value.body

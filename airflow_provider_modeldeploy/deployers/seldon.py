@@ -211,7 +211,12 @@ class SeldonDeployer(BaseModelDeployer):
     def _manifest(self, record: ServiceRecord, replicas: int | None = None) -> dict[str, Any]:
         cfg, s = record.config, self.settings
         res = cfg.get("resources")
-        resources = m.Resources(**res) if isinstance(res, dict) and set(res) <= {"requests", "limits"} else None
+        typed = (
+            isinstance(res, dict)
+            and set(res) <= {"requests", "limits"}
+            and all(isinstance(v, dict) for v in res.values())
+        )
+        resources = m.Resources(**res) if typed else None
         common = {
             "implementation": cfg.get("implementation", s.implementation),
             "replicas": cfg.get("replicas", s.replicas) if replicas is None else replicas,

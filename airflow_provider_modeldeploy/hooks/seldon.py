@@ -164,14 +164,3 @@ class SeldonDeployerHook(BaseHook):
         except Exception as exc:
             return False, f"{type(exc).__name__}: {exc}"[:500]
         return True, f"SeldonDeployments readable in namespace {settings.namespace}"
-
-    @classmethod
-    def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        return {
-            "hidden-fields": ["host", "schema", "port", "login", "password"],
-            "relabeling": {},
-            "placeholders": {
-                "extra": '{"kube_config_path": "~/.kube/config", "namespace": "seldon", '
-                '"ingress_base_url": "http://istio-ingress.example"}'
-            },
-        }
