@@ -143,7 +143,7 @@ def test_canary_conflict_rollback_promote_failure(
         promoted.promote()
 
     # A model that cannot load: Failed with Seldon's description; the spec is restored, v2 keeps serving.
-    with pytest.raises(DeploymentFailedError, match="Failed: predictor main: .*model weights are corrupted"):
+    with pytest.raises(DeploymentFailedError, match=r"Failed: predictor main: .*model weights are corrupted"):
         seldon.deploy_model(cfg("models:/broken/1", "iris-canary"))
     assert sd(emulator, "iris-canary")["spec"]["predictors"][0]["graph"]["modelUri"] == v2
     assert uris_answering(url, 5) == {v2}
@@ -177,3 +177,95 @@ def test_bad_names_and_manifests_leave_nothing(seldon: Any, emulator: Emulator, 
             "machinelearning.seldon.io", "v1", "models", "seldondeployments", bad
         )
     assert raw.value.status == 422 and "spec.predictors[0].replicas" in raw.value.body
+
+
+SECRET_KEY = "s3cr3t-Value-42-never-shown"
+ACCESS_KEY = "AKIAEMULATORACCESSKEY"
+
+
+def test_secrets_never_leak_sensor_cli_and_sync(
+    airflow_home: Path, mlflow_models: dict[str, Any], emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import ROOT, run_airflow
+
+    from airflow_provider_modeldeploy.deployers import get_model_deployer
+    from airflow_provider_modeldeploy.registry import get_registry
+
+    minio = {"conn_type": "aws", "login": ACCESS_KEY, "password": SECRET_KEY,
+             "extra": {"endpoint_url": "http://minio.emulated:9000"}}  # fmt: skip
+    env = {
+        "AIRFLOW_CONN_SELDON": emulator.conn_json(storage_secret="model-storage", storage_conn_id="minio"),
+        "AIRFLOW_CONN_MINIO": json.dumps(minio),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "tests" / "dags"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    outputs = []
+
+    def ok(*args: str) -> str:
+        done = run_airflow(airflow_home, *args, timeout=300, **env)
+        outputs.append(done.stdout + done.stderr)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        return done.stdout + done.stderr
+
+    ok("db", "migrate")
+    ok("dags", "reserialize")
+    deployed = ok("tasks", "test", "modeldeploy_seldon", "deploy")
+    assert final_state(deployed) == "success", deployed[-3000:]
+    waited = ok("tasks", "test", "modeldeploy_seldon", "wait")
+    assert final_state(waited) == "success", waited[-3000:]
+    assert "healthy; sample prediction" in waited, waited[-3000:]
+
+    # The Secret exists with the rclone variables the storage initializer reads, marked as ours.
+    secret_url = f"{emulator.url}/api/v1/namespaces/models/secrets/model-storage"
+    secret = httpx.get(secret_url, timeout=10).json()
+    assert secret["stringData"]["RCLONE_CONFIG_S3_SECRET_ACCESS_KEY"] == SECRET_KEY
+    assert secret["stringData"]["RCLONE_CONFIG_S3_ENDPOINT"] == "http://minio.emulated:9000"
+    assert secret["metadata"]["labels"]["modeldeploy.airflow.apache.org/created-by"]
+
+    seldon = get_model_deployer("seldon")
+    other = seldon.deploy_model(cfg(mlflow_models["iris_v1"], "iris-two"))
+    assert sd(emulator, "iris-two")["spec"]["predictors"][0]["graph"]["envSecretRefName"] == "model-storage"
+    listed = ok("served-models", "list", "-o", "json")
+    rows = {r["model_name"] + "/" + r["prediction_url"].split("/")[5]: r for r in json.loads(listed)}
+    assert {r["backend"] for r in rows.values()} == {"seldon"} and len(rows) == 2
+    first_uuid = rows["iris-seldon/iris-seldon"]["uuid"]
+    ok("served-models", "describe", first_uuid, "-o", "json")
+    ok("served-models", "logs", other.uuid, "--tail", "5")
+
+    # Nothing holds a credential: CLI and task output (XCom included), the registry, the cluster's
+    # SeldonDeployments (only the Secret's name).
+    registry_db = airflow_home / "modeldeploy" / "registry.db"
+    stored = [registry_db.read_bytes(), (airflow_home / "airflow.db").read_bytes()]  # XCom is in airflow.db
+    for text in [*outputs, *(b.decode(errors="replace") for b in stored), json.dumps(sd(emulator, "iris-two"))]:
+        assert SECRET_KEY not in text and ACCESS_KEY not in text
+    assert SECRET_KEY not in "\n".join(seldon.get_model_server_logs(other.uuid))
+
+    # The registry is lost: sync rebuilds it from the cluster's labels and annotations.
+    get_registry().dispose()
+    registry_db.unlink()
+    synced = json.loads(ok("served-models", "sync", "--conn-id", "seldon", "-o", "json"))
+    [report] = [r for r in synced if r["backend"] == "seldon"]
+    assert sorted(report["adopted"]) == sorted([first_uuid, other.uuid])
+    rows = json.loads(ok("served-models", "list", "-o", "json"))
+    restored = {r["uuid"]: r for r in rows}
+    assert restored[first_uuid]["dag_id"] == "modeldeploy_seldon" and restored[first_uuid]["task_id"] == "deploy"
+    assert restored[first_uuid]["model_version"] == "1" and restored[first_uuid]["state"] == "active"
+    assert restored[other.uuid]["prediction_url"] == other.prediction_url
+
+    # Delete removes the SeldonDeployment; our Secret goes with the last deployment that uses it.
+    ok("served-models", "delete", first_uuid, "--yes")
+    assert sd(emulator, "iris-seldon")["code"] == 404
+    assert httpx.get(secret_url, timeout=10).status_code == 200
+    ok("served-models", "delete", other.uuid, "--yes")
+    assert httpx.get(secret_url, timeout=10).status_code == 404
+
+
+def final_state(output: str) -> str:
+    """The last state ``airflow tasks test`` recorded for its task instance (it exits 0 either way)."""
+    import re
+
+    states = re.findall(r"Task instance state updated.*?new_state=(\w+)", output)
+    assert states, output[-3000:]
+    return states[-1]
