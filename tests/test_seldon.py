@@ -295,3 +295,28 @@ def test_example_dag_parses_without_backend_imports() -> None:
     dag = bag.dags["continuous_deployment_seldon"]
     assert dag.get_task("promote").upstream_task_ids == {"smoke_predict"}
     assert dag.get_task("rollback_canary").upstream_task_ids == {"wait_canary", "smoke_predict"}
+
+
+def test_connection_settings_urls_and_test_connection(emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow.models.connection import Connection
+
+    from airflow_provider_modeldeploy.deployers.seldon import SeldonDeployer
+    from airflow_provider_modeldeploy.hooks.seldon import SeldonDeployerHook
+    from airflow_provider_modeldeploy.services import ServiceRecord
+
+    def hook(**extra: Any) -> SeldonDeployerHook:
+        conn = Connection.from_json(emulator.conn_json(**extra), conn_id="seldon_test")
+        return SeldonDeployerHook(conn_id="seldon_test", connection=conn)
+
+    assert hook().test_connection() == (True, "SeldonDeployments readable in namespace models")
+    for field, value in [("protocol", "grpc"), ("replicas", 0), ("namespace", "Models"), ("implementation", "X")]:
+        with pytest.raises(InvalidParameterError, match=f"^{field}="):
+            hook(**{field: value}).get_settings()
+    unreachable = hook(kube_config_path=str(emulator.kubeconfig) + ".missing")
+    ok, message = unreachable.test_connection()
+    assert not ok and message
+
+    deployer = SeldonDeployer(conn_id="seldon_test", hook=hook(protocol="v2"))
+    record = ServiceRecord(uuid="u", backend="seldon", endpoint="iris", model_name="iris", model_uri="models:/iris/1")
+    base = f"{emulator.url}/seldon/models/iris"
+    assert deployer.urls(record) == (f"{base}/v2/models/iris/infer", f"{base}/v2/health/ready")
