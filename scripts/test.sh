@@ -7,6 +7,16 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 source scripts/setup.sh
 
+# The browser tests drive Debian's Chromium (never a browser downloaded by Playwright).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo ">> installing chromium (apt)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "!! chromium is missing: run 'sudo apt-get install -y chromium chromium-driver' (browser tests will fail)" >&2
+  fi
+fi
+
 echo ">> ruff"
 ruff check .
 ruff format --check .

@@ -24,7 +24,7 @@ import psutil
 import pytest
 from conftest import iris_payload, run_airflow, servers_under
 
-from airflow_provider_modeldeploy.deployers import ServiceConfig, get_model_deployer
+from airflow_provider_modeldeploy.deployers import ServiceConfig, find_services, get_model_deployer
 from airflow_provider_modeldeploy.exceptions import DeploymentFailedError
 from airflow_provider_modeldeploy.registry import get_registry
 from airflow_provider_modeldeploy.services import Lineage, ServiceState
@@ -56,10 +56,12 @@ def test_killed_server_is_listed_as_error_and_starts_at_the_same_url(
 ) -> None:
     service = deployer.deploy_model(ServiceConfig(model_uri=mlflow_models["iris_v1"], model_name="iris-kill"))
     url = service.prediction_url
-    killed_at = time.monotonic()
     kill_tree(service.record.pid)
-    [row] = cli_json(airflow_home, "list", "--model", "iris-kill")
+    killed_at = time.monotonic()
+    # What `list` runs: the registry's services, each checked against its process.
+    wait_for(lambda: find_services(model_name="iris-kill")[0].is_failed, 10, "the error state")
     assert time.monotonic() - killed_at < 10
+    [row] = cli_json(airflow_home, "list", "--model", "iris-kill")
     assert row["state"] == "error" and row["prediction_url"] == url  # where it served, for the record
     assert f"process {service.record.pid} is gone (killed or crashed)" in row["last_error"]
     [started] = cli_json(airflow_home, "start", service.uuid)
@@ -71,7 +73,7 @@ def test_killed_server_is_listed_as_error_and_starts_at_the_same_url(
 
 DEPLOY_SCRIPT = """
 import sys
-from airflow_provider_modeldeploy.deployers import ServiceConfig, get_model_deployer
+from airflow_provider_modeldeploy.deployers import ServiceConfig, find_services, get_model_deployer
 from airflow_provider_modeldeploy.services import Lineage
 lineage = Lineage(dag_id="ct", run_id="scheduled__1", task_id="deploy", try_number=1)
 get_model_deployer().deploy_model(ServiceConfig(model_uri=sys.argv[1], model_name=sys.argv[2]), lineage=lineage)

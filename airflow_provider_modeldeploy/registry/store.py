@@ -251,6 +251,48 @@ class Registry:
         with self.session() as s:
             return [row_to_record(row) for row in s.scalars(query)]
 
+    #: Columns a page of services may be sorted by (all indexed or cheap at 10,000 rows).
+    SORTABLE = ("updated_at", "created_at", "model_name", "model_version", "state", "backend", "endpoint", "dag_id")
+
+    def page_services(
+        self,
+        *,
+        model: str | None = None,
+        dag_id: str | None = None,
+        states: Sequence[ServiceState] | None = None,
+        backend: str | None = None,
+        sort: str = "updated_at",
+        descending: bool = True,
+        limit: int = 25,
+        offset: int = 0,
+    ) -> tuple[list[ServiceRecord], int]:
+        """One page of services and the number matching, in two queries: for lists of any size.
+
+        ``model`` and ``dag_id`` match substrings (case-insensitive) of the model name or endpoint and
+        of the DAG id, as a person types them into a filter box.
+        """
+        if sort not in self.SORTABLE:
+            raise InvalidParameterError("sort", sort, f"must be one of {', '.join(self.SORTABLE)}")
+        conditions = []
+        if model:
+            pattern = f"%{model.lower()}%"
+            conditions.append(
+                func.lower(ServiceRow.model_name).like(pattern) | func.lower(ServiceRow.endpoint).like(pattern)
+            )
+        if dag_id:
+            conditions.append(func.lower(ServiceRow.dag_id).like(f"%{dag_id.lower()}%"))
+        if states:
+            conditions.append(ServiceRow.state.in_([str(s) for s in states]))
+        if backend:
+            conditions.append(ServiceRow.backend == backend)
+        column = getattr(ServiceRow, sort)
+        # uuid breaks ties so that pages never overlap nor skip rows.
+        order = (column.desc(), ServiceRow.uuid.desc()) if descending else (column.asc(), ServiceRow.uuid.asc())
+        query = select(ServiceRow).where(*conditions).order_by(*order).offset(offset).limit(limit)
+        with self.session() as s:
+            total = int(s.scalar(select(func.count()).select_from(ServiceRow).where(*conditions)) or 0)
+            return [row_to_record(row) for row in s.scalars(query)], total
+
     def connection_ids(self) -> list[str]:
         """The deployer connections services were deployed through."""
         with self.session() as s:
