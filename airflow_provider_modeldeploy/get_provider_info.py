@@ -21,7 +21,12 @@ def get_provider_info() -> dict[str, Any]:
         ],
         "operators": [{"integration-name": "Model Deploy", "python-modules": [f"{_PKG}.operators.served_models"]}],
         "sensors": [{"integration-name": "Model Deploy", "python-modules": [f"{_PKG}.sensors.health"]}],
-        "hooks": [{"integration-name": "Model Deploy", "python-modules": [f"{_PKG}.hooks.mlflow_local"]}],
+        "hooks": [
+            {
+                "integration-name": "Model Deploy",
+                "python-modules": [f"{_PKG}.hooks.mlflow_local", f"{_PKG}.hooks.seldon"],
+            }
+        ],
         "triggers": [{"integration-name": "Model Deploy", "python-modules": [f"{_PKG}.triggers.health"]}],
         "connection-types": [
             {
@@ -68,7 +73,76 @@ def get_provider_info() -> dict[str, Any]:
                         "port_range": "5200-5399",
                     },
                 },
-            }
+            },
+            {
+                "hook-class-name": f"{_PKG}.hooks.seldon.SeldonDeployerHook",
+                "hook-name": "Model Deploy: Seldon Core (Kubernetes)",
+                "connection-type": "modeldeploy_seldon",
+                "conn-fields": {
+                    "kube_config_path": {
+                        "label": "Kube config path",
+                        "description": "As the Kubernetes connection understands it; empty: in_cluster, "
+                        "kube_config or the default kubeconfig.",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "kube_config": {
+                        "label": "Kube config (JSON format)",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "cluster_context": {"label": "Cluster context", "schema": {"type": ["string", "null"]}},
+                    "in_cluster": {
+                        "label": "In cluster configuration",
+                        "schema": {"type": ["boolean", "null"], "default": False},
+                    },
+                    "namespace": {
+                        "label": "Namespace",
+                        "description": "Where SeldonDeployments are created.",
+                        "schema": {"type": ["string", "null"], "default": "default"},
+                    },
+                    "ingress_base_url": {
+                        "label": "Ingress base URL",
+                        "description": "Where /seldon/<namespace>/<name>/... answers (Istio or Ambassador).",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "storage_secret": {
+                        "label": "Storage credentials Secret",
+                        "description": "Name of the Secret with the model storage credentials (envSecretRefName).",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "storage_conn_id": {
+                        "label": "Storage connection id",
+                        "description": "An S3/MinIO connection to create the storage Secret from when it is missing.",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "implementation": {
+                        "label": "Default implementation",
+                        "schema": {"type": ["string", "null"], "default": "MLFLOW_SERVER"},
+                    },
+                    "protocol": {
+                        "label": "Protocol",
+                        "description": "seldon or v2.",
+                        "schema": {"type": ["string", "null"], "default": "seldon"},
+                    },
+                    "replicas": {
+                        "label": "Default replicas",
+                        "schema": {"type": ["integer", "null"], "default": 1, "minimum": 1},
+                    },
+                    "tracking_uri": {
+                        "label": "MLflow tracking URI",
+                        "description": "To resolve models:/ URIs into the storage URIs Seldon downloads.",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                },
+                "ui-field-behaviour": {
+                    "hidden-fields": ["host", "schema", "port", "login", "password", "extra"],
+                    "relabeling": {},
+                    "placeholders": {
+                        "namespace": "seldon",
+                        "ingress_base_url": "http://istio-ingressgateway.istio-system",
+                        "implementation": "MLFLOW_SERVER",
+                    },
+                },
+            },
         ],
         "cli": [f"{_PKG}.cli.definition.get_served_models_cli_commands"],
         "config": {

@@ -229,6 +229,10 @@ class Service:
     def delete(self, timeout: int = 60, force: bool = False, *, actor: str | None = None) -> None:
         self.deployer.delete_model_server(self.uuid, timeout=timeout, force=force, actor=actor)
 
+    def promote(self, timeout: int = 300, *, actor: str | None = None) -> Service:
+        """Give this canary all of its endpoint's traffic."""
+        return self._deployer.promote_model_server(self.uuid, timeout=timeout, actor=actor)
+
     def rollback(self, to_service_uuid: str | None = None, timeout: int = 300, *, actor: str | None = None) -> Service:
         """Serve an earlier version of this service's endpoint again; returns the service now serving."""
         return self.deployer.rollback_model_server(self.uuid, to_service_uuid, timeout=timeout, actor=actor)

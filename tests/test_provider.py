@@ -130,7 +130,9 @@ def test_cli_entry_resolves_to_commands() -> None:
     [group] = get_served_models_cli_commands()
     assert group.name == "served-models"
     names = {cmd.name: cmd for cmd in group.subcommands}
-    assert set(names) == {"list", "describe", "get-url", "logs", "start", "stop", "delete", "sync"}
+    assert set(names) == {
+        "list", "describe", "get-url", "logs", "start", "stop", "delete", "sync", "promote", "rollback",
+    }  # fmt: skip
     for cmd in group.subcommands:
         # Commands are lazy; each names a function that exists.
         target = getattr(importlib.import_module("airflow_provider_modeldeploy.cli.commands"), cmd.func.__name__)
@@ -143,6 +145,8 @@ def test_cli_entry_resolves_to_commands() -> None:
     args = parser.parse_args(["served-models", "list", "--model", "iris", "--limit", "5", "--running"])
     assert args.func.__name__ == "list_services"
     assert (args.model, args.limit, args.offset, args.running) == ("iris", 5, 0, True)
+    args = parser.parse_args(["served-models", "rollback", "abcd", "--to", "ef01"])
+    assert (args.func.__name__, args.uuid, args.to) == ("rollback_service", "abcd", "ef01")
     args = parser.parse_args(["served-models", "delete", "abcd", "--yes", "--force", "--timeout", "12.5"])
     assert (args.func.__name__, args.uuid, args.yes, args.force, args.timeout) == (
         "delete_service",
@@ -319,7 +323,7 @@ def test_dag_file_parses_without_heavy_imports(tmp_path: Path) -> None:
         tmp_path,
     )
     assert found["import_errors"] == {}
-    assert found["dag_ids"] == ["continuous_training_mlflow"]
+    assert found["dag_ids"] == ["continuous_deployment_seldon", "continuous_training_mlflow"]
     assert {"train", "gate", "keep_serving", "deploy", "wait_healthy", "smoke_predict", "promote_champion"} <= set(
         found["tasks"]
     )

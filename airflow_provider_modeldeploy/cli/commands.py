@@ -119,6 +119,18 @@ def stop_service(args: Any) -> None:
 
 
 @cli_errors
+def promote_service(args: Any) -> None:
+    service = _service(args.uuid).promote(timeout=args.timeout)
+    _print([_row(service, TABLE_FIELDS)], args.output)
+
+
+@cli_errors
+def rollback_service(args: Any) -> None:
+    service = _service(args.uuid).rollback(args.to, timeout=args.timeout)
+    _print([_row(service, TABLE_FIELDS)], args.output)
+
+
+@cli_errors
 def delete_service(args: Any) -> None:
     service = _service(args.uuid)
     if not args.yes:

@@ -46,6 +46,9 @@ ARG_CONN_ID = Arg(
     action="append",
     dest="conn_ids",
 )
+ARG_ROLLBACK_TO = Arg(
+    ("--to",), dest="to", help="The earlier service (uuid from the endpoint's history) to serve again", default=None
+)
 ARG_HISTORY = Arg(
     ("--history",), help="Events of the endpoint to show (default 10)", type=_non_negative_int, default=10
 )
@@ -92,6 +95,18 @@ SERVED_MODELS_COMMANDS = (
         help="Stop a served model and remove it from the registry",
         func=lazy_load_command(_COMMANDS + "delete_service"),
         args=(ARG_UUID, ARG_YES, ARG_TIMEOUT, ARG_FORCE, ARG_VERBOSE),
+    ),
+    ActionCommand(
+        name="promote",
+        help="Give a canary all of its endpoint's traffic",
+        func=lazy_load_command(_COMMANDS + "promote_service"),
+        args=(ARG_UUID, ARG_TIMEOUT, ARG_OUTPUT, ARG_VERBOSE),
+    ),
+    ActionCommand(
+        name="rollback",
+        help="Serve an earlier version of the endpoint again (a canary in progress is removed)",
+        func=lazy_load_command(_COMMANDS + "rollback_service"),
+        args=(ARG_UUID, ARG_ROLLBACK_TO, ARG_TIMEOUT, ARG_OUTPUT, ARG_VERBOSE),
     ),
     ActionCommand(
         name="sync",

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 #: connection type -> "module:Class" of its deployer. Backends are imported only when used.
 DEPLOYERS: dict[str, str] = {
     "modeldeploy_mlflow": "airflow_provider_modeldeploy.deployers.mlflow_local:MLflowLocalDeployer",
+    "modeldeploy_seldon": "airflow_provider_modeldeploy.deployers.seldon:SeldonDeployer",
 }
 
 

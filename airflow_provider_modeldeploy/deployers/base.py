@@ -242,7 +242,9 @@ class BaseModelDeployer(ABC):
             pid=launch.pid,
         )
         if action is None:
-            action = EventAction.REPLACE if retire else EventAction.DEPLOY
+            # A canary (backends that support one) shares the endpoint with the version it is tried against.
+            canary = retire and record.config.get("canary_traffic_percent")
+            action = EventAction.CANARY if canary else EventAction.REPLACE if retire else EventAction.DEPLOY
         self.registry.add_event(
             self.backend, record.endpoint, action, service_uuid=record.uuid, actor=lineage.describe(),
             message=f"serving {record.model_uri} (version {active.model_version or '-'}) at {active.prediction_url}",
@@ -426,6 +428,14 @@ class BaseModelDeployer(ABC):
             )  # fmt: skip
             previous = current if current is not None and current.state == ServiceState.ACTIVE else None
             return self._bring_up(restored, lease, previous, timeout, lineage, action=EventAction.ROLLBACK)
+
+    def promote_model_server(self, service_uuid: str, timeout: float = 300, *, actor: str | None = None) -> Service:
+        """Give a canary all of its endpoint's traffic (backends with canaries override this).
+
+        :param service_uuid: the canary service.
+        :param actor: who asks, for the history.
+        """
+        raise InvalidParameterError("uuid", service_uuid, "has no canary to promote")
 
     def _rollback_target(
         self, record: ServiceRecord, current: ServiceRecord | None, to_service_uuid: str | None

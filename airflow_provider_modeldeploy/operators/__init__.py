@@ -5,6 +5,8 @@ from __future__ import annotations
 from airflow_provider_modeldeploy.operators.served_models import (
     DeleteServedModelOperator,
     DeployModelOperator,
+    PromoteServedModelOperator,
+    RollbackServedModelOperator,
     StartServedModelOperator,
     StopServedModelOperator,
 )
@@ -12,6 +14,8 @@ from airflow_provider_modeldeploy.operators.served_models import (
 __all__ = [
     "DeleteServedModelOperator",
     "DeployModelOperator",
+    "PromoteServedModelOperator",
+    "RollbackServedModelOperator",
     "StartServedModelOperator",
     "StopServedModelOperator",
 ]

@@ -194,3 +194,30 @@ class DeleteServedModelOperator(StopServedModelOperator):
         self.log.info("Deleting service %s (%s)", service.uuid, service.record.model_uri)
         service.delete(timeout=self.timeout, force=self.force)
         return None
+
+
+class PromoteServedModelOperator(_ServedModelsOperator):
+    """Give canaries all of their endpoint's traffic (backends with canaries, e.g. Seldon Core)."""
+
+    def act(self, service: Service) -> Service:
+        self.log.info("Promoting canary service %s (%s)", service.uuid, service.record.model_uri)
+        return service.promote(timeout=self.timeout)
+
+
+class RollbackServedModelOperator(_ServedModelsOperator):
+    """Serve an earlier version of each picked service's endpoint again, in place; a canary in
+    progress is removed and the version it was tried against takes all traffic again.
+
+    :param to_service_uuid: the earlier service (from the endpoint's history) to serve again;
+        default: the one the serving service replaced.
+    """
+
+    template_fields: Sequence[str] = (*_ServedModelsOperator.template_fields, "to_service_uuid")
+
+    def __init__(self, *, to_service_uuid: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.to_service_uuid = to_service_uuid
+
+    def act(self, service: Service) -> Service:
+        self.log.info("Rolling back endpoint %s of service %s", service.record.endpoint, service.uuid)
+        return service.rollback(self.to_service_uuid, timeout=self.timeout)

@@ -1,0 +1,166 @@
+"""The ``modeldeploy_seldon`` connection: models served by Seldon Core on Kubernetes.
+
+The Kubernetes side is the cncf-kubernetes provider's ``KubernetesHook`` reading the same
+connection (extras ``kube_config_path``, ``kube_config``, ``cluster_context``, ``in_cluster``), so
+the cluster is reached exactly as that hook understands it. Seldon extras: ``namespace``,
+``ingress_base_url`` (where ``/seldon/<ns>/<name>/...`` answers), ``storage_secret`` (name of the
+Secret with the model storage credentials), ``storage_conn_id`` (an S3/MinIO Airflow connection to
+create that Secret from), ``implementation`` (default MLFLOW_SERVER), ``protocol`` (``seldon`` or
+``v2``), ``replicas`` (default 1), ``tracking_uri`` (MLflow, to resolve ``models:/`` URIs into the
+storage URIs Seldon downloads).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from airflow.sdk import BaseHook
+
+from airflow_provider_modeldeploy.exceptions import InvalidParameterError
+
+IMPLEMENTATIONS = (
+    "MLFLOW_SERVER",
+    "SKLEARN_SERVER",
+    "XGBOOST_SERVER",
+    "TENSORFLOW_SERVER",
+    "TRITON_SERVER",
+    "HUGGINGFACE_SERVER",
+)
+PROTOCOLS = ("seldon", "v2")
+_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+def check_dns1123(field_name: str, value: Any, max_length: int = 63) -> str:
+    """``value`` if it is a DNS-1123 label (Kubernetes object names), else InvalidParameterError."""
+    if not isinstance(value, str) or len(value) > max_length or not _DNS1123_LABEL.fullmatch(value):
+        raise InvalidParameterError(
+            field_name, value,
+            f"is not a valid Kubernetes name (DNS-1123 label: at most {max_length} lowercase letters, "
+            "digits or '-', starting and ending with a letter or digit)",
+        )  # fmt: skip
+    return value
+
+
+@dataclass
+class SeldonSettings:
+    """What the Seldon backend reads from its connection; never holds a secret value."""
+
+    namespace: str = "default"
+    ingress_base_url: str = "http://127.0.0.1"
+    storage_secret: str | None = None
+    storage_conn_id: str | None = None
+    implementation: str = "MLFLOW_SERVER"
+    protocol: str = "seldon"
+    replicas: int = 1
+    service_account: str | None = None
+    tracking_uri: str | None = None
+
+    def public(self) -> dict[str, Any]:
+        """What may be stored with a service (names, not credentials)."""
+        return {
+            "namespace": self.namespace, "ingress_base_url": self.ingress_base_url,
+            "storage_secret": self.storage_secret, "implementation": self.implementation,
+            "protocol": self.protocol, "replicas": self.replicas,
+        }  # fmt: skip
+
+
+def _get_kubernetes_hook_class() -> type:
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+    return KubernetesHook
+
+
+class SeldonDeployerHook(BaseHook):
+    """Kubernetes API access and Seldon settings from a ``modeldeploy_seldon`` connection.
+
+    :param conn_id: the Airflow connection id.
+    :param connection: the connection when the caller already looked it up.
+    """
+
+    conn_name_attr = "conn_id"
+    default_conn_name = "modeldeploy_seldon_default"
+    conn_type = "modeldeploy_seldon"
+    hook_name = "Model Deploy: Seldon Core (Kubernetes)"
+
+    def __init__(self, conn_id: str | None = None, connection: Any = None) -> None:
+        super().__init__()
+        self.conn_id = conn_id
+        self._connection = connection
+        self._k8s: Any = None
+
+    @property
+    def connection(self) -> Any:
+        if self._connection is None:
+            self._connection = self.get_connection(self.conn_id)
+        return self._connection
+
+    @property
+    def extras(self) -> dict[str, Any]:
+        conn = self.connection
+        return dict(conn.extra_dejson) if hasattr(conn, "extra_dejson") else {}
+
+    def get_settings(self) -> SeldonSettings:
+        extra = self.extras
+        namespace = check_dns1123("namespace", extra.get("namespace") or "default")
+        implementation = extra.get("implementation") or "MLFLOW_SERVER"
+        if implementation not in IMPLEMENTATIONS:
+            raise InvalidParameterError("implementation", implementation, f"use one of {', '.join(IMPLEMENTATIONS)}")
+        protocol = extra.get("protocol") or "seldon"
+        if protocol not in PROTOCOLS:
+            raise InvalidParameterError("protocol", protocol, "use 'seldon' or 'v2'")
+        replicas = extra.get("replicas", 1)
+        try:
+            replicas = int(replicas)
+        except (TypeError, ValueError):
+            replicas = -1
+        if replicas < 1:
+            raise InvalidParameterError("replicas", extra.get("replicas"), "must be a positive integer")
+        secret = extra.get("storage_secret") or None
+        if secret is not None:
+            check_dns1123("storage_secret", secret, 253)
+        base = (extra.get("ingress_base_url") or "http://127.0.0.1").rstrip("/")
+        if not base.startswith(("http://", "https://")):
+            raise InvalidParameterError("ingress_base_url", base, "must be an http(s) URL")
+        return SeldonSettings(
+            namespace=namespace, ingress_base_url=base, storage_secret=secret,
+            storage_conn_id=extra.get("storage_conn_id") or None, implementation=implementation,
+            protocol=protocol, replicas=replicas, service_account=extra.get("service_account") or None,
+            tracking_uri=extra.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"),
+        )  # fmt: skip
+
+    def kubernetes_hook(self) -> Any:
+        """The cncf-kubernetes hook on the same connection (kubeconfig / context / in-cluster)."""
+        if self._k8s is None:
+            hook_cls = _get_kubernetes_hook_class()
+            hook = hook_cls(conn_id=None)
+            extras = self.extras
+            # KubernetesHook would look the connection up by id and insist on its own type; hand it
+            # this connection's extras instead, which it reads exactly as it reads its own.
+            hook.__dict__["conn_extras"] = extras
+            self._k8s = hook
+        return self._k8s
+
+    def get_conn(self) -> Any:
+        """The kubernetes ``ApiClient``."""
+        return self.kubernetes_hook().api_client
+
+    def core_v1(self) -> Any:
+        return self.kubernetes_hook().core_v1_client
+
+    def custom_objects(self) -> Any:
+        from kubernetes import client
+
+        return client.CustomObjectsApi(self.get_conn())
+
+    def test_connection(self) -> tuple[bool, str]:
+        try:
+            settings = self.get_settings()
+            self.custom_objects().list_namespaced_custom_object(
+                "machinelearning.seldon.io", "v1", settings.namespace, "seldondeployments", limit=1
+            )
+        except Exception as exc:
+            return False, f"{type(exc).__name__}: {exc}"[:500]
+        return True, f"SeldonDeployments readable in namespace {settings.namespace}"

@@ -1,0 +1,1 @@
+"""Seldon Core support: SeldonDeployment manifests from typed models, validated against the CRD."""

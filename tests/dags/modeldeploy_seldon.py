@@ -1,0 +1,27 @@
+"""A DAG for tests: deploy the session's iris model to Seldon (connection ``seldon``, the Kubernetes
+API emulator in tests) and wait for it with the real health sensor, in Seldon's protocol."""
+
+from __future__ import annotations
+
+from airflow.sdk import DAG
+
+from airflow_provider_modeldeploy.operators import DeployModelOperator
+from airflow_provider_modeldeploy.sensors import ServedModelHealthSensor
+
+MODEL_NAME = "iris-seldon"
+SAMPLE_INPUT = {
+    "data": {
+        "names": ["sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)"],
+        "ndarray": [[5.1, 3.5, 1.4, 0.2]],
+    }
+}
+
+with DAG(dag_id="modeldeploy_seldon", schedule=None, catchup=False, tags=["tests"]):
+    deploy = DeployModelOperator(
+        task_id="deploy", model_uri="models:/iris/1", model_name=MODEL_NAME, conn_id="seldon", timeout=240,
+        backend_options={"smoke_input": SAMPLE_INPUT},
+    )  # fmt: skip
+    wait = ServedModelHealthSensor(
+        task_id="wait", model_name=MODEL_NAME, sample_input=SAMPLE_INPUT, deferrable=True, poke_interval=1, timeout=240
+    )
+    deploy >> wait

@@ -1,0 +1,628 @@
+"""The Kubernetes API emulator (see the package docstring). Run: ``python -m k8s_emulator.server``.
+
+Implements, for namespaced objects: create (POST), get, list with ``labelSelector``, replace (PUT),
+``application/merge-patch+json`` and ``application/json-patch+json`` PATCH, delete, ``resourceVersion``
+optimistic concurrency (409), 404 and 409 AlreadyExists as Kubernetes ``Status`` bodies, and 422
+when a SeldonDeployment violates the CRD's openAPIV3Schema (Seldon Core's real CRD). The Seldon
+operator stand-in starts one real model server (``airflow_provider_modeldeploy.serving.mlflow_server``)
+per predictor and modelUri, moves ``status.state`` Creating -> Available (or Failed with the
+server's error as ``status.description``), keeps the last Available predictors serving until a new
+spec is Available (a rolling update), and an ingress at ``/seldon/<ns>/<name>/...`` forwards
+predictions to them, split by the predictors' ``traffic`` weights.
+
+Test control: ``POST /emulator/conflicts {"count": n}`` makes the next n writes that carry a
+resourceVersion lose a race to a (simulated) concurrent writer: the object changes and they get 409.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid as uuidlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+
+SERVER_MODULE = "airflow_provider_modeldeploy.serving.mlflow_server"
+SD = ("apis/machinelearning.seldon.io/v1", "seldondeployments", "SeldonDeployment")
+KINDS = {"seldondeployments": "SeldonDeployment", "secrets": "Secret", "pods": "Pod"}
+LOCK = threading.RLock()
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.reason, self.message = code, reason, message
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": self.message, "reason": self.reason, "code": self.code,
+        }  # fmt: skip
+
+
+def _validator() -> Any:
+    from airflow_provider_modeldeploy.seldon import manifests
+
+    return manifests.schema_errors
+
+
+def match_selector(labels: dict[str, str], selector: str | None) -> bool:
+    """Equality-based label selectors (``a=b,c!=d,e``), as the client sends them."""
+    if not selector:
+        return True
+    for term in selector.split(","):
+        term = term.strip()
+        if "!=" in term:
+            k, v = term.split("!=", 1)
+            if labels.get(k.strip()) == v.strip():
+                return False
+        elif "=" in term:
+            k, v = term.replace("==", "=").split("=", 1)
+            if labels.get(k.strip()) != v.strip():
+                return False
+        elif term.startswith("!"):
+            if term[1:] in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge_patch(out.get(k), v)
+    return out
+
+
+def json_patch(doc: Any, ops: list[dict[str, Any]]) -> Any:
+    """RFC 6902 (add, remove, replace, test)."""
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        parts = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
+        parent = doc
+        for p in parts[:-1]:
+            parent = parent[int(p)] if isinstance(parent, list) else parent[p]
+        last = parts[-1]
+        kind = op["op"]
+        if isinstance(parent, list):
+            idx = len(parent) if last == "-" else int(last)
+            if kind == "add":
+                parent.insert(idx, op["value"])
+            elif kind == "remove":
+                parent.pop(idx)
+            elif kind == "replace":
+                parent[idx] = op["value"]
+            elif kind == "test" and parent[idx] != op["value"]:
+                raise ApiError(422, "Invalid", f"test failed at {op['path']}")
+        else:
+            if kind in ("add", "replace"):
+                if kind == "replace" and last not in parent:
+                    raise ApiError(422, "Invalid", f"replace: {op['path']} does not exist")
+                parent[last] = op["value"]
+            elif kind == "remove":
+                if last not in parent:
+                    raise ApiError(422, "Invalid", f"remove: {op['path']} does not exist")
+                del parent[last]
+            elif kind == "test" and parent.get(last) != op["value"]:
+                raise ApiError(422, "Invalid", f"test failed at {op['path']}")
+    return doc
+
+
+class ModelServer:
+    """One real local model server for one predictor's modelUri (the emulated model pod)."""
+
+    def __init__(self, workdir: Path, sd: str, predictor: str, model_uri: str) -> None:
+        self.key = str(uuidlib.uuid4())
+        self.sd, self.predictor, self.model_uri = sd, predictor, model_uri
+        self.pod_name = f"{sd}-{predictor}-{self.key[:5]}"
+        run = workdir / "run"
+        run.mkdir(parents=True, exist_ok=True)
+        self.state_path = run / f"{self.key.replace('-', '')}.state"
+        self.log_path = workdir / "logs" / f"{self.pod_name}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(256)
+        sock.set_inheritable(True)
+        self.port = sock.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "_AIRFLOW"))}
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", SERVER_MODULE, "--service-uuid", self.key, "--model-uri", model_uri,
+                 "--model-name", predictor, "--listen-fd", str(sock.fileno()), "--runtime-dir", str(run),
+                 "--start-timeout", "120"],
+                pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=str(workdir), env=env, start_new_session=True,
+            )  # fmt: skip
+        sock.close()
+
+    def phase(self) -> tuple[str, str | None]:
+        try:
+            state = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            state = {}
+        if state.get("phase") == "failed":
+            return "failed", state.get("error")
+        if state.get("phase") in ("ready", "active"):
+            if self.proc.poll() is not None:
+                return "failed", "the model server exited"
+            if state["phase"] == "ready":
+                # The server answers on its public socket once told to (as the local backend does it).
+                from airflow_provider_modeldeploy.serving import mlflow_server
+
+                try:
+                    mlflow_server.control_request(self.state_path.with_suffix(".ctl"), "activate", timeout=30)
+                except mlflow_server.ControlError as exc:
+                    return "loading", str(exc)
+            return "ready", None
+        if self.proc.poll() is not None:
+            return "failed", f"the model server exited with code {self.proc.returncode}"
+        return "loading", None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.state_path.unlink(missing_ok=True)
+
+
+class Cluster:
+    """The emulated cluster's objects and the Seldon operator stand-in."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.rv = 0
+        self.conflicts = 0
+        self.servers: dict[tuple[str, str, str, str], ModelServer] = {}  # (ns, sd, predictor, uri)
+        self.serving: dict[tuple[str, str], dict[str, tuple[ModelServer, int]]] = {}
+        self.stopping = threading.Event()
+
+    def next_rv(self) -> str:
+        self.rv += 1
+        return str(self.rv)
+
+    # -- objects ---------------------------------------------------------------------------------
+
+    def get(self, plural: str, ns: str, name: str) -> dict[str, Any]:
+        obj = self.objects.get((plural, ns, name))
+        if obj is None:
+            raise ApiError(
+                404,
+                "NotFound",
+                f'{plural}.{"machinelearning.seldon.io" if plural == SD[1] else ""} "{name}" not found'.replace(
+                    ". ", " "
+                ),
+            )
+        return obj
+
+    def validate(self, plural: str, obj: dict[str, Any]) -> None:
+        if plural == SD[1]:
+            errors = _validator()(obj)
+            if errors:
+                detail = "; ".join(f"{path}: {msg}" for path, msg in errors)
+                raise ApiError(
+                    422,
+                    "Invalid",
+                    f'SeldonDeployment.machinelearning.seldon.io "{obj.get("metadata", {}).get("name")}" is invalid: {detail}',
+                )
+        name = obj.get("metadata", {}).get("name") or ""
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name) or len(name) > 253:
+            raise ApiError(
+                422, "Invalid", f'metadata.name: Invalid value: "{name}": a lowercase RFC 1123 subdomain must ...'
+            )
+
+    def create(self, plural: str, ns: str, obj: dict[str, Any]) -> dict[str, Any]:
+        obj = copy.deepcopy(obj)
+        meta = obj.setdefault("metadata", {})
+        meta["namespace"] = ns
+        self.validate(plural, obj)
+        key = (plural, ns, meta["name"])
+        if key in self.objects:
+            raise ApiError(409, "AlreadyExists", f'{plural} "{meta["name"]}" already exists')
+        meta.update(
+            uid=str(uuidlib.uuid4()),
+            resourceVersion=self.next_rv(),
+            generation=1,
+            creationTimestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        if plural == SD[1]:
+            obj["status"] = {"state": "Creating"}
+        self.objects[key] = obj
+        return obj
+
+    def _check_rv(self, current: dict[str, Any], given: str | None) -> None:
+        if given and self.conflicts > 0:
+            # A concurrent writer wins the race: the object changes under the caller.
+            self.conflicts -= 1
+            current["metadata"]["resourceVersion"] = self.next_rv()
+            current["metadata"].setdefault("annotations", {})["emulator/concurrent-writer"] = current["metadata"][
+                "resourceVersion"
+            ]
+        if given and given != current["metadata"]["resourceVersion"]:
+            raise ApiError(
+                409,
+                "Conflict",
+                f'Operation cannot be fulfilled on {current["kind"]} "{current["metadata"]["name"]}": the object has been modified; please apply your changes to the latest version and try again',
+            )
+
+    def write(
+        self, plural: str, ns: str, name: str, new: dict[str, Any], given_rv: str | None, status: bool = False
+    ) -> dict[str, Any]:
+        current = self.get(plural, ns, name)
+        self._check_rv(current, given_rv)
+        new = copy.deepcopy(new)
+        meta = new.setdefault("metadata", {})
+        for k in ("uid", "creationTimestamp", "namespace", "name"):
+            meta[k] = current["metadata"][k]
+        if status:
+            new = {**copy.deepcopy(current), "status": new.get("status", {})}
+        else:
+            new["status"] = copy.deepcopy(current.get("status", {}))
+            self.validate(plural, new)
+            gen = current["metadata"].get("generation", 1)
+            meta["generation"] = gen + 1 if new.get("spec") != current.get("spec") else gen
+            if plural == SD[1] and new.get("spec") != current.get("spec"):
+                new["status"] = {**new["status"], "state": "Creating"}
+                new["status"].pop("description", None)
+        new["metadata"]["resourceVersion"] = self.next_rv()
+        self.objects[(plural, ns, name)] = new
+        return new
+
+    def delete(self, plural: str, ns: str, name: str) -> dict[str, Any]:
+        obj = self.objects.pop((plural, ns, name), None)
+        if obj is None:
+            self.get(plural, ns, name)
+        if plural == SD[1]:
+            for key in [k for k in self.servers if k[:2] == (ns, name)]:
+                self.servers.pop(key).stop()
+            self.serving.pop((ns, name), None)
+        return {"kind": "Status", "apiVersion": "v1", "status": "Success", "details": {"name": name, "kind": plural}}
+
+    def pods(self, ns: str) -> list[dict[str, Any]]:
+        out = []
+        for (sns, sd, predictor, _uri), server in self.servers.items():
+            if sns != ns:
+                continue
+            phase, _ = server.phase()
+            out.append({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": server.pod_name, "namespace": ns, "uid": server.key,
+                             "labels": {"seldon-deployment-id": sd, "seldon-app": f"{sd}-{predictor}",
+                                        "app.kubernetes.io/managed-by": "seldon-core"}},
+                "status": {"phase": {"ready": "Running", "loading": "Pending"}.get(phase, "Failed")},
+            })  # fmt: skip
+        return out
+
+    # -- the Seldon operator stand-in ------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        with LOCK:
+            sds = [(k, v) for k, v in self.objects.items() if k[0] == SD[1]]
+        for (_, ns, name), obj in sds:
+            with LOCK:
+                wanted: dict[str, tuple[ModelServer, int]] = {}
+                for p in obj["spec"].get("predictors", []):
+                    if int(p.get("replicas", 1)) < 1:
+                        continue
+                    uri = p["graph"].get("modelUri", "")
+                    key = (ns, name, p["name"], uri)
+                    if key not in self.servers:
+                        self.servers[key] = ModelServer(self.workdir, name, p["name"], uri)
+                    wanted[p["name"]] = (self.servers[key], int(p.get("traffic", 100)))
+                phases = {pn: s.phase() for pn, (s, _) in wanted.items()}
+                failed = [(pn, err) for pn, (ph, err) in phases.items() if ph == "failed"]
+                status = dict(obj.get("status") or {})
+                if failed:
+                    pn, err = failed[0]
+                    state, desc = "Failed", f"predictor {pn}: {err}"
+                    # The failed pods stay until the spec changes (as in a crash loop); the previous
+                    # ones keep serving.
+                elif all(ph == "ready" for ph, _ in phases.values()):
+                    state, desc = "Available", None
+                    self.serving[(ns, name)] = wanted
+                    keep = {id(s) for s, _ in wanted.values()}
+                    for key in [k for k, s in self.servers.items() if k[:2] == (ns, name) and id(s) not in keep]:
+                        self.servers.pop(key).stop()
+                else:
+                    state, desc = "Creating", None
+                if status.get("state") != state or status.get("description") != desc:
+                    status["state"] = state
+                    if desc:
+                        status["description"] = desc
+                    else:
+                        status.pop("description", None)
+                    status["replicas"] = sum(1 for _ in wanted)
+                    obj["status"] = status
+                    obj["metadata"]["resourceVersion"] = self.next_rv()
+
+    def run_operator(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.reconcile()
+            except Exception as exc:  # keep the loop alive; the test sees the state not moving
+                print(f"operator: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            self.stopping.wait(0.1)
+
+    def shutdown(self) -> None:
+        self.stopping.set()
+        with LOCK:
+            for server in self.servers.values():
+                server.stop()
+            self.servers.clear()
+
+    def route(self, ns: str, name: str) -> ModelServer | None:
+        with LOCK:
+            serving = self.serving.get((ns, name))
+            if (ns, name) not in {(k[1], k[2]) for k in self.objects if k[0] == SD[1]} or not serving:
+                return None
+            live = [(s, w) for s, w in serving.values() if s.proc.poll() is None]
+        if not live:
+            return None
+        total = sum(w for _, w in live)
+        pick = random.uniform(0, total) if total else 0
+        for server, weight in live:
+            pick -= weight
+            if pick <= 0:
+                return server
+        return live[-1][0]
+
+
+def seldon_to_mlflow(body: dict[str, Any]) -> dict[str, Any]:
+    data = body.get("data") or {}
+    rows = data.get("ndarray") if "ndarray" in data else (data.get("tensor") or {}).get("values")
+    if rows is None:
+        raise ApiError(400, "BadRequest", "expected data.ndarray")
+    if data.get("names"):
+        return {"dataframe_split": {"columns": data["names"], "data": rows}}
+    return {"inputs": rows}
+
+
+class Handler(BaseHTTPRequestHandler):
+    cluster: Cluster
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        print(f"{self.command} {self.path} -> {fmt % args}", file=sys.stderr, flush=True)
+
+    def _send(self, code: int, body: Any, headers: dict[str, str] | None = None, text: bool = False) -> None:
+        data = body.encode() if text else json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain" if text else "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            raise ApiError(400, "BadRequest", "the body is not JSON") from None
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def _dispatch(self, method: str) -> None:
+        parts = urlsplit(self.path)
+        query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        try:
+            body = self._body()
+            if parts.path.startswith("/seldon/"):
+                return self._ingress(method, parts.path, body)
+            if parts.path == "/emulator/conflicts":
+                with LOCK:
+                    self.cluster.conflicts = int((body or {}).get("count", 1))
+                return self._send(200, {"conflicts": self.cluster.conflicts})
+            m = re.fullmatch(
+                r"/(api/v1|apis/machinelearning\.seldon\.io/v1)/namespaces/([^/]+)/(seldondeployments|secrets|pods)"
+                r"(?:/([^/]+))?(?:/(status|log))?",
+                parts.path,
+            )
+            if not m:
+                raise ApiError(404, "NotFound", f"the server could not find the requested resource {parts.path}")
+            _group, ns, plural, name, sub = m.groups()
+            with LOCK:
+                self._api(method, ns, plural, name, sub, query, body)
+        except ApiError as exc:
+            self._send(exc.code, exc.body())
+        except Exception as exc:  # an emulator bug: answer as the API server would, and say what broke
+            import traceback
+
+            traceback.print_exc()
+            self._send(500, ApiError(500, "InternalError", f"{type(exc).__name__}: {exc}").body())
+
+    def _api(
+        self, method: str, ns: str, plural: str, name: str | None, sub: str | None, query: dict, body: Any
+    ) -> None:
+        c = self.cluster
+        if plural == "pods":
+            pods = c.pods(ns)
+            if name is None:
+                items = [p for p in pods if match_selector(p["metadata"]["labels"], query.get("labelSelector"))]
+                return self._send(
+                    200,
+                    {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": str(c.rv)}, "items": items},
+                )
+            server = next((s for s in c.servers.values() if s.pod_name == name), None)
+            if server is None:
+                raise ApiError(404, "NotFound", f'pods "{name}" not found')
+            lines = server.log_path.read_text(errors="replace").splitlines() if server.log_path.exists() else []
+            if query.get("tailLines"):
+                lines = lines[-int(query["tailLines"]) :] if int(query["tailLines"]) else []
+            return self._send(200, "".join(f"{line}\n" for line in lines), text=True)
+        if name is None:
+            if method == "GET":
+                items = [
+                    copy.deepcopy(o)
+                    for (p, n, _), o in sorted(c.objects.items())
+                    if p == plural
+                    and n == ns
+                    and match_selector(o["metadata"].get("labels") or {}, query.get("labelSelector"))
+                ]
+                return self._send(
+                    200,
+                    {
+                        "kind": f"{KINDS[plural]}List",
+                        "apiVersion": "v1",
+                        "metadata": {"resourceVersion": str(c.rv)},
+                        "items": items,
+                    },
+                )
+            if method == "POST":
+                if not isinstance(body, dict) or not (body.get("metadata") or {}).get("name"):
+                    raise ApiError(422, "Invalid", "metadata.name: Required value")
+                return self._send(201, c.create(plural, ns, body))
+            raise ApiError(405, "MethodNotAllowed", method)
+        status = sub == "status"
+        if method == "GET":
+            return self._send(200, c.get(plural, ns, name))
+        if method == "DELETE":
+            return self._send(200, c.delete(plural, ns, name))
+        current = c.get(plural, ns, name)
+        if method == "PUT":
+            return self._send(
+                200, c.write(plural, ns, name, body, (body.get("metadata") or {}).get("resourceVersion"), status)
+            )
+        if method == "PATCH":
+            ctype = self.headers.get("Content-Type", "")
+            if "json-patch" in ctype:
+                new = json_patch(current, body)
+                rv = None
+            elif "merge-patch" in ctype or "strategic-merge" in ctype:
+                if not isinstance(body, dict):
+                    raise ApiError(400, "BadRequest", "a merge patch must be a JSON object")
+                new = merge_patch(current, body)
+                rv = ((body or {}).get("metadata") or {}).get("resourceVersion")
+            else:
+                raise ApiError(
+                    415, "UnsupportedMediaType", f"the body of the request was in an unknown format: {ctype}"
+                )
+            if rv is None:
+                new.setdefault("metadata", {})["resourceVersion"] = current["metadata"]["resourceVersion"]
+            return self._send(200, c.write(plural, ns, name, new, rv, status))
+        raise ApiError(405, "MethodNotAllowed", method)
+
+    def _ingress(self, method: str, path: str, body: Any) -> None:
+        m = re.fullmatch(r"/seldon/([^/]+)/([^/]+)/(.*)", path)
+        if not m:
+            raise ApiError(404, "NotFound", path)
+        ns, name, rest = m.groups()
+        server = self.cluster.route(ns, name)
+        if server is None:
+            return self._send(503, {"status": {"code": 503, "info": f"no ready predictor for {ns}/{name}"}})
+        headers = {"x-seldon-predictor": server.predictor, "x-emulator-model-uri": server.model_uri}
+        base = f"http://127.0.0.1:{server.port}"
+        if method == "GET" and rest in ("health/ping", "health/status", "v2/health/ready", "v2/health/live"):
+            answer = httpx.get(f"{base}/health", timeout=10)
+            return self._send(
+                answer.status_code, {"status": "ok" if answer.status_code == 200 else answer.text}, headers
+            )
+        if method == "POST" and rest == "api/v1.0/predictions":
+            answer = httpx.post(f"{base}/invocations", json=seldon_to_mlflow(body or {}), timeout=60)
+            if answer.status_code != 200:
+                return self._send(
+                    answer.status_code, {"status": {"code": answer.status_code, "info": answer.text[:500]}}, headers
+                )
+            preds = answer.json().get("predictions")
+            return self._send(
+                200,
+                {"data": {"names": [], "ndarray": preds}, "meta": {"requestPath": {"model": server.model_uri}}},
+                headers,
+            )
+        v2 = re.fullmatch(r"v2/models/([^/]+)/infer", rest)
+        if method == "POST" and v2:
+            inputs = (body or {}).get("inputs") or []
+            if not inputs:
+                raise ApiError(400, "BadRequest", "expected inputs")
+            first = inputs[0]
+            cols = first.get("shape", [1, len(first["data"])])[-1]
+            rows = [first["data"][i : i + cols] for i in range(0, len(first["data"]), cols)]
+            answer = httpx.post(f"{base}/invocations", json={"inputs": rows}, timeout=60)
+            if answer.status_code != 200:
+                return self._send(answer.status_code, {"error": answer.text[:500]}, headers)
+            preds = answer.json().get("predictions")
+            return self._send(
+                200,
+                {
+                    "model_name": v2.group(1),
+                    "outputs": [{"name": "predict", "datatype": "FP64", "shape": [len(preds)], "data": preds}],
+                },
+                headers,
+            )
+        raise ApiError(404, "NotFound", path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--port-file", required=True)
+    args = parser.parse_args(argv)
+    cluster = Cluster(Path(args.workdir))
+    Handler.cluster = cluster
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    operator = threading.Thread(target=cluster.run_operator, daemon=True)
+    operator.start()
+
+    def stop(*_: Any) -> None:
+        threading.Thread(target=httpd.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    tmp = Path(args.port_file + ".tmp")
+    tmp.write_text(str(httpd.server_address[1]))
+    tmp.rename(args.port_file)
+    try:
+        httpd.serve_forever(poll_interval=0.2)
+    finally:
+        cluster.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
