@@ -231,3 +231,28 @@ def test_stop_start_delete(cli_home: Path, service: Any) -> None:
     assert error.startswith(f"error: uuid={service.uuid!r}: ")
     history = get_model_deployer().get_history(MODEL)
     assert [e["action"] for e in history[:4]] == ["delete", "start", "stop", "deploy"]
+
+
+def test_rollback_and_promote(cli_home: Path, mlflow_models: dict[str, Any]) -> None:
+    deployer = get_model_deployer()
+    first = deployer.deploy_model(ServiceConfig(model_uri=mlflow_models["iris_v1"], model_name="iris-cli-rb"))
+    second = deployer.deploy_model(ServiceConfig(model_uri=mlflow_models["iris_v2"], model_name="iris-cli-rb"))
+    url = second.prediction_url
+    assert first.prediction_url == url
+
+    error = one_line_error(cli(cli_home, "promote", second.uuid))
+    assert error == f"error: uuid={second.uuid!r}: has no canary to promote"
+    error = one_line_error(cli(cli_home, "rollback", second.uuid, "--to", "f00d"))
+    assert error.startswith("error: to_service_uuid='f00d': names no earlier service")
+
+    [row] = json.loads(ok(cli(cli_home, "rollback", second.uuid, "--output", "json")))
+    assert row["state"] == "active" and row["prediction_url"] == url and row["model_version"] == "1"
+    answer = httpx.post(url, json=iris_payload(), timeout=30)
+    assert answer.status_code == 200 and answer.headers["x-model-version"] == "1"
+    event = deployer.get_history("iris-cli-rb")[0]
+    assert (event["action"], event["outcome"], event["details"]["previous_uuid"]) == (
+        "rollback",
+        "success",
+        second.uuid,
+    )
+    deployer.delete_model_server(row["uuid"])

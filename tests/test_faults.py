@@ -47,6 +47,16 @@ def kill_tree(pid: int) -> list[int]:
     return [p.pid for p in family]
 
 
+def free_port() -> int:
+    """A port of the kernel's ephemeral range, for a service that must get its port back after a
+    kill: the default range's first ports are what every other deployment on this machine tries."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def predict(url: str, **kwargs: Any) -> httpx.Response:
     return httpx.post(url, json=iris_payload(), timeout=30, **kwargs)
 
@@ -54,7 +64,9 @@ def predict(url: str, **kwargs: Any) -> httpx.Response:
 def test_killed_server_is_listed_as_error_and_starts_at_the_same_url(
     deployer: Any, airflow_home: Path, mlflow_models: dict[str, Any]
 ) -> None:
-    service = deployer.deploy_model(ServiceConfig(model_uri=mlflow_models["iris_v1"], model_name="iris-kill"))
+    service = deployer.deploy_model(
+        ServiceConfig(model_uri=mlflow_models["iris_v1"], model_name="iris-kill", port=free_port())
+    )
     url = service.prediction_url
     kill_tree(service.record.pid)
     killed_at = time.monotonic()
@@ -158,7 +170,7 @@ def test_reboot_like_restart(airflow_home: Path, mlflow_models: dict[str, Any]) 
     at its recorded URL."""
     deployer = get_model_deployer()
     services = [
-        deployer.deploy_model(ServiceConfig(model_uri=mlflow_models[uri], model_name=name))
+        deployer.deploy_model(ServiceConfig(model_uri=mlflow_models[uri], model_name=name, port=free_port()))
         for uri, name in (("iris_v1", "iris-reboot-a"), ("iris_v2", "iris-reboot-b"))
     ]
     for service in services:
