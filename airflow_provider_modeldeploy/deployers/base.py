@@ -513,7 +513,8 @@ class BaseModelDeployer(ABC):
         report = SyncReport(self.backend, self.conn_id)
         discovered = self._discover()
         found = {r.uuid: r for r in discovered or []}
-        known = [r for r in self.registry.find_services(backend=self.backend) if r.conn_id == self.conn_id]
+        registered = self.registry.find_services(backend=self.backend)
+        known = [r for r in registered if r.conn_id == self.conn_id]
         interrupted: set[str] = set()
         for record in known:
             report.checked += 1
@@ -535,15 +536,12 @@ class BaseModelDeployer(ABC):
             self._refresh(record)
         # Pending services of a deployment that died: their lease is free (or its holder dead).
         for endpoint in sorted(interrupted):
-            before = {r.uuid for r in self.registry.find_services(backend=self.backend, endpoint=endpoint)}
             try:
                 with self.registry.lease(self.backend, endpoint, conn_id=self.conn_id, ttl=120, wait=2):
-                    self._cleanup_orphans(endpoint)
+                    report.removed.extend(self._cleanup_orphans(endpoint))
             except EndpointBusyError:
                 continue  # a deployment is in progress
-            after = {r.uuid for r in self.registry.find_services(backend=self.backend, endpoint=endpoint)}
-            report.removed.extend(sorted(before - after))
-        known_uuids = {r.uuid for r in self.registry.find_services(backend=self.backend)}
+        known_uuids = {r.uuid for r in registered}
         for record in found.values():
             if record.uuid in known_uuids or record.uuid in report.removed:
                 continue
@@ -623,8 +621,10 @@ class BaseModelDeployer(ABC):
         log.warning("Service %s is %s: %s", record.uuid, state, error)
         return self.registry.update_service(record.uuid, state=state, last_error=error)
 
-    def _cleanup_orphans(self, endpoint: str) -> None:
-        """Pending services left by a deployment that died (its lease was taken over): stop them."""
+    def _cleanup_orphans(self, endpoint: str) -> list[str]:
+        """Pending services left by a deployment that died (its lease was taken over): stop them.
+        Returns the uuids of the services removed."""
+        removed = []
         for r in self.registry.find_services(backend=self.backend, endpoint=endpoint, states=[ServiceState.PENDING]):
             log.warning("Removing service %s left pending by an interrupted deployment", r.uuid)
             try:
@@ -638,6 +638,8 @@ class BaseModelDeployer(ABC):
                 self.backend, endpoint, EventAction.CLEANUP, service_uuid=r.uuid, actor=default_actor(),
                 message=f"removed server of {r.model_uri} left by an interrupted deployment",
             )  # fmt: skip
+            removed.append(r.uuid)
+        return removed
 
     @staticmethod
     def _is_same_deployment(current: ServiceRecord, config: ServiceConfig, lineage: Lineage) -> bool:

@@ -49,6 +49,10 @@ def _tail(path: Path, lines: int) -> list[str]:
     return data[-lines:] if lines else []
 
 
+#: What a service file may give an adopted record; its state and times come from what runs now.
+_ADOPTABLE_FIELDS = frozenset(ServiceRecord.__dataclass_fields__) - {"created_at", "updated_at", "state"}
+
+
 class MLflowLocalDeployer(BaseModelDeployer):
     """Serves MLflow pyfunc models as local processes with MLflow's scoring protocol.
 
@@ -465,8 +469,7 @@ class MLflowLocalDeployer(BaseModelDeployer):
                         "model_name": arg.get("--model-name"), "model_uri": arg.get("--model-uri")}  # fmt: skip
             if not data.get("endpoint") or not data.get("model_uri"):
                 continue
-            known = {f for f in ServiceRecord.__dataclass_fields__ if f not in ("created_at", "updated_at", "state")}
-            record = ServiceRecord(**{k: v for k, v in data.items() if k in known})
+            record = ServiceRecord(**{k: v for k, v in data.items() if k in _ADOPTABLE_FIELDS})
             record.pid, record.host = proc.pid, HOSTNAME
             state = mlflow_server.read_state(paths["state"]) or {}
             if state.get("pid") == proc.pid:
