@@ -178,17 +178,21 @@ def _delete_all_services() -> None:
             service.delete(timeout=10, force=True)
 
 
-@pytest.fixture
-def airflow_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A fresh AIRFLOW_HOME (hence a fresh SQLite registry); every server deployed in it is deleted after."""
-    home = tmp_path / "airflow"
+def use_airflow_home(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Make ``home`` (created here) this process's AIRFLOW_HOME, hence its SQLite registry."""
     home.mkdir()
     monkeypatch.setenv("AIRFLOW_HOME", str(home))
     monkeypatch.setenv("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
     monkeypatch.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(ROOT / "dags"))
     monkeypatch.setenv("_MODELDEPLOY_NO_METASTORE", "1")
     monkeypatch.delenv("AIRFLOW__MODELDEPLOY__REGISTRY_SQL_ALCHEMY_CONN", raising=False)
-    yield home
+    return home
+
+
+@pytest.fixture
+def airflow_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh AIRFLOW_HOME (hence a fresh SQLite registry); every server deployed in it is deleted after."""
+    yield use_airflow_home(tmp_path / "airflow", monkeypatch)
     _delete_all_services()
 
 

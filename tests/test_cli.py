@@ -17,7 +17,7 @@ import httpx
 import psutil
 import pytest
 import yaml
-from conftest import ROOT, _delete_all_services, iris_payload, run_airflow, server_pids
+from conftest import _delete_all_services, iris_payload, run_airflow, server_pids, use_airflow_home
 
 from airflow_provider_modeldeploy.deployers import ServiceConfig, get_model_deployer
 
@@ -29,14 +29,8 @@ UNKNOWN = "00000000-0000-4000-8000-000000000000"
 @pytest.fixture(scope="module")
 def cli_home(tmp_path_factory: pytest.TempPathFactory, mlflow_models: dict[str, Any]) -> Iterator[Path]:
     """Like ``airflow_home``, for the whole module: one deployment serves every CLI test."""
-    home = tmp_path_factory.mktemp("cli") / "airflow"
-    home.mkdir()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AIRFLOW_HOME", str(home))
-        mp.setenv("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-        mp.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(ROOT / "dags"))
-        mp.setenv("_MODELDEPLOY_NO_METASTORE", "1")
-        mp.delenv("AIRFLOW__MODELDEPLOY__REGISTRY_SQL_ALCHEMY_CONN", raising=False)
+        home = use_airflow_home(tmp_path_factory.mktemp("cli") / "airflow", mp)
         try:
             yield home
         finally:

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from conftest import iris_payload, run_airflow, servers_under
+from conftest import iris_payload, run_airflow, servers_under, use_airflow_home
 
 from airflow_provider_modeldeploy.deployers import ServiceConfig, find_services, get_model_deployer
 from airflow_provider_modeldeploy.exceptions import DeploymentFailedError
@@ -250,12 +250,8 @@ def test_failed_replace_under_load_keeps_the_old_server_serving(deployer: Any, m
 
 @pytest.fixture(scope="module")
 def payload_server(tmp_path_factory: pytest.TempPathFactory, mlflow_models: dict[str, Any]) -> Iterator[Any]:
-    home = tmp_path_factory.mktemp("payloads") / "airflow"
-    home.mkdir()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AIRFLOW_HOME", str(home))
-        mp.setenv("_MODELDEPLOY_NO_METASTORE", "1")
-        mp.delenv("AIRFLOW__MODELDEPLOY__REGISTRY_SQL_ALCHEMY_CONN", raising=False)
+        use_airflow_home(tmp_path_factory.mktemp("payloads") / "airflow", mp)
         deployer = get_model_deployer()
         service = deployer.deploy_model(ServiceConfig(model_uri=mlflow_models["iris_v1"], model_name="iris-payload"))
         try:
