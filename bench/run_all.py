@@ -89,26 +89,7 @@ class Bench:
 
     def start_mlflow_serve(self, workers: int) -> tuple[subprocess.Popen[bytes], str]:
         """``mlflow models serve -w N`` in its own process group; waits for its first 200."""
-        port = tts.free_port()
-        logfile = self.tmp / f"mlflow-serve-w{workers}-{port}.log"
-        cmd = [PY, "-m", "mlflow", "models", "serve", "-m", tts.MODEL_URI, "--env-manager", "local"]
-        cmd += ["-p", str(port), "-h", "127.0.0.1", "-w", str(workers)]
-        with logfile.open("wb") as out:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=self.tmp,
-                start_new_session=True,
-            )
-        self.mlflow.procs.append(proc)
-        url = f"http://127.0.0.1:{port}/invocations"
-
-        def check() -> None:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow models serve exited with code {proc.returncode}:\n{tts.tail(logfile)}")
-
+        proc, url, check = self.mlflow.launch(workers)
         with httpx.Client(timeout=tts.POLL_TIMEOUT) as client:
             tts.wait_for_prediction(client, url, check)
         return proc, url

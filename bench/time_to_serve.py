@@ -156,13 +156,16 @@ class MlflowSide:
         self.tmp = tmp
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def run(self, client: httpx.Client) -> float:
+    def launch(self, workers: int | None = None) -> tuple[subprocess.Popen[bytes], str, Callable[[], None]]:
+        """Start ``mlflow models serve`` (``-w workers`` if given) on a free port: the process, its
+        prediction URL, and a check that raises with its log's tail once it has exited."""
         port = free_port()
-        logfile = self.tmp / f"mlflow-serve-{len(self.procs)}.log"
+        logfile = self.tmp / f"mlflow-serve-{len(self.procs)}-{port}.log"
         cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", MODEL_URI]
         cmd += ["--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"]
+        if workers is not None:
+            cmd += ["-w", str(workers)]
         with logfile.open("wb") as out:
-            start = time.perf_counter()
             proc = subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,
@@ -177,8 +180,13 @@ class MlflowSide:
             if proc.poll() is not None:
                 raise RuntimeError(f"mlflow models serve exited with code {proc.returncode}:\n{tail(logfile)}")
 
+        return proc, f"http://127.0.0.1:{port}/invocations", check
+
+    def run(self, client: httpx.Client) -> float:
+        start = time.perf_counter()
+        proc, url, check = self.launch()
         try:
-            wait_for_prediction(client, f"http://127.0.0.1:{port}/invocations", check)
+            wait_for_prediction(client, url, check)
             return time.perf_counter() - start
         finally:
             self.stop(proc)
