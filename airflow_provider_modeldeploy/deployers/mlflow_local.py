@@ -58,7 +58,9 @@ class MLflowLocalDeployer(BaseModelDeployer):
 
     Backend options (``ServiceConfig(..., **options)``): ``workers`` (processes sharing the socket),
     ``timeout`` (per-request seconds), ``port`` (pin the endpoint's port), ``smoke_input`` (a JSON
-    body for the smoke prediction; default: the model's logged input example).
+    body for the smoke prediction; default: the model's logged input example), ``fast_path``
+    (default true: plain rows for a scikit-learn model with a column signature are answered without
+    pandas, with the answers MLflow's app gives; false sends every request through MLflow's app).
     """
 
     backend = "mlflow"
@@ -67,6 +69,7 @@ class MLflowLocalDeployer(BaseModelDeployer):
         "timeout": int,
         "port": int,
         "smoke_input": (str, dict, list),
+        "fast_path": bool,
     }
 
     def __init__(
@@ -259,6 +262,7 @@ class MLflowLocalDeployer(BaseModelDeployer):
             "--listen-fd", "{fd2}", "--runtime-dir", str(config.runtime_dir()),
             "--workers", str(opts.get("workers", self.settings.workers)),
             "--start-timeout", str(int(timeout)),
+            "--fast-path", "on" if opts.get("fast_path", True) else "off",
         ]  # fmt: skip
         env = {**os.environ, **self.settings.server_env()}
         if "timeout" in opts:

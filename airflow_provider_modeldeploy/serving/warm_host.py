@@ -58,7 +58,7 @@ def socket_path(runtime_dir: str | Path) -> Path:
     """The host's control socket: one per interpreter and provider source version."""
     here = Path(__file__).resolve().parent
     stamp = [sys.executable, str(here)]
-    for name in ("warm_host.py", "mlflow_server.py"):
+    for name in ("warm_host.py", "mlflow_server.py", "fast_path.py"):
         with contextlib.suppress(OSError):
             stamp.append(str((here / name).stat().st_mtime_ns))
     key = hashlib.sha256("\0".join(stamp).encode()).hexdigest()[:16]

@@ -1,0 +1,218 @@
+"""The fast path answers exactly as MLflow's scoring app, and declines whatever it cannot answer so.
+
+Each model is served by two apps built like a model server builds them (``_build_app``): one with the
+fast path, one without (MLflow's app alone). Every payload goes to both; status, content type and
+body must be identical, and the fast path must have answered every payload it is meant to take.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+
+from airflow_provider_modeldeploy.serving import fast_path, mlflow_server  # noqa: E402
+
+IRIS_COLUMNS = ["sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)"]
+
+
+def save(tmp: Path, name: str, model: Any, example: Any, **kwargs: Any) -> Any:
+    import mlflow.sklearn
+
+    path = tmp / name
+    mlflow.sklearn.save_model(model, str(path), input_example=example, **kwargs)
+    return mlflow.pyfunc.load_model(str(path))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    import numpy as np
+    import pandas as pd
+    from sklearn.datasets import load_diabetes, load_iris
+    from sklearn.linear_model import LinearRegression, LogisticRegression
+    from sklearn.naive_bayes import GaussianNB
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    tmp = tmp_path_factory.mktemp("fast-path-models")
+    X, y = load_iris(return_X_y=True, as_frame=True)
+    counts = pd.DataFrame({"a": (X.iloc[:, 0] * 10).astype("int64"), "b": (X.iloc[:, 2] * 10).astype("int64")})
+    mixed = pd.DataFrame({"length": X.iloc[:, 0], "petals": (X.iloc[:, 2] * 10).astype("int64")})
+    d, t = load_diabetes(return_X_y=True, as_frame=True)
+    return {
+        "iris": save(tmp, "iris", LogisticRegression(max_iter=500).fit(X, y), X.head(2)),
+        "pipeline_proba": save(
+            tmp,
+            "proba",
+            make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(X, y),
+            X.head(2),
+            pyfunc_predict_fn="predict_proba",
+        ),
+        "long_columns": save(tmp, "long", GaussianNB().fit(counts, y), counts.head(2)),
+        "mixed_columns": save(tmp, "mixed", LogisticRegression(max_iter=500).fit(mixed, y), mixed.head(2)),
+        "regressor": save(tmp, "regressor", LinearRegression().fit(d, t), d.head(2)),
+        # Fitted on an array, so scikit-learn knows no feature names; the signature still has columns.
+        "no_feature_names": save(tmp, "nonames", LogisticRegression(max_iter=500).fit(X.to_numpy(), y), X.head(2)),
+        # A tensor signature: never taken by the fast path.
+        "tensor": save(tmp, "tensor", LogisticRegression(max_iter=500).fit(X.to_numpy(), y), np.zeros((1, 4))),
+    }
+
+
+class Spy:
+    """Counts the requests the fast path answered (not None) and declined."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.answered = self.declined = 0
+        original = fast_path.FastPath.answer
+
+        def answer(path: fast_path.FastPath, body: bytes, content_type: bytes | None) -> bytes | None:
+            result = original(path, body, content_type)
+            if result is None:
+                self.declined += 1
+            else:
+                self.answered += 1
+            return result
+
+        monkeypatch.setattr(fast_path.FastPath, "answer", answer)
+
+
+async def _post(app: Any, body: bytes, content_type: str | None) -> tuple[int, str | None, bytes]:
+    import httpx
+
+    headers = {"content-type": content_type} if content_type else {}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://model") as client:
+        answer = await client.post("/invocations", content=body, headers=headers)
+    return answer.status_code, answer.headers.get("content-type"), answer.content
+
+
+def both(model: Any, body: bytes | str | dict, content_type: str | None = "application/json") -> tuple[Any, Any]:
+    raw = json.dumps(body).encode() if isinstance(body, dict) else body if isinstance(body, bytes) else body.encode()
+    fast = mlflow_server._build_app(model, {}, fast_path=True)
+    plain = mlflow_server._build_app(model, {}, fast_path=False)
+    return asyncio.run(_post(fast, raw, content_type)), asyncio.run(_post(plain, raw, content_type))
+
+
+def split(columns: list[str], rows: list[list[Any]], **extra: Any) -> dict[str, Any]:
+    return {"dataframe_split": {"columns": columns, "data": rows, **extra}}
+
+
+def iris_rows(n: int, seed: int) -> list[list[float]]:
+    rnd = random.Random(seed)
+    return [[round(rnd.uniform(0.1, 8.0), rnd.choice([1, 2, 6, 15])) for _ in range(4)] for _ in range(n)]
+
+
+TAKEN = {
+    "one row": split(IRIS_COLUMNS, [[5.1, 3.5, 1.4, 0.2]]),
+    "ten random rows": split(IRIS_COLUMNS, iris_rows(10, 1)),
+    "integers in double columns": split(IRIS_COLUMNS, [[5, 3, 1, 0], [7, 3, 5, 2]]),
+    "columns in another order": split(IRIS_COLUMNS[::-1], [r[::-1] for r in iris_rows(3, 2)]),
+    "with an index": split(IRIS_COLUMNS, iris_rows(2, 3), index=[7, 8]),
+    "records": {"dataframe_records": [dict(zip(IRIS_COLUMNS, r, strict=True)) for r in iris_rows(3, 4)]},
+    "extreme but finite": split(IRIS_COLUMNS, [[1e300, -1e300, 5e-324, 0.0]]),
+}
+
+DECLINED = {
+    "a boolean": split(IRIS_COLUMNS, [[True, 3.5, 1.4, 0.2]]),
+    "a string": split(IRIS_COLUMNS, [["5.1", 3.5, 1.4, 0.2]]),
+    "a null": split(IRIS_COLUMNS, [[None, 3.5, 1.4, 0.2]]),
+    "NaN": b'{"dataframe_split": {"columns": %s, "data": [[NaN, 3.5, 1.4, 0.2]]}}' % json.dumps(IRIS_COLUMNS).encode(),
+    "an integer beyond int64": split(IRIS_COLUMNS, [[2**64, 3.5, 1.4, 0.2]]),
+    "a missing column": split(IRIS_COLUMNS[:3], [[5.1, 3.5, 1.4]]),
+    "an extra column": split([*IRIS_COLUMNS, "x"], [[5.1, 3.5, 1.4, 0.2, 1.0]]),
+    "a duplicate column": split([*IRIS_COLUMNS[:3], IRIS_COLUMNS[0]], [[5.1, 3.5, 1.4, 0.2]]),
+    "a short row": split(IRIS_COLUMNS, [[5.1, 3.5, 1.4]]),
+    "no rows": split(IRIS_COLUMNS, []),
+    "params": {**split(IRIS_COLUMNS, [[5.1, 3.5, 1.4, 0.2]]), "params": {"x": 1}},
+    "inputs": {"inputs": [[5.1, 3.5, 1.4, 0.2]]},
+    "instances": {"instances": [dict(zip(IRIS_COLUMNS, [5.1, 3.5, 1.4, 0.2], strict=True))]},
+    "a record missing a key": {"dataframe_records": [dict(zip(IRIS_COLUMNS[:3], [5.1, 3.5, 1.4], strict=True))]},
+    "not JSON": b"{not json",
+    "a huge integer literal": b'{"dataframe_split": {"columns": [], "data": [[' + b"9" * 5000 + b"]]}}",
+    "nested too deep": b"[" * 100_000 + b"]" * 100_000,
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAKEN))
+def test_answers_equal_mlflow_and_are_taken(case: str, models: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = Spy(monkeypatch)
+    fast, plain = both(models["iris"], TAKEN[case])
+    assert fast == plain
+    assert fast[0] == 200, fast
+    assert (spy.answered, spy.declined) == (1, 0)
+
+
+@pytest.mark.parametrize("case", sorted(DECLINED))
+def test_declined_requests_get_mlflows_answer(
+    case: str, models: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = Spy(monkeypatch)
+    fast, plain = both(models["iris"], DECLINED[case])
+    assert fast == plain
+    assert spy.answered == 0
+
+
+def test_content_types(models: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = Spy(monkeypatch)
+    body = split(IRIS_COLUMNS, [[5.1, 3.5, 1.4, 0.2]])
+    for content_type in ("application/json; charset=UTF-8", "application/json;charset=utf-8"):
+        fast, plain = both(models["iris"], body, content_type)
+        assert fast == plain and fast[0] == 200
+    assert spy.answered == 2
+    for content_type in ("text/csv", "application/json; charset=latin-1", "application/json; format=pandas-split"):
+        fast, plain = both(models["iris"], body, content_type)
+        assert fast == plain and fast[0] >= 400, (content_type, fast)
+    # MLflow's app alone answers a request without a content type with a 500; the server says 415.
+    fast, plain = both(models["iris"], body, None)
+    assert fast == plain and fast[0] == 415 and b"Content-Type" in fast[2], fast
+    assert spy.answered == 2
+
+
+def test_large_bodies_go_to_mlflow(models: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = Spy(monkeypatch)
+    rows = iris_rows(fast_path.MAX_BODY // 20, 5)
+    fast, plain = both(models["iris"], split(IRIS_COLUMNS, rows))
+    assert fast == plain and fast[0] == 200
+    assert spy.answered == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "columns", "rows"),
+    [
+        ("pipeline_proba", IRIS_COLUMNS, iris_rows(5, 6)),
+        ("long_columns", ["a", "b"], [[51, 14], [70, 47], [0, -3], [2**62, 1]]),
+        ("mixed_columns", ["length", "petals"], [[5.1, 14], [7, 47], [6.3, 60]]),
+        ("no_feature_names", IRIS_COLUMNS, iris_rows(4, 7)),
+        (
+            "regressor",
+            ["age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6"],
+            [[0.03, -0.04, 0.06, 0.02, -0.04, -0.03, -0.04, -0.002, 0.02, -0.017], [0] * 10],
+        ),
+    ],
+)
+def test_other_models(
+    name: str, columns: list[str], rows: list[list[Any]], models: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = Spy(monkeypatch)
+    fast, plain = both(models[name], split(columns, rows))
+    assert fast == plain and fast[0] == 200, (fast, plain)
+    assert spy.answered == 1
+
+
+def test_long_columns_decline_floats(models: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = Spy(monkeypatch)
+    fast, plain = both(models["long_columns"], split(["a", "b"], [[51.5, 14]]))
+    assert fast == plain
+    assert spy.answered == 0
+
+
+def test_models_without_a_fast_path(models: dict[str, Any], tmp_path: Path) -> None:
+    assert fast_path.FastPath.for_model(models["tensor"]) is None
+    assert fast_path.FastPath.for_model(models["iris"]) is not None
+    fast, plain = both(models["tensor"], {"inputs": [[5.1, 3.5, 1.4, 0.2]]})
+    assert fast == plain and fast[0] == 200
