@@ -347,8 +347,14 @@ def _run_worker(app: Any, staging: socket.socket, listener: socket.socket, ack_f
                     if not hasattr(base, "on_headers_complete"):  # not the httptools protocol
                         return super().shutdown()
                     self._draining = True
-                    if self.cycle is not None and not self.cycle.response_complete:
-                        self.cycle.keep_alive = False
+                    # Only a response whose headers are not written yet can still say "Connection:
+                    # close". One already started (MLflow's middleware streams the body from another
+                    # task, so shutdown can fall between headers and body) promised keep-alive: it
+                    # must not be closed after its body, or the client's next request on it gets a
+                    # reset. Its next request is answered with "Connection: close" instead.
+                    cycle = self.cycle
+                    if cycle is not None and not cycle.response_complete and not cycle.response_started:
+                        cycle.keep_alive = False
 
                 def on_headers_complete(self) -> None:
                     super().on_headers_complete()
