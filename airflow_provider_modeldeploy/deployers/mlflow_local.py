@@ -53,6 +53,29 @@ def _tail(path: Path, lines: int) -> list[str]:
 _ADOPTABLE_FIELDS = frozenset(ServiceRecord.__dataclass_fields__) - {"created_at", "updated_at", "state"}
 
 
+def _wait_exited(procs: list[Any], timeout: float) -> list[Any]:
+    """The processes still running after at most ``timeout`` seconds.
+
+    A zombie has exited (its sockets are closed): it is not waited for. A server outlives the task
+    that started it, so its parent is pid 1, and some container inits reap orphans only every second
+    or so; ``psutil.wait_procs`` would wait for that on every replace and stop.
+    """
+    import psutil
+
+    def running(p: Any) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in procs if running(p)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.02)
+
+
 class MLflowLocalDeployer(BaseModelDeployer):
     """Serves MLflow pyfunc models as local processes with MLflow's scoring protocol.
 
@@ -172,11 +195,11 @@ class MLflowLocalDeployer(BaseModelDeployer):
         for p in family:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.send_signal(signal.SIGTERM if grace > 0 else signal.SIGKILL)
-        _gone, alive = psutil.wait_procs(family, timeout=max(grace, 0.1))
+        alive = _wait_exited(family, timeout=max(grace, 0.1))
         for p in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
-        psutil.wait_procs(alive, timeout=5)
+        _wait_exited(alive, timeout=5)
         for p in family:
             with contextlib.suppress(ChildProcessError, OSError):
                 os.waitpid(p.pid, os.WNOHANG)
@@ -414,8 +437,7 @@ class MLflowLocalDeployer(BaseModelDeployer):
                 mlflow_server.control_request(
                     self._paths(record.uuid)["ctl"], "drain", timeout=timeout + 5, drain_timeout=timeout
                 )
-            with contextlib.suppress(Exception):
-                proc.wait(timeout=10)
+            _wait_exited([proc], timeout=10)
         self._terminate(record, record.pid, grace=0 if force else 5)
         self._remove_runtime_files(record.uuid)
 
