@@ -10,6 +10,7 @@ cncf-kubernetes ``KubernetesHook`` on the same connection; it is imported only w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -498,15 +499,76 @@ class SeldonDeployer(BaseModelDeployer):
         return None  # Creating: a rollout in progress; the record's state stands
 
     def _log_lines(self, record: ServiceRecord, tail: int | None, follow: bool) -> Iterator[str]:
-        core = self.hook.core_v1()
-        pods = core.list_namespaced_pod(
-            self.settings.namespace, label_selector=f"seldon-deployment-id={record.endpoint}"
-        )
-        for pod in pods.items:
+        """The model containers' logs, pod by pod; lines carry ``[<pod>]`` when there are several
+        pods (a canary, replicas). ``follow`` streams every pod's log at once until the pods go away
+        (their streams end) or the caller stops iterating (Ctrl-C in the CLI)."""
+        from kubernetes.client.exceptions import ApiException
+
+        core, ns = self.hook.core_v1(), self.settings.namespace
+        pods = [p.metadata.name for p in self._pods(record.endpoint) if not (follow and p.metadata.deletion_timestamp)]
+        prefix = len(pods) > 1
+        if follow:
+            yield from self._follow_logs(pods, 10 if tail is None else tail, prefix)
+            return
+        for pod in pods:
             kwargs = {"tail_lines": tail} if tail is not None else {}
-            text = core.read_namespaced_pod_log(pod.metadata.name, self.settings.namespace, **kwargs)
+            try:
+                text = core.read_namespaced_pod_log(pod, ns, container=m.MODEL_NODE, **kwargs)
+            except ApiException as exc:  # e.g. still initialising: the other pods' logs are worth showing
+                log.warning("No log from pod %s: HTTP %s: %s", pod, exc.status, _api_message(exc))
+                continue
             for line in (text or "").splitlines():
-                yield f"[{pod.metadata.name}] {line}"
+                yield f"[{pod}] {line}" if prefix else line
+
+    def _follow_logs(self, pods: list[str], tail: int, prefix: bool) -> Iterator[str]:
+        """One streaming log request per pod (the kubernetes client's ``follow=True`` without
+        preloading), read by a thread each into one queue, so that a quiet pod holds up no other."""
+        import queue
+        import threading
+
+        from kubernetes.client.exceptions import ApiException
+        from kubernetes.watch.watch import iter_resp_lines
+
+        core, ns = self.hook.core_v1(), self.settings.namespace
+        lines: queue.Queue[str | None] = queue.Queue()
+        streams = []
+        for pod in pods:
+            try:
+                stream = core.read_namespaced_pod_log(
+                    pod, ns, container=m.MODEL_NODE, follow=True, tail_lines=tail, _preload_content=False
+                )
+            except ApiException as exc:
+                log.warning("No log from pod %s: HTTP %s: %s", pod, exc.status, _api_message(exc))
+                continue
+            streams.append(stream)
+
+            def pump(stream: Any = stream, pod: str = pod) -> None:
+                try:
+                    for line in iter_resp_lines(stream):
+                        lines.put(f"[{pod}] {line}" if prefix else line)
+                except Exception as exc:  # the connection shut down under us (we stopped) or broke
+                    log.debug("Log stream of pod %s ended: %s", pod, exc)
+                finally:
+                    lines.put(None)
+
+            threading.Thread(target=pump, name=f"log-{pod}", daemon=True).start()
+        try:
+            running = len(streams)
+            while running:
+                try:
+                    line = lines.get(timeout=0.5)  # wakes up for Ctrl-C
+                except queue.Empty:
+                    continue
+                if line is None:
+                    running -= 1
+                else:
+                    yield line
+        finally:
+            for stream in streams:  # unblocks the threads' reads: they end, the connections close
+                with contextlib.suppress(Exception):
+                    stream.shutdown()
+                with contextlib.suppress(Exception):
+                    stream.release_conn()
 
     def _discover(self) -> list[ServiceRecord] | None:
         listing = self.api.list_namespaced_custom_object(
