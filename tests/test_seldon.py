@@ -9,7 +9,11 @@ read the cluster only as a client can: the kubernetes API and the prediction URL
 from __future__ import annotations
 
 import json
+import queue
+import signal
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import IRIS_COLUMNS, IRIS_ROWS, ROOT, run_airflow
+from conftest import IRIS_COLUMNS, IRIS_ROWS, ROOT, airflow_env, run_airflow
 from seldon_env import RACE_ANNOTATION, Cluster, open_cluster
 
 from airflow_provider_modeldeploy.exceptions import DeploymentFailedError, InvalidParameterError
@@ -29,6 +33,17 @@ SELDON_PAYLOAD = {"data": {"names": IRIS_COLUMNS, "ndarray": IRIS_ROWS}}
 #: answers for it names the version that served the request.
 PROBE = [8.0, 4.0, 5.9, 0.8]
 VERSION_OF_CLASS = {1: "v1", 2: "v2"}
+
+
+def v2_payload(rows: list[list[float]]) -> dict[str, Any]:
+    """A V2 inference request as MLServer's MLflow runtime takes it for a model whose signature
+    names columns: one FP64 tensor per column."""
+    return {
+        "inputs": [
+            {"name": column, "shape": [len(rows)], "datatype": "FP64", "data": [row[i] for row in rows]}
+            for i, column in enumerate(IRIS_COLUMNS)
+        ]
+    }
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +237,146 @@ def test_bad_names_and_manifests_leave_nothing(seldon: Any, cluster: Cluster, ml
     assert raw.value.status == 422 and "spec.predictors[0].replicas" in raw.value.body
 
 
+def test_v2_protocol_end_to_end(
+    airflow_home: Path, mlflow_models: dict[str, Any], cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Protocol v2: MLServer's routes behind Seldon's orchestrator, V2 payloads, the health sensor."""
+    from airflow_provider_modeldeploy.deployers import get_model_deployer
+    from airflow_provider_modeldeploy.sensors import ServedModelHealthSensor
+
+    monkeypatch.setenv("AIRFLOW_CONN_SELDON_V2", cluster.conn_json(protocol="v2"))
+    seldon = get_model_deployer("seldon_v2")
+
+    def config(uri: str) -> ServiceConfig:
+        return ServiceConfig(model_uri=uri, model_name="iris-v2", smoke_input=v2_payload(IRIS_ROWS))
+
+    def v2_version(url: str) -> str:
+        answer = httpx.post(url, json=v2_payload([PROBE]), timeout=30)
+        assert answer.status_code == 200, answer.text[:500]
+        return VERSION_OF_CLASS[answer.json()["outputs"][0]["data"][0]]
+
+    first = seldon.deploy_model(config(mlflow_models["iris_v1"]), timeout=cluster.timeout)
+    model = f"{cluster.ingress}/seldon/{cluster.namespace}/iris-v2/v2/models/model"  # the graph node's name
+    assert (first.prediction_url, first.health_url) == (f"{model}/infer", f"{model}/ready")
+    assert cluster.sdep("iris-v2")["spec"]["protocol"] == "v2"
+
+    # The CLI describes it running; the health sensor's check passes with a V2 sample prediction.
+    described = run_airflow(airflow_home, "served-models", "describe", first.uuid, "-o", "json", timeout=120)
+    assert described.returncode == 0, described.stderr[-3000:]
+    [row] = json.loads(described.stdout)
+    assert (row["state"], row["prediction_url"], row["health_url"]) == ("active", f"{model}/infer", f"{model}/ready")
+    sensor = ServedModelHealthSensor(task_id="wait", model_name="iris-v2", sample_input=v2_payload(IRIS_ROWS))
+    assert sensor.poke({}) is True
+    assert (
+        httpx.get(f"{cluster.ingress}/seldon/{cluster.namespace}/iris-v2/v2/health/ready", timeout=30).status_code
+        == 200
+    )
+
+    # Predictions in MLServer's V2 response shape; the Seldon protocol's route is not served.
+    answer = httpx.post(first.prediction_url, json=v2_payload(IRIS_ROWS), timeout=30).json()
+    assert answer["model_name"] == "model"
+    [output] = answer["outputs"]
+    assert output["datatype"] == "INT64" and output["shape"][0] == 2 and output["data"] == [0, 2]
+    assert v2_version(first.prediction_url) == "v1"
+    seldon_route = f"{cluster.ingress}/seldon/{cluster.namespace}/iris-v2/api/v1.0/predictions"
+    assert predict(seldon_route).status_code == 404
+    assert (
+        httpx.post(first.prediction_url.replace("/model/", "/iris-v2/"), json=v2_payload(IRIS_ROWS)).status_code == 404
+    )
+
+    # Replace in place: same URL, v2 answers; then delete.
+    second = seldon.deploy_model(config(mlflow_models["iris_v2"]), timeout=cluster.timeout)
+    assert second.prediction_url == first.prediction_url
+    cluster.eventually(lambda: {v2_version(second.prediction_url) for _ in range(10)} == {"v2"}, "v2 answers")
+    second.delete()
+    cluster.eventually(lambda: cluster.sdep("iris-v2") is None, "the SeldonDeployment is deleted")
+
+
+def test_logs_follow_cli(seldon: Any, airflow_home: Path, cluster: Cluster, mlflow_models: dict[str, Any]) -> None:
+    """``airflow served-models logs <uuid> -f`` streams the model pod's log until Ctrl-C (exit 0);
+    in Python, following ends by itself when the pods go away."""
+    service = seldon.deploy_model(cfg(mlflow_models["iris_v1"], "iris-logs"), timeout=cluster.timeout)
+    env = airflow_env(airflow_home, AIRFLOW_CONN_SELDON=cluster.conn_json(), PYTHONUNBUFFERED="1")
+    follower = subprocess.Popen(
+        [str(Path(sys.executable).parent / "airflow"), "served-models", "logs", service.uuid, "--tail", "1", "-f"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env,
+    )  # fmt: skip
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in follower.stdout], daemon=True)
+    reader.start()
+
+    def next_line(timeout: float) -> str:
+        try:
+            return lines.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail(f"no log line from the follower in {timeout}s (exit {follower.poll()})")
+
+    try:
+        next_line(120)  # the tail: the stream is open
+        # The emulator logs each request in the pod's log, as a model container with an access log
+        # does; Seldon's model servers keep none by default, so a real cluster shows no such line.
+        if cluster.emulated:
+            assert predict(service.prediction_url).status_code == 200
+            while '"POST /api/v1.0/predictions HTTP/1.1" 200' not in next_line(30):
+                pass
+        follower.send_signal(signal.SIGINT)
+        follower.wait(30)
+        stderr = follower.stderr.read()
+        assert follower.returncode == 0, stderr[-3000:]
+        assert "Traceback" not in stderr and "error:" not in stderr, stderr[-3000:]
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait(10)
+        follower.stdout.close()
+        follower.stderr.close()
+
+    # The pods go away: following ends by itself.
+    ended = threading.Event()
+
+    def follow() -> None:
+        for _ in seldon.get_model_server_logs(service.uuid, tail=1, follow=True):
+            pass
+        ended.set()
+
+    threading.Thread(target=follow, daemon=True).start()
+    time.sleep(1)  # the streams are open
+    assert not ended.is_set()
+    service.stop()
+    assert ended.wait(max(cluster.settle, 60)), "following did not end when the pods went away"
+
+
+def test_promote_and_rollback_operators(
+    seldon: Any, airflow_home: Path, cluster: Cluster, mlflow_models: dict[str, Any]
+) -> None:
+    """PromoteServedModelOperator and RollbackServedModelOperator run by ``airflow tasks test``."""
+    first = seldon.deploy_model(cfg(mlflow_models["iris_v1"], "iris-ops", "iris-ops"), timeout=cluster.timeout)
+    canary = seldon.deploy_model(
+        cfg(mlflow_models["iris_v2"], "iris-ops", "iris-ops", canary_traffic_percent=50), timeout=cluster.timeout
+    )
+    url, v1, v2 = first.prediction_url, first.record.served_uri, canary.record.served_uri
+    assert versions(url, 40) == {"v1", "v2"}
+    env = {"AIRFLOW_CONN_SELDON": cluster.conn_json(), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "tests" / "dags")}
+    airflow_ok(airflow_home, env, "db", "migrate")
+    airflow_ok(airflow_home, env, "dags", "reserialize")
+
+    promoted = airflow_ok(airflow_home, env, "tasks", "test", "modeldeploy_seldon_ops", "promote")
+    assert final_state(promoted) == "success", promoted[-3000:]
+    assert predictors(cluster, "iris-ops") == [("main", 100, v2)]
+    cluster.eventually(lambda: versions(url, 10) == {"v2"}, "only v2 answers after the promotion")
+    [serving] = seldon.find_model_server(endpoint="iris-ops")
+    assert serving.uuid == canary.uuid and "canary_of" not in serving.record.config
+    assert seldon.get_history(canary.uuid)[0]["action"] == "promote"
+
+    rolled = airflow_ok(airflow_home, env, "tasks", "test", "modeldeploy_seldon_ops", "rollback")
+    assert final_state(rolled) == "success", rolled[-3000:]
+    assert predictors(cluster, "iris-ops") == [("main", 100, v1)]
+    cluster.eventually(lambda: versions(url, 10) == {"v1"}, "only v1 answers after the rollback")
+    [serving] = seldon.find_model_server(endpoint="iris-ops")
+    assert serving.prediction_url == url and serving.record.served_uri == v1 and serving.is_running
+    assert seldon.get_history(serving.uuid)[0]["action"] == "rollback"
+
+
 def airflow_ok(home: Path, env: dict[str, str], *args: str) -> str:
     """Output of a successful ``airflow`` command in ``home``."""
     done = run_airflow(home, *args, timeout=600, PYTHONUNBUFFERED="1", **env)
@@ -313,8 +468,6 @@ def final_state(output: str) -> str:
 
 def test_example_dag_parses_without_backend_imports() -> None:
     """The example DAG loads (no kubernetes/mlflow import at parse time) and wires the canary loop."""
-    import sys
-
     code = (
         "import sys, runpy; runpy.run_path(sys.argv[1]);"
         "heavy = [m for m in ('kubernetes', 'mlflow', 'sklearn') if m in sys.modules]; print(heavy)"
