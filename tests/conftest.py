@@ -123,8 +123,12 @@ def mlflow_models(session_dir: Path) -> Iterator[dict[str, Any]]:
     """A real MLflow tracking store (SQLite) with registered models, trained once per session.
 
     iris v1 and v2 (alias ``champion`` -> 1), and ``broken`` v1 whose loading always fails.
+    Artifacts are local files, or under ``MODELDEPLOY_E2E_ARTIFACT_ROOT`` (an ``s3://`` prefix in
+    the kind cluster's MinIO, set by docker/kind/run-e2e.sh) where a real Seldon Core can fetch them.
     """
     tracking = f"sqlite:///{session_dir / 'mlflow.db'}"
+    remote = os.environ.get("MODELDEPLOY_E2E_ARTIFACT_ROOT", "").rstrip("/")
+    artifacts = f"{remote}/{session_dir.name}" if remote else (session_dir / "artifacts").as_uri()
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = tracking
     script = textwrap.dedent(
@@ -134,7 +138,7 @@ def mlflow_models(session_dir: Path) -> Iterator[dict[str, Any]]:
         from sklearn.datasets import load_iris
         from sklearn.linear_model import LogisticRegression
         mlflow.set_tracking_uri({tracking!r})
-        exp = mlflow.create_experiment("tests", artifact_location={(session_dir / "artifacts").as_uri()!r})
+        exp = mlflow.create_experiment("tests", artifact_location={artifacts!r})
         mlflow.set_experiment("tests")
         X, y = load_iris(return_X_y=True, as_frame=True)
         out = {{}}

@@ -1,37 +1,62 @@
-"""The Seldon Core backend end to end, against the Kubernetes API *emulator* (tests/k8s_emulator):
-the real hook and kubernetes client, real MLflow models served by real model-server processes."""
+"""The Seldon Core backend end to end: the real hook and kubernetes client, real MLflow models.
+
+By default against the Kubernetes API *emulator* (tests/k8s_emulator), whose Seldon stand-in serves
+the models with real model-server processes; with ``MODELDEPLOY_E2E_KUBECONFIG`` the same tests run
+against a real cluster with Seldon Core (docker/kind/run-e2e.sh, see tests/seldon_env.py). The tests
+read the cluster only as a client can: the kubernetes API and the prediction URLs.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import IRIS_COLUMNS, IRIS_ROWS
-from seldon_env import Emulator, run_emulator
+from conftest import IRIS_COLUMNS, IRIS_ROWS, ROOT, airflow_env, run_airflow
+from seldon_env import RACE_ANNOTATION, Cluster, open_cluster
 
 from airflow_provider_modeldeploy.exceptions import DeploymentFailedError, InvalidParameterError
 from airflow_provider_modeldeploy.services import Lineage, ServiceConfig, ServiceState
 
 SELDON_PAYLOAD = {"data": {"names": IRIS_COLUMNS, "ndarray": IRIS_ROWS}}
+#: conftest's iris v1 (C=1.0) and v2 (C=0.05, strongly regularised) classify this flower
+#: differently, each with a wide margin (0.5 and 0.4 in probability): the class a prediction URL
+#: answers for it names the version that served the request.
+PROBE = [8.0, 4.0, 5.9, 0.8]
+VERSION_OF_CLASS = {1: "v1", 2: "v2"}
+
+
+def v2_payload(rows: list[list[float]]) -> dict[str, Any]:
+    """A V2 inference request as MLServer's MLflow runtime takes it for a model whose signature
+    names columns: one FP64 tensor per column."""
+    return {
+        "inputs": [
+            {"name": column, "shape": [len(rows)], "datatype": "FP64", "data": [row[i] for row in rows]}
+            for i, column in enumerate(IRIS_COLUMNS)
+        ]
+    }
 
 
 @pytest.fixture(scope="module")
-def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
-    with run_emulator(tmp_path_factory.mktemp("k8s-emulator")) as emu:
-        yield emu
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with open_cluster(tmp_path_factory.mktemp("k8s-emulator")) as opened:
+        yield opened
 
 
 @pytest.fixture
-def seldon(
-    airflow_home: Path, mlflow_models: dict[str, Any], emulator: Emulator, monkeypatch: pytest.MonkeyPatch
-) -> Any:
+def seldon(airflow_home: Path, mlflow_models: dict[str, Any], cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> Any:
     from airflow_provider_modeldeploy.deployers import get_model_deployer
 
-    monkeypatch.setenv("AIRFLOW_CONN_SELDON", emulator.conn_json())
+    monkeypatch.setenv("AIRFLOW_CONN_SELDON", cluster.conn_json())
     return get_model_deployer("seldon")
 
 
@@ -39,119 +64,152 @@ def predict(url: str) -> httpx.Response:
     return httpx.post(url, json=SELDON_PAYLOAD, timeout=30)
 
 
-def cfg(uri: str, endpoint: str = "iris", **options: Any) -> ServiceConfig:
-    return ServiceConfig(model_uri=uri, model_name="iris", endpoint=endpoint, smoke_input=SELDON_PAYLOAD, **options)
+def version(url: str) -> str:
+    """Which iris version answered the Seldon-protocol prediction URL."""
+    answer = httpx.post(url, json={"data": {"names": IRIS_COLUMNS, "ndarray": [PROBE]}}, timeout=30)
+    assert answer.status_code == 200, answer.text[:500]
+    return VERSION_OF_CLASS[answer.json()["data"]["ndarray"][0]]
 
 
-def sd(emulator: Emulator, name: str) -> dict[str, Any]:
-    return httpx.get(
-        f"{emulator.url}/apis/machinelearning.seldon.io/v1/namespaces/models/seldondeployments/{name}", timeout=10
-    ).json()
+def versions(url: str, n: int) -> set[str]:
+    return {version(url) for _ in range(n)}
 
 
-def test_deploy_replace_stop_start_delete(seldon: Any, emulator: Emulator, mlflow_models: dict[str, Any]) -> None:
-    first = seldon.deploy_model(cfg(mlflow_models["iris_v1"]), lineage=Lineage(dag_id="d", run_id="r", task_id="t"))
-    assert first.status.state == ServiceState.ACTIVE and first.record.model_version == "1"
-    url = first.prediction_url
-    assert url == f"{emulator.url}/seldon/models/iris/api/v1.0/predictions"
-    answer = predict(url)
-    assert answer.status_code == 200 and len(answer.json()["data"]["ndarray"]) == 2
-    assert answer.headers["x-emulator-model-uri"] == first.record.served_uri
-    obj = sd(emulator, "iris")
-    labels = obj["metadata"]["labels"]
-    assert labels["modeldeploy.airflow.apache.org/service-uuid"] == first.uuid
-    assert labels["modeldeploy.airflow.apache.org/dag-id"] == "d"
-    lineage = json.loads(obj["metadata"]["annotations"]["modeldeploy.airflow.apache.org/lineage"])
-    assert (lineage["run_id"], lineage["task_id"], lineage["model_version"]) == ("r", "t", "1")
-    assert obj["metadata"]["generation"] == 1
-
-    # Replace patches the same SeldonDeployment: same URL, new version, one service in the registry.
-    second = seldon.deploy_model(cfg(mlflow_models["iris_v2"]))
-    assert second.prediction_url == url and second.record.model_version == "2"
-    assert predict(url).headers["x-emulator-model-uri"] == second.record.served_uri
-    obj = sd(emulator, "iris")
-    assert obj["metadata"]["generation"] == 2 and obj["metadata"]["uid"] == lineage_uid(emulator, obj)
-    assert [s.uuid for s in seldon.find_model_server(endpoint="iris")] == [second.uuid]
-    logs = list(seldon.get_model_server_logs(second.uuid, tail=50))
-    assert logs and all(line.startswith("[iris-main-") for line in logs)
-
-    # Stop scales to zero (the URL stops answering), start restores the replicas.
-    stopped = second.stop()
-    assert stopped.status.state == ServiceState.INACTIVE
-    assert [p["replicas"] for p in sd(emulator, "iris")["spec"]["predictors"]] == [0]
-    wait_for(lambda: predict(url).status_code == 503)
-    started = second.start(timeout=120)
-    assert started.is_running and predict(url).status_code == 200
-    assert [p["replicas"] for p in sd(emulator, "iris")["spec"]["predictors"]] == [1]
-
-    second.delete()
-    assert sd(emulator, "iris")["code"] == 404
-    assert seldon.find_model_server(endpoint="iris") == []
+def cfg(uri: str, endpoint: str = "iris", model_name: str = "iris", **options: Any) -> ServiceConfig:
+    return ServiceConfig(model_uri=uri, model_name=model_name, endpoint=endpoint, smoke_input=SELDON_PAYLOAD, **options)
 
 
-def lineage_uid(emulator: Emulator, obj: dict[str, Any]) -> str:
-    return obj["metadata"]["uid"]
+def predictors(cluster: Cluster, name: str) -> list[tuple[str, int, str]]:
+    """(name, traffic, modelUri) of each predictor of the SeldonDeployment."""
+    obj = cluster.sdep(name)
+    assert obj is not None, f"no SeldonDeployment {name}"
+    return [(p["name"], p["traffic"], p["graph"]["modelUri"]) for p in obj["spec"]["predictors"]]
 
 
-def wait_for(check: Any, timeout: float = 30) -> None:
-    import time
-
+def wait_for(check: Callable[[], Any], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.1)
 
 
-def uris_answering(url: str, n: int) -> set[str]:
-    return {predict(url).headers["x-emulator-model-uri"] for _ in range(n)}
+def test_deploy_replace_stop_start_delete(seldon: Any, cluster: Cluster, mlflow_models: dict[str, Any]) -> None:
+    first = seldon.deploy_model(
+        cfg(mlflow_models["iris_v1"]), timeout=cluster.timeout, lineage=Lineage(dag_id="d", run_id="r", task_id="t")
+    )
+    assert first.status.state == ServiceState.ACTIVE and first.record.model_version == "1"
+    url = first.prediction_url
+    base = f"{cluster.ingress}/seldon/{cluster.namespace}/iris"
+    assert (url, first.health_url) == (f"{base}/api/v1.0/predictions", f"{base}/api/v1.0/health/status")
+    answer = predict(url)
+    assert answer.status_code == 200 and len(answer.json()["data"]["ndarray"]) == 2
+    assert httpx.get(first.health_url, timeout=30).status_code == 200
+    assert version(url) == "v1"
+    obj = cluster.sdep("iris")
+    labels = obj["metadata"]["labels"]
+    assert labels["modeldeploy.airflow.apache.org/service-uuid"] == first.uuid
+    assert labels["modeldeploy.airflow.apache.org/dag-id"] == "d"
+    lineage = json.loads(obj["metadata"]["annotations"]["modeldeploy.airflow.apache.org/lineage"])
+    assert (lineage["run_id"], lineage["task_id"], lineage["model_version"]) == ("r", "t", "1")
+    assert obj["metadata"]["generation"] == 1
+    uid = obj["metadata"]["uid"]
+    [pod] = cluster.pods("iris")  # one replica
+    assert pod.metadata.name.startswith("iris-main-")
+
+    # Replace patches the same SeldonDeployment: same URL, new version, one service in the registry.
+    # Seldon keeps saying Available through the rolling update: the deploy returns only once v2's
+    # pods serve, so v2 answers from then on.
+    second = seldon.deploy_model(cfg(mlflow_models["iris_v2"]), timeout=cluster.timeout)
+    assert second.prediction_url == url and second.record.model_version == "2"
+    cluster.eventually(lambda: versions(url, 10) == {"v2"}, "only v2 answers once the replace returned")
+    obj = cluster.sdep("iris")
+    assert obj["metadata"]["generation"] == 2 and obj["metadata"]["uid"] == uid
+    assert [s.uuid for s in seldon.find_model_server(endpoint="iris")] == [second.uuid]
+    # One model pod: its container's log as the cluster has it, lines unprefixed.
+    [pod] = cluster.pods("iris")
+
+    def same_log() -> bool:
+        direct = cluster.core.read_namespaced_pod_log(pod.metadata.name, cluster.namespace, container="model")
+        return list(seldon.get_model_server_logs(second.uuid, tail=50)) == direct.splitlines()[-50:]
+
+    assert cluster.core.read_namespaced_pod_log(pod.metadata.name, cluster.namespace, container="model")
+    cluster.eventually(same_log, "the service's log is its model container's")
+
+    # Stop scales to zero (the pods go, the URL stops answering), start restores the replicas.
+    stopped = second.stop()
+    assert stopped.status.state == ServiceState.INACTIVE
+    assert [p["replicas"] for p in cluster.sdep("iris")["spec"]["predictors"]] == [0]
+    wait_for(lambda: not cluster.pods("iris"), cluster.timeout)
+    wait_for(lambda: predict(url).status_code == 503, max(cluster.settle, 30))
+    started = second.start(timeout=cluster.timeout)
+    assert started.is_running and predict(url).status_code == 200 and version(url) == "v2"
+    assert [p["replicas"] for p in cluster.sdep("iris")["spec"]["predictors"]] == [1]
+
+    second.delete()
+    cluster.eventually(lambda: cluster.sdep("iris") is None, "the SeldonDeployment is deleted")
+    assert seldon.find_model_server(endpoint="iris") == []
 
 
-def test_canary_conflict_rollback_promote_failure(
-    seldon: Any, emulator: Emulator, mlflow_models: dict[str, Any]
-) -> None:
-    first = seldon.deploy_model(cfg(mlflow_models["iris_v1"], "iris-canary"))
+def test_canary_conflict_rollback_promote_failure(seldon: Any, cluster: Cluster, mlflow_models: dict[str, Any]) -> None:
+    first = seldon.deploy_model(cfg(mlflow_models["iris_v1"], "iris-canary"), timeout=cluster.timeout)
     url, v1 = first.prediction_url, first.record.served_uri
 
     # A concurrent writer changes the object between our read and our patch: 409, re-read, re-apply.
-    emulator.inject_conflicts(1)
-    canary = seldon.deploy_model(cfg(mlflow_models["iris_v2"], "iris-canary", canary_traffic_percent=50))
+    with cluster.lose_write_race(seldon, "iris-canary") as race:
+        canary = seldon.deploy_model(
+            cfg(mlflow_models["iris_v2"], "iris-canary", canary_traffic_percent=50), timeout=cluster.timeout
+        )
+    assert race.statuses[0] == 409 and race.statuses[-1] == 200, race.statuses
     v2 = canary.record.served_uri
-    obj = sd(emulator, "iris-canary")
-    assert "emulator/concurrent-writer" in obj["metadata"]["annotations"]
-    assert [(p["name"], p["traffic"], p["graph"]["modelUri"]) for p in obj["spec"]["predictors"]] == [
-        ("main", 50, v1), ("canary", 50, v2),
-    ]  # fmt: skip
+    assert race.annotation in cluster.sdep("iris-canary")["metadata"]["annotations"]
+    assert predictors(cluster, "iris-canary") == [("main", 50, v1), ("canary", 50, v2)]
     assert canary.status.state == ServiceState.ACTIVE and canary.prediction_url == url
-    assert uris_answering(url, 40) == {v1, v2}
+    assert versions(url, 40) == {"v1", "v2"}
     assert seldon.get_history(canary.uuid)[0]["action"] == "canary"
 
-    # Rollback of a canary: main (v1) alone again, without restarting it.
-    back = canary.rollback()
-    assert back.record.served_uri == v1 and back.is_running
-    assert [p["name"] for p in sd(emulator, "iris-canary")["spec"]["predictors"]] == ["main"]
-    assert uris_answering(url, 10) == {v1}
+    # Two model pods now: each log line names its pod; following streams both, until we stop.
+    pods = {p.metadata.name for p in cluster.pods("iris-canary")}
+    assert len(pods) == 2
+    logs = list(seldon.get_model_server_logs(canary.uuid, tail=3))
+    assert {line[1 : line.index("] ")] for line in logs} == pods
+    following = seldon.get_model_server_logs(canary.uuid, tail=1, follow=True)
+    assert {next(following)[1:].split("] ")[0] for _ in pods} == pods
+    following.close()
 
-    # Canary again, then promote: v2 takes all traffic.
-    again = seldon.deploy_model(cfg(mlflow_models["iris_v2"], "iris-canary", canary_traffic_percent=30))
-    promoted = again.promote()
+    # Rollback of a canary: main (v1) alone again, without restarting it.
+    back = canary.rollback(timeout=cluster.timeout)
+    assert back.record.served_uri == v1 and back.is_running
+    assert [name for name, _, _ in predictors(cluster, "iris-canary")] == ["main"]
+    cluster.eventually(lambda: versions(url, 10) == {"v1"}, "only v1 answers after the rollback")
+
+    # Canary again (this time a second kubernetes client wins the race), then promote: v2 takes all.
+    with cluster.lose_write_race(seldon, "iris-canary", emulator_control=False) as race:
+        again = seldon.deploy_model(
+            cfg(mlflow_models["iris_v2"], "iris-canary", canary_traffic_percent=30), timeout=cluster.timeout
+        )
+    assert race.statuses[0] == 409 and race.statuses[-1] == 200, race.statuses
+    assert RACE_ANNOTATION in cluster.sdep("iris-canary")["metadata"]["annotations"]
+    promoted = again.promote(timeout=cluster.timeout)
     assert "canary_of" not in promoted.record.config
-    preds = sd(emulator, "iris-canary")["spec"]["predictors"]
-    assert [(p["name"], p["traffic"], p["graph"]["modelUri"]) for p in preds] == [("main", 100, v2)]
-    assert uris_answering(url, 10) == {v2}
+    assert predictors(cluster, "iris-canary") == [("main", 100, v2)]
+    cluster.eventually(lambda: versions(url, 10) == {"v2"}, "only v2 answers after the promotion")
     assert seldon.get_history(again.uuid)[0]["action"] == "promote"
     with pytest.raises(InvalidParameterError, match="has no canary to promote"):
         promoted.promote()
 
-    # A model that cannot load: Failed with Seldon's description; the spec is restored, v2 keeps serving.
-    with pytest.raises(DeploymentFailedError, match=r"Failed: predictor main: .*model weights are corrupted"):
-        seldon.deploy_model(cfg("models:/broken/1", "iris-canary"))
-    assert sd(emulator, "iris-canary")["spec"]["predictors"][0]["graph"]["modelUri"] == v2
-    assert uris_answering(url, 5) == {v2}
+    # A model that cannot load: the deploy fails, the spec is restored, v2 keeps serving. The
+    # emulator reports Failed with the model server's error at once; a real Seldon Core 1 only after
+    # the Deployment's progress deadline (10 min), so there the rollout times out first.
+    failure = r"Failed: predictor main: .*model weights are corrupted" if cluster.emulated else "did not roll out"
+    with pytest.raises(DeploymentFailedError, match=failure):
+        seldon.deploy_model(cfg("models:/broken/1", "iris-canary"), timeout=min(cluster.timeout, 300))
+    assert predictors(cluster, "iris-canary") == [("main", 100, v2)]
+    cluster.eventually(lambda: versions(url, 5) == {"v2"}, "v2 still answers after the failed rollout")
     current = seldon.find_model_server(endpoint="iris-canary")
     assert [s.uuid for s in current] == [again.uuid] and current[0].status.state == ServiceState.ACTIVE
 
 
-def test_bad_names_and_manifests_leave_nothing(seldon: Any, emulator: Emulator, mlflow_models: dict[str, Any]) -> None:
+def test_bad_names_and_manifests_leave_nothing(seldon: Any, cluster: Cluster, mlflow_models: dict[str, Any]) -> None:
     from kubernetes.client.exceptions import ApiException
 
     from airflow_provider_modeldeploy.registry import get_registry
@@ -167,47 +225,186 @@ def test_bad_names_and_manifests_leave_nothing(seldon: Any, emulator: Emulator, 
     with pytest.raises(InvalidParameterError, match="a canary needs a version serving"):
         seldon.deploy_model(cfg(mlflow_models["iris_v1"], "iris-bad", canary_traffic_percent=10))
     assert get_registry().find_services() == []
-    assert sd(emulator, "iris-bad")["code"] == 404
+    assert cluster.sdep("iris-bad") is None
 
-    # The emulator itself answers 422 for an object the CRD schema rejects, as the API server does.
+    # The cluster itself answers 422 for an object the CRD schema rejects.
     bad = {"apiVersion": "machinelearning.seldon.io/v1", "kind": "SeldonDeployment",
            "metadata": {"name": "raw"}, "spec": {"predictors": [{"name": "p", "replicas": "two", "graph": {}}]}}  # fmt: skip
     with pytest.raises(ApiException) as raw:
         seldon.api.create_namespaced_custom_object(
-            "machinelearning.seldon.io", "v1", "models", "seldondeployments", bad
+            "machinelearning.seldon.io", "v1", cluster.namespace, "seldondeployments", bad
         )
     assert raw.value.status == 422 and "spec.predictors[0].replicas" in raw.value.body
 
 
-SECRET_KEY = "s3cr3t-Value-42-never-shown"
-ACCESS_KEY = "AKIAEMULATORACCESSKEY"
+def test_v2_protocol_end_to_end(
+    airflow_home: Path, mlflow_models: dict[str, Any], cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Protocol v2: MLServer's routes behind Seldon's orchestrator, V2 payloads, the health sensor."""
+    from airflow_provider_modeldeploy.deployers import get_model_deployer
+    from airflow_provider_modeldeploy.sensors import ServedModelHealthSensor
+
+    monkeypatch.setenv("AIRFLOW_CONN_SELDON_V2", cluster.conn_json(protocol="v2"))
+    seldon = get_model_deployer("seldon_v2")
+
+    def config(uri: str) -> ServiceConfig:
+        return ServiceConfig(model_uri=uri, model_name="iris-v2", smoke_input=v2_payload(IRIS_ROWS))
+
+    def v2_version(url: str) -> str:
+        answer = httpx.post(url, json=v2_payload([PROBE]), timeout=30)
+        assert answer.status_code == 200, answer.text[:500]
+        return VERSION_OF_CLASS[answer.json()["outputs"][0]["data"][0]]
+
+    first = seldon.deploy_model(config(mlflow_models["iris_v1"]), timeout=cluster.timeout)
+    model = f"{cluster.ingress}/seldon/{cluster.namespace}/iris-v2/v2/models/model"  # the graph node's name
+    assert (first.prediction_url, first.health_url) == (f"{model}/infer", f"{model}/ready")
+    assert cluster.sdep("iris-v2")["spec"]["protocol"] == "v2"
+
+    # The CLI describes it running; the health sensor's check passes with a V2 sample prediction.
+    described = run_airflow(airflow_home, "served-models", "describe", first.uuid, "-o", "json", timeout=120)
+    assert described.returncode == 0, described.stderr[-3000:]
+    [row] = json.loads(described.stdout)
+    assert (row["state"], row["prediction_url"], row["health_url"]) == ("active", f"{model}/infer", f"{model}/ready")
+    sensor = ServedModelHealthSensor(task_id="wait", model_name="iris-v2", sample_input=v2_payload(IRIS_ROWS))
+    assert sensor.poke({}) is True
+    assert (
+        httpx.get(f"{cluster.ingress}/seldon/{cluster.namespace}/iris-v2/v2/health/ready", timeout=30).status_code
+        == 200
+    )
+
+    # Predictions in MLServer's V2 response shape; the Seldon protocol's route is not served.
+    answer = httpx.post(first.prediction_url, json=v2_payload(IRIS_ROWS), timeout=30).json()
+    assert answer["model_name"] == "model"
+    [output] = answer["outputs"]
+    assert output["datatype"] == "INT64" and output["shape"][0] == 2 and output["data"] == [0, 2]
+    assert v2_version(first.prediction_url) == "v1"
+    seldon_route = f"{cluster.ingress}/seldon/{cluster.namespace}/iris-v2/api/v1.0/predictions"
+    assert predict(seldon_route).status_code == 404
+    assert (
+        httpx.post(first.prediction_url.replace("/model/", "/iris-v2/"), json=v2_payload(IRIS_ROWS)).status_code == 404
+    )
+
+    # Replace in place: same URL, v2 answers; then delete.
+    second = seldon.deploy_model(config(mlflow_models["iris_v2"]), timeout=cluster.timeout)
+    assert second.prediction_url == first.prediction_url
+    cluster.eventually(lambda: {v2_version(second.prediction_url) for _ in range(10)} == {"v2"}, "v2 answers")
+    second.delete()
+    cluster.eventually(lambda: cluster.sdep("iris-v2") is None, "the SeldonDeployment is deleted")
+
+
+def test_logs_follow_cli(seldon: Any, airflow_home: Path, cluster: Cluster, mlflow_models: dict[str, Any]) -> None:
+    """``airflow served-models logs <uuid> -f`` streams the model pod's log until Ctrl-C (exit 0);
+    in Python, following ends by itself when the pods go away."""
+    service = seldon.deploy_model(cfg(mlflow_models["iris_v1"], "iris-logs"), timeout=cluster.timeout)
+    env = airflow_env(airflow_home, AIRFLOW_CONN_SELDON=cluster.conn_json(), PYTHONUNBUFFERED="1")
+    follower = subprocess.Popen(
+        [str(Path(sys.executable).parent / "airflow"), "served-models", "logs", service.uuid, "--tail", "1", "-f"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env,
+    )  # fmt: skip
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in follower.stdout], daemon=True)
+    reader.start()
+
+    def next_line(timeout: float) -> str:
+        try:
+            return lines.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail(f"no log line from the follower in {timeout}s (exit {follower.poll()})")
+
+    try:
+        next_line(120)  # the tail: the stream is open
+        # The emulator logs each request in the pod's log, as a model container with an access log
+        # does; Seldon's model servers keep none by default, so a real cluster shows no such line.
+        if cluster.emulated:
+            assert predict(service.prediction_url).status_code == 200
+            while '"POST /api/v1.0/predictions HTTP/1.1" 200' not in next_line(30):
+                pass
+        follower.send_signal(signal.SIGINT)
+        follower.wait(30)
+        stderr = follower.stderr.read()
+        assert follower.returncode == 0, stderr[-3000:]
+        assert "Traceback" not in stderr and "error:" not in stderr, stderr[-3000:]
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait(10)
+        follower.stdout.close()
+        follower.stderr.close()
+
+    # The pods go away: following ends by itself.
+    ended = threading.Event()
+
+    def follow() -> None:
+        for _ in seldon.get_model_server_logs(service.uuid, tail=1, follow=True):
+            pass
+        ended.set()
+
+    threading.Thread(target=follow, daemon=True).start()
+    time.sleep(1)  # the streams are open
+    assert not ended.is_set()
+    service.stop()
+    assert ended.wait(max(cluster.settle, 60)), "following did not end when the pods went away"
+
+
+def test_promote_and_rollback_operators(
+    seldon: Any, airflow_home: Path, cluster: Cluster, mlflow_models: dict[str, Any]
+) -> None:
+    """PromoteServedModelOperator and RollbackServedModelOperator run by ``airflow tasks test``."""
+    first = seldon.deploy_model(cfg(mlflow_models["iris_v1"], "iris-ops", "iris-ops"), timeout=cluster.timeout)
+    canary = seldon.deploy_model(
+        cfg(mlflow_models["iris_v2"], "iris-ops", "iris-ops", canary_traffic_percent=50), timeout=cluster.timeout
+    )
+    url, v1, v2 = first.prediction_url, first.record.served_uri, canary.record.served_uri
+    assert versions(url, 40) == {"v1", "v2"}
+    env = {"AIRFLOW_CONN_SELDON": cluster.conn_json(), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "tests" / "dags")}
+    airflow_ok(airflow_home, env, "db", "migrate")
+    airflow_ok(airflow_home, env, "dags", "reserialize")
+
+    promoted = airflow_ok(airflow_home, env, "tasks", "test", "modeldeploy_seldon_ops", "promote")
+    assert final_state(promoted) == "success", promoted[-3000:]
+    assert predictors(cluster, "iris-ops") == [("main", 100, v2)]
+    cluster.eventually(lambda: versions(url, 10) == {"v2"}, "only v2 answers after the promotion")
+    [serving] = seldon.find_model_server(endpoint="iris-ops")
+    assert serving.uuid == canary.uuid and "canary_of" not in serving.record.config
+    assert seldon.get_history(canary.uuid)[0]["action"] == "promote"
+
+    rolled = airflow_ok(airflow_home, env, "tasks", "test", "modeldeploy_seldon_ops", "rollback")
+    assert final_state(rolled) == "success", rolled[-3000:]
+    assert predictors(cluster, "iris-ops") == [("main", 100, v1)]
+    cluster.eventually(lambda: versions(url, 10) == {"v1"}, "only v1 answers after the rollback")
+    [serving] = seldon.find_model_server(endpoint="iris-ops")
+    assert serving.prediction_url == url and serving.record.served_uri == v1 and serving.is_running
+    assert seldon.get_history(serving.uuid)[0]["action"] == "rollback"
+
+
+def airflow_ok(home: Path, env: dict[str, str], *args: str) -> str:
+    """Output of a successful ``airflow`` command in ``home``."""
+    done = run_airflow(home, *args, timeout=600, PYTHONUNBUFFERED="1", **env)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return done.stdout + done.stderr
 
 
 def test_secrets_never_leak_sensor_cli_and_sync(
-    airflow_home: Path, mlflow_models: dict[str, Any], emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+    airflow_home: Path, mlflow_models: dict[str, Any], cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from conftest import ROOT, run_airflow
-
     from airflow_provider_modeldeploy.deployers import get_model_deployer
     from airflow_provider_modeldeploy.registry import get_registry
 
-    minio = {"conn_type": "aws", "login": ACCESS_KEY, "password": SECRET_KEY,
-             "extra": {"endpoint_url": "http://minio.emulated:9000"}}  # fmt: skip
+    storage = cluster.storage
+    minio = {"conn_type": "aws", "login": storage.access_key, "password": storage.secret_key,
+             "extra": {"endpoint_url": storage.endpoint}}  # fmt: skip
     env = {
-        "AIRFLOW_CONN_SELDON": emulator.conn_json(storage_secret="model-storage", storage_conn_id="minio"),
+        "AIRFLOW_CONN_SELDON": cluster.conn_json(storage_secret="model-storage", storage_conn_id="minio"),
         "AIRFLOW_CONN_MINIO": json.dumps(minio),
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "tests" / "dags"),
-        "PYTHONUNBUFFERED": "1",
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     outputs = []
 
     def ok(*args: str) -> str:
-        done = run_airflow(airflow_home, *args, timeout=300, **env)
-        outputs.append(done.stdout + done.stderr)
-        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-        return done.stdout + done.stderr
+        outputs.append(airflow_ok(airflow_home, env, *args))
+        return outputs[-1]
 
     ok("db", "migrate")
     ok("dags", "reserialize")
@@ -218,15 +415,15 @@ def test_secrets_never_leak_sensor_cli_and_sync(
     assert "healthy; sample prediction" in waited, waited[-3000:]
 
     # The Secret exists with the rclone variables the storage initializer reads, marked as ours.
-    secret_url = f"{emulator.url}/api/v1/namespaces/models/secrets/model-storage"
-    secret = httpx.get(secret_url, timeout=10).json()
-    assert secret["stringData"]["RCLONE_CONFIG_S3_SECRET_ACCESS_KEY"] == SECRET_KEY
-    assert secret["stringData"]["RCLONE_CONFIG_S3_ENDPOINT"] == "http://minio.emulated:9000"
-    assert secret["metadata"]["labels"]["modeldeploy.airflow.apache.org/created-by"]
+    secret = cluster.secret("model-storage")
+    assert secret is not None
+    assert secret["values"]["RCLONE_CONFIG_S3_SECRET_ACCESS_KEY"] == storage.secret_key
+    assert secret["values"]["RCLONE_CONFIG_S3_ENDPOINT"] == storage.endpoint
+    assert secret["labels"]["modeldeploy.airflow.apache.org/created-by"]
 
     seldon = get_model_deployer("seldon")
-    other = seldon.deploy_model(cfg(mlflow_models["iris_v1"], "iris-two"))
-    assert sd(emulator, "iris-two")["spec"]["predictors"][0]["graph"]["envSecretRefName"] == "model-storage"
+    other = seldon.deploy_model(cfg(mlflow_models["iris_v1"], "iris-two"), timeout=cluster.timeout)
+    assert cluster.sdep("iris-two")["spec"]["predictors"][0]["graph"]["envSecretRefName"] == "model-storage"
     listed = ok("served-models", "list", "-o", "json")
     rows = {r["model_name"] + "/" + r["prediction_url"].split("/")[5]: r for r in json.loads(listed)}
     assert {r["backend"] for r in rows.values()} == {"seldon"} and len(rows) == 2
@@ -236,9 +433,9 @@ def test_secrets_never_leak_sensor_cli_and_sync(
     # SeldonDeployments (only the Secret's name).
     registry_db = airflow_home / "modeldeploy" / "registry.db"
     stored = [registry_db.read_bytes(), (airflow_home / "airflow.db").read_bytes()]  # XCom is in airflow.db
-    for text in [*outputs, *(b.decode(errors="replace") for b in stored), json.dumps(sd(emulator, "iris-two"))]:
-        assert SECRET_KEY not in text and ACCESS_KEY not in text
-    assert SECRET_KEY not in "\n".join(seldon.get_model_server_logs(other.uuid))
+    for text in [*outputs, *(b.decode(errors="replace") for b in stored), json.dumps(cluster.sdep("iris-two"))]:
+        assert storage.secret_key not in text and storage.access_key not in text
+    assert storage.secret_key not in "\n".join(seldon.get_model_server_logs(other.uuid))
 
     # The registry is lost: sync rebuilds it from the cluster's labels and annotations.
     get_registry().dispose()
@@ -254,10 +451,10 @@ def test_secrets_never_leak_sensor_cli_and_sync(
 
     # Delete removes the SeldonDeployment; our Secret goes with the last deployment that uses it.
     ok("served-models", "delete", first_uuid, "--yes")
-    assert sd(emulator, "iris-seldon")["code"] == 404
-    assert httpx.get(secret_url, timeout=10).status_code == 200
+    cluster.eventually(lambda: cluster.sdep("iris-seldon") is None, "the SeldonDeployment is deleted")
+    assert cluster.secret("model-storage") is not None
     seldon.delete_model_server(other.uuid)  # in-process (each airflow command costs seconds)
-    assert httpx.get(secret_url, timeout=10).status_code == 404
+    assert cluster.secret("model-storage") is None
 
 
 def final_state(output: str) -> str:
@@ -271,11 +468,6 @@ def final_state(output: str) -> str:
 
 def test_example_dag_parses_without_backend_imports() -> None:
     """The example DAG loads (no kubernetes/mlflow import at parse time) and wires the canary loop."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
     code = (
         "import sys, runpy; runpy.run_path(sys.argv[1]);"
         "heavy = [m for m in ('kubernetes', 'mlflow', 'sklearn') if m in sys.modules]; print(heavy)"
@@ -295,7 +487,7 @@ def test_example_dag_parses_without_backend_imports() -> None:
     assert dag.get_task("rollback_canary").upstream_task_ids == {"wait_canary", "smoke_predict"}
 
 
-def test_connection_settings_urls_and_test_connection(emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_connection_settings_urls_and_test_connection(cluster: Cluster) -> None:
     from airflow.models.connection import Connection
 
     from airflow_provider_modeldeploy.deployers.seldon import SeldonDeployer
@@ -303,18 +495,20 @@ def test_connection_settings_urls_and_test_connection(emulator: Emulator, monkey
     from airflow_provider_modeldeploy.services import ServiceRecord
 
     def hook(**extra: Any) -> SeldonDeployerHook:
-        conn = Connection.from_json(emulator.conn_json(**extra), conn_id="seldon_test")
+        conn = Connection.from_json(cluster.conn_json(**extra), conn_id="seldon_test")
         return SeldonDeployerHook(conn_id="seldon_test", connection=conn)
 
-    assert hook().test_connection() == (True, "SeldonDeployments readable in namespace models")
+    assert hook().test_connection() == (True, f"SeldonDeployments readable in namespace {cluster.namespace}")
     for field, value in [("protocol", "grpc"), ("replicas", 0), ("namespace", "Models"), ("implementation", "X")]:
         with pytest.raises(InvalidParameterError, match=f"^{field}="):
             hook(**{field: value}).get_settings()
-    unreachable = hook(kube_config_path=str(emulator.kubeconfig) + ".missing")
+    unreachable = hook(kube_config_path=str(cluster.kubeconfig) + ".missing")
     ok, message = unreachable.test_connection()
     assert not ok and message
 
-    deployer = SeldonDeployer(conn_id="seldon_test", hook=hook(protocol="v2"))
     record = ServiceRecord(uuid="u", backend="seldon", endpoint="iris", model_name="iris", model_uri="models:/iris/1")
-    base = f"{emulator.url}/seldon/models/iris"
-    assert deployer.urls(record) == (f"{base}/v2/models/iris/infer", f"{base}/v2/health/ready")
+    base = f"{cluster.ingress}/seldon/{cluster.namespace}/iris"
+    v2 = SeldonDeployer(conn_id="seldon_test", hook=hook(protocol="v2"))
+    assert v2.urls(record) == (f"{base}/v2/models/model/infer", f"{base}/v2/models/model/ready")
+    seldon = SeldonDeployer(conn_id="seldon_test", hook=hook())
+    assert seldon.urls(record) == (f"{base}/api/v1.0/predictions", f"{base}/api/v1.0/health/status")

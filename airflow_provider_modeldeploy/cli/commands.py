@@ -102,8 +102,13 @@ def show_logs(args: Any) -> None:
     from airflow_provider_modeldeploy.deployers import deployer_for_service
 
     deployer = deployer_for_service(args.uuid)
-    for line in deployer.get_model_server_logs(args.uuid, tail=args.tail, follow=args.follow):
-        print(line, flush=args.follow)
+    try:
+        for line in deployer.get_model_server_logs(args.uuid, tail=args.tail, follow=args.follow):
+            print(line, flush=args.follow)
+    except KeyboardInterrupt:
+        if not args.follow:
+            raise
+        # Ctrl-C is how one stops following: the command did what was asked (exit 0).
 
 
 @cli_errors

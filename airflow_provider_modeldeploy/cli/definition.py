@@ -39,7 +39,11 @@ ARG_OFFSET = Arg(("--offset",), help="Skip this many services first", type=_non_
 ARG_TIMEOUT = Arg(("--timeout",), help="Seconds to wait (default 300)", type=_positive_float, default=300.0)
 ARG_FORCE = Arg(("--force",), help="Kill at once instead of draining in-flight requests", action="store_true")
 ARG_TAIL = Arg(("--tail",), help="Only the last N lines", type=_non_negative_int, default=None)
-ARG_FOLLOW = Arg(("-f", "--follow"), help="Keep printing new lines while the server runs", action="store_true")
+ARG_FOLLOW = Arg(
+    ("-f", "--follow"),
+    help="Keep printing new lines while the server runs, until it stops or Ctrl-C (exit code 0)",
+    action="store_true",
+)
 ARG_CONN_ID = Arg(
     ("--conn-id",),
     help="Also reconcile this deployer connection (default: the connections the registry names, and the default one)",

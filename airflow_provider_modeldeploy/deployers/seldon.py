@@ -10,6 +10,7 @@ cncf-kubernetes ``KubernetesHook`` on the same connection; it is imported only w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -119,12 +120,18 @@ class SeldonDeployer(BaseModelDeployer):
     # -- URLs ------------------------------------------------------------------------------------
 
     def urls(self, record: ServiceRecord) -> tuple[str, str]:
-        """(prediction URL, health URL) of the endpoint, for the connection's protocol."""
+        """(prediction URL, health URL) of the endpoint, for the connection's protocol.
+
+        These are the routes Seldon Core 1's service orchestrator serves behind the ingress. In V2
+        the model is the graph node (the orchestrator passes the name on to MLServer, which loads
+        the model under the node's name), not the registered model's name.
+        """
         s = self.settings
         base = f"{s.ingress_base_url}/seldon/{s.namespace}/{record.endpoint}"
         if record.config.get("protocol", s.protocol) == "v2":
-            return f"{base}/v2/models/{record.model_name}/infer", f"{base}/v2/health/ready"
-        return f"{base}/api/v1.0/predictions", f"{base}/health/ping"
+            model = f"{base}/v2/models/{m.MODEL_NODE}"
+            return f"{model}/infer", f"{model}/ready"
+        return f"{base}/api/v1.0/predictions", f"{base}/api/v1.0/health/status"
 
     # -- the kubernetes API ----------------------------------------------------------------------
 
@@ -139,10 +146,7 @@ class SeldonDeployer(BaseModelDeployer):
             raise self._api_error(exc, name) from None
 
     def _api_error(self, exc: Any, name: str) -> Exception:
-        try:
-            message = json.loads(exc.body).get("message") or exc.reason
-        except (TypeError, ValueError):
-            message = exc.reason
+        message = _api_message(exc)
         if exc.status == 422:
             return InvalidParameterError("manifest", name, f"the cluster rejected the SeldonDeployment: {message}")
         return DeploymentFailedError(f"endpoint={name!r}: Kubernetes API answered {exc.status}: {message}")
@@ -178,24 +182,70 @@ class SeldonDeployer(BaseModelDeployer):
         except ApiException as exc:
             raise self._api_error(exc, name) from None
 
-    def _wait_available(self, name: str, timeout: float) -> dict[str, Any]:
+    def _wait_available(self, name: str, timeout: float, written: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Wait until Seldon reports the SeldonDeployment Available *and* its model pods run the spec.
+
+        Seldon Core 1 keeps ``status.state`` Available through a rolling update (the previous pods
+        keep the Deployment available) and sets no ``observedGeneration``, so the state alone cannot
+        tell that the new spec serves: the pods' storage initializers name the modelUri they serve.
+        ``written`` is the object as our write returned it: a Failed state counts only once the
+        operator has written the status since (a Failed left from before would fail a good rollout).
+        """
+        written_rv = ((written or {}).get("metadata") or {}).get("resourceVersion")
         deadline = time.monotonic() + timeout
         while True:
             obj = self._read(name)
             if obj is None:
                 raise DeploymentFailedError(f"endpoint={name!r}: the SeldonDeployment disappeared while rolling out")
             status = obj.get("status") or {}
-            if status.get("state") == "Available":
-                return obj
-            if status.get("state") == "Failed":
+            state = status.get("state") or "unreported"
+            if state == "Failed" and obj["metadata"].get("resourceVersion") != written_rv:
                 raise DeploymentFailedError(
                     f"endpoint={name!r}: Seldon reports the deployment Failed: {status.get('description') or 'no description'}"
                 )
+            if state == "Available":
+                rolled_out, detail = self._rolled_out(obj)
+                if rolled_out:
+                    return obj
+            else:
+                detail = f"state {state}"
             if time.monotonic() > deadline:
-                raise DeploymentFailedError(
-                    f"timeout={timeout!r}: SeldonDeployment {name} is still {status.get('state') or 'unreported'}"
-                )
+                raise DeploymentFailedError(f"timeout={timeout!r}: SeldonDeployment {name} did not roll out ({detail})")
             time.sleep(0.2)
+
+    def _pods(self, name: str) -> list[Any]:
+        """The model pods of a SeldonDeployment (Seldon labels them with its name), by name."""
+        core = self.hook.core_v1()
+        pods = core.list_namespaced_pod(self.settings.namespace, label_selector=f"seldon-deployment-id={name}")
+        return sorted(pods.items, key=lambda pod: pod.metadata.name)
+
+    def _rolled_out(self, obj: dict[str, Any]) -> tuple[bool, str]:
+        """(whether exactly the spec's model pods run and are ready, what is missing)."""
+        from collections import Counter
+
+        from kubernetes.client.exceptions import ApiException
+
+        wanted: Counter[str | None] = Counter()
+        for p in obj["spec"].get("predictors", []):
+            if int(p.get("replicas", 1)) > 0:
+                wanted[(p.get("graph") or {}).get("modelUri")] += int(p.get("replicas", 1))
+        try:
+            pods = self._pods(obj["metadata"]["name"])
+        except ApiException as exc:
+            if exc.status == 403:  # may not list pods: Seldon's state is all there is to go by
+                log.warning("Cannot list pods in %s (403): trusting Seldon's state alone", self.settings.namespace)
+                return True, ""
+            raise self._api_error(exc, obj["metadata"]["name"]) from None
+        live = [
+            p for p in pods if p.metadata.deletion_timestamp is None and p.status.phase not in ("Succeeded", "Failed")
+        ]
+        serving: Counter[str | None] = Counter(_pod_model_uri(p) for p in live)
+        ready = sum(1 for p in live if _pod_ready(p))
+        # Without a storage initializer naming the modelUri (e.g. a PVC model), count the pods only.
+        matches = len(live) == sum(wanted.values()) if set(serving) == {None} else serving == wanted
+        if matches and ready == len(live):
+            return True, ""
+        return False, f"{ready} of {len(live)} model pods ready, {sum(wanted.values())} wanted with the new spec"
 
     # -- manifests -------------------------------------------------------------------------------
 
@@ -314,8 +364,7 @@ class SeldonDeployer(BaseModelDeployer):
         before = self._read(record.endpoint)
         self._ensure_secret(record)
         try:
-            self._apply(manifest)
-            self._wait_available(record.endpoint, timeout)
+            self._wait_available(record.endpoint, timeout, self._apply(manifest))
             prediction_url, health_url = self.urls(record)
             self._smoke(record, prediction_url, health_url, timeout)
         except BaseException:
@@ -338,9 +387,23 @@ class SeldonDeployer(BaseModelDeployer):
                                  "annotations": before["metadata"].get("annotations") or {}},
                     "spec": before["spec"],
                 }  # fmt: skip
-                self._apply({**restore, "metadata": {**restore["metadata"], "name": record.endpoint}})
+                written = self._apply({**restore, "metadata": {**restore["metadata"], "name": record.endpoint}})
+                self._settle(record.endpoint, written)
         except Exception:
             log.exception("Could not restore SeldonDeployment %s after a failed rollout", record.endpoint)
+
+    def _settle(self, name: str, written: dict[str, Any], timeout: float = 30) -> None:
+        """After the previous spec is put back, wait (briefly) for Seldon to drop the Failed state of
+        the failed rollout: its pods never stopped serving, and a status read meanwhile would mark
+        the serving service failed."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            obj = self._read(name)
+            if obj is None or (obj.get("status") or {}).get("state") != "Failed":
+                return
+            if obj["metadata"].get("resourceVersion") != written["metadata"].get("resourceVersion"):
+                return  # the operator looked at the restored spec and still says Failed: its verdict
+            time.sleep(0.2)
 
     def _smoke(self, record: ServiceRecord, prediction_url: str, health_url: str, timeout: float) -> None:
         import httpx
@@ -386,11 +449,12 @@ class SeldonDeployer(BaseModelDeployer):
         obj = self._read(record.endpoint)
         if obj is None or _owner(obj) != record.uuid:
             return
-        ops: list[dict[str, Any]] = [
-            {"op": "test", "path": "/metadata/resourceVersion", "value": obj["metadata"]["resourceVersion"]}
-        ]
-        ops += [{"op": "replace", "path": f"/spec/predictors/{i}/replicas", "value": 0}
-                for i in range(len(obj["spec"]["predictors"]))]  # fmt: skip
+        # The tests pin each index to the predictor read (the operator's status writes in between
+        # do not matter; a concurrent change of the predictors makes the patch fail instead).
+        ops: list[dict[str, Any]] = []
+        for i, predictor in enumerate(obj["spec"]["predictors"]):
+            ops += [{"op": "test", "path": f"/spec/predictors/{i}/name", "value": predictor["name"]},
+                    {"op": "replace", "path": f"/spec/predictors/{i}/replicas", "value": 0}]  # fmt: skip
         try:
             self.api.patch_namespaced_custom_object(
                 m.GROUP,
@@ -435,15 +499,76 @@ class SeldonDeployer(BaseModelDeployer):
         return None  # Creating: a rollout in progress; the record's state stands
 
     def _log_lines(self, record: ServiceRecord, tail: int | None, follow: bool) -> Iterator[str]:
-        core = self.hook.core_v1()
-        pods = core.list_namespaced_pod(
-            self.settings.namespace, label_selector=f"seldon-deployment-id={record.endpoint}"
-        )
-        for pod in pods.items:
+        """The model containers' logs, pod by pod; lines carry ``[<pod>]`` when there are several
+        pods (a canary, replicas). ``follow`` streams every pod's log at once until the pods go away
+        (their streams end) or the caller stops iterating (Ctrl-C in the CLI)."""
+        from kubernetes.client.exceptions import ApiException
+
+        core, ns = self.hook.core_v1(), self.settings.namespace
+        pods = [p.metadata.name for p in self._pods(record.endpoint) if not (follow and p.metadata.deletion_timestamp)]
+        prefix = len(pods) > 1
+        if follow:
+            yield from self._follow_logs(pods, 10 if tail is None else tail, prefix)
+            return
+        for pod in pods:
             kwargs = {"tail_lines": tail} if tail is not None else {}
-            text = core.read_namespaced_pod_log(pod.metadata.name, self.settings.namespace, **kwargs)
+            try:
+                text = core.read_namespaced_pod_log(pod, ns, container=m.MODEL_NODE, **kwargs)
+            except ApiException as exc:  # e.g. still initialising: the other pods' logs are worth showing
+                log.warning("No log from pod %s: HTTP %s: %s", pod, exc.status, _api_message(exc))
+                continue
             for line in (text or "").splitlines():
-                yield f"[{pod.metadata.name}] {line}"
+                yield f"[{pod}] {line}" if prefix else line
+
+    def _follow_logs(self, pods: list[str], tail: int, prefix: bool) -> Iterator[str]:
+        """One streaming log request per pod (the kubernetes client's ``follow=True`` without
+        preloading), read by a thread each into one queue, so that a quiet pod holds up no other."""
+        import queue
+        import threading
+
+        from kubernetes.client.exceptions import ApiException
+        from kubernetes.watch.watch import iter_resp_lines
+
+        core, ns = self.hook.core_v1(), self.settings.namespace
+        lines: queue.Queue[str | None] = queue.Queue()
+        streams = []
+        for pod in pods:
+            try:
+                stream = core.read_namespaced_pod_log(
+                    pod, ns, container=m.MODEL_NODE, follow=True, tail_lines=tail, _preload_content=False
+                )
+            except ApiException as exc:
+                log.warning("No log from pod %s: HTTP %s: %s", pod, exc.status, _api_message(exc))
+                continue
+            streams.append(stream)
+
+            def pump(stream: Any = stream, pod: str = pod) -> None:
+                try:
+                    for line in iter_resp_lines(stream):
+                        lines.put(f"[{pod}] {line}" if prefix else line)
+                except Exception as exc:  # the connection shut down under us (we stopped) or broke
+                    log.debug("Log stream of pod %s ended: %s", pod, exc)
+                finally:
+                    lines.put(None)
+
+            threading.Thread(target=pump, name=f"log-{pod}", daemon=True).start()
+        try:
+            running = len(streams)
+            while running:
+                try:
+                    line = lines.get(timeout=0.5)  # wakes up for Ctrl-C
+                except queue.Empty:
+                    continue
+                if line is None:
+                    running -= 1
+                else:
+                    yield line
+        finally:
+            for stream in streams:  # unblocks the threads' reads: they end, the connections close
+                with contextlib.suppress(Exception):
+                    stream.shutdown()
+                with contextlib.suppress(Exception):
+                    stream.release_conn()
 
     def _discover(self) -> list[ServiceRecord] | None:
         listing = self.api.list_namespaced_custom_object(
@@ -491,8 +616,7 @@ class SeldonDeployer(BaseModelDeployer):
             before = self._read(record.endpoint)
             record.config = {k: v for k, v in record.config.items() if k not in CANARY_KEYS}
             try:
-                self._apply(self._manifest(record))
-                self._wait_available(record.endpoint, timeout)
+                self._wait_available(record.endpoint, timeout, self._apply(self._manifest(record)))
             except BaseException:
                 self._restore(record, before)
                 raise
@@ -570,6 +694,26 @@ class SeldonDeployer(BaseModelDeployer):
                 if (p.get("graph") or {}).get("envSecretRefName") == name:
                     return  # still used by another deployment
         core.delete_namespaced_secret(name, self.settings.namespace)
+
+
+def _api_message(exc: Any) -> str:
+    """The message of a Kubernetes ``Status`` answer (the reason phrase when there is none)."""
+    try:
+        return json.loads(exc.body).get("message") or exc.reason
+    except (TypeError, ValueError, AttributeError):
+        return exc.reason
+
+
+def _pod_model_uri(pod: Any) -> str | None:
+    """The modelUri a model pod serves: Seldon's storage initializer downloads it (its first argument)."""
+    for container in pod.spec.init_containers or []:
+        if container.name.endswith("-model-initializer") and container.args:
+            return container.args[0]
+    return None
+
+
+def _pod_ready(pod: Any) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or []))
 
 
 def _owner(obj: dict[str, Any]) -> str | None:

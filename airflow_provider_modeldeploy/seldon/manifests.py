@@ -21,6 +21,9 @@ LABEL_PREFIX = "modeldeploy.airflow.apache.org"
 MANAGED_LABEL = f"{LABEL_PREFIX}/managed"
 SERVICE_LABEL = f"{LABEL_PREFIX}/service-uuid"
 MAIN_PREDICTOR, CANARY_PREDICTOR = "main", "canary"
+#: The graph node (and its container): Seldon names the model pods' container, the V2 model
+#: (``/v2/models/<node>/infer``) and the storage initializer (``<node>-model-initializer``) after it.
+MODEL_NODE = "model"
 
 
 @dataclass
@@ -65,7 +68,7 @@ class Predictor:
 
     def to_dict(self) -> dict[str, Any]:
         graph: dict[str, Any] = {
-            "name": "model", "type": "MODEL", "implementation": self.implementation,
+            "name": MODEL_NODE, "type": "MODEL", "implementation": self.implementation,
             "modelUri": self.model_uri, "children": [],
         }  # fmt: skip
         if self.env_secret_ref_name:
@@ -74,7 +77,7 @@ class Predictor:
             graph["serviceAccountName"] = self.service_account_name
         out: dict[str, Any] = {
             "name": self.name, "replicas": self.replicas, "traffic": self.traffic, "graph": graph,
-            "componentSpecs": [{"spec": {"containers": [{"name": "model", **(
+            "componentSpecs": [{"spec": {"containers": [{"name": MODEL_NODE, **(
                 {"resources": self.resources.to_dict()} if self.resources else {})}]}}],
         }  # fmt: skip
         if self.labels:

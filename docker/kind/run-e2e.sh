@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Run the Seldon end-to-end tests against a REAL kind cluster with Seldon Core 1.19 and Istio,
-# instead of the Kubernetes API emulator. Needs docker, kind, kubectl, helm and istioctl, and
-# network access to the container registries: it cannot run on the project's CI machines.
+# Run the Seldon end-to-end tests (tests/test_seldon.py) against a REAL kind cluster with Seldon
+# Core 1.19 and Istio, instead of the Kubernetes API emulator. Needs docker, kind, kubectl, helm and
+# istioctl, and network access to the container registries: it cannot run on the project's CI
+# machines, and has not been run (see README.md).
 #
 #   docker/kind/run-e2e.sh            # create the cluster, install, run tests/test_seldon.py
 #   KEEP_CLUSTER=1 docker/kind/run-e2e.sh
@@ -9,6 +10,8 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 cluster="${CLUSTER_NAME:-modeldeploy-e2e}"
+# MinIO's credentials, as docker/kind/minio.yaml sets them.
+minio_user=modeldeploy-e2e minio_password=e2e-S3cret-never-shown
 
 kind create cluster --name "$cluster" --config "$here/kind-config.yaml" --wait 120s
 trap '[[ -n "${KEEP_CLUSTER:-}" ]] || kind delete cluster --name "$cluster"' EXIT
@@ -28,10 +31,31 @@ helm install seldon-core seldon-core-operator --repo https://storage.googleapis.
 kubectl apply -f "$here/minio.yaml"
 kubectl -n models rollout status deploy/minio --timeout=180s
 
-# The tests read these instead of starting the emulator (tests/seldon_env.py): the real cluster's
-# kubeconfig, the ingress, and MLflow artifacts stored in the cluster's MinIO.
+# The storage Secret every test deployment names (the provider never deletes one it did not create):
+# rclone variables for Seldon's storage initializer, MinIO as the model pods reach it.
+kubectl -n models create secret generic e2e-model-storage \
+  --from-literal=RCLONE_CONFIG_S3_TYPE=s3 --from-literal=RCLONE_CONFIG_S3_PROVIDER=Minio \
+  --from-literal=RCLONE_CONFIG_S3_ENV_AUTH=false \
+  --from-literal=RCLONE_CONFIG_S3_ACCESS_KEY_ID="$minio_user" \
+  --from-literal=RCLONE_CONFIG_S3_SECRET_ACCESS_KEY="$minio_password" \
+  --from-literal=RCLONE_CONFIG_S3_ENDPOINT=http://minio.models.svc.cluster.local:9000
+
+# tests/seldon_env.py reads these instead of starting the emulator: the cluster's kubeconfig,
+# namespace and ingress, how long a rollout may take, the storage Secret and MinIO endpoint the
+# model pods use. tests/conftest.py stores the session's MLflow models under
+# MODELDEPLOY_E2E_ARTIFACT_ROOT (MinIO, reached from here on localhost:30900).
 export MODELDEPLOY_E2E_KUBECONFIG="$kubeconfig"
+export MODELDEPLOY_E2E_NAMESPACE=models
 export MODELDEPLOY_E2E_INGRESS="http://127.0.0.1:8080"
-export MLFLOW_S3_ENDPOINT_URL="http://127.0.0.1:30900" AWS_ACCESS_KEY_ID=minioadmin AWS_SECRET_ACCESS_KEY=minioadmin
+export MODELDEPLOY_E2E_TIMEOUT=1200
+export MODELDEPLOY_E2E_STORAGE_SECRET=e2e-model-storage
+export MODELDEPLOY_E2E_STORAGE_ENDPOINT=http://minio.models.svc.cluster.local:9000
+export MODELDEPLOY_E2E_ARTIFACT_ROOT=s3://mlflow/e2e
+export MLFLOW_S3_ENDPOINT_URL="http://127.0.0.1:30900"
+export AWS_ACCESS_KEY_ID="$minio_user" AWS_SECRET_ACCESS_KEY="$minio_password"
+
 cd "$root"
+source scripts/setup.sh
+.venv/bin/python -m uv pip install --quiet --python .venv/bin/python boto3  # MLflow's S3 artifact store
+.venv/bin/python -c 'import boto3, os; boto3.client("s3", endpoint_url=os.environ["MLFLOW_S3_ENDPOINT_URL"]).create_bucket(Bucket="mlflow")'
 .venv/bin/python -m pytest tests/test_seldon.py -v

@@ -3,12 +3,20 @@
 Implements, for namespaced objects: create (POST), get, list with ``labelSelector``, replace (PUT),
 ``application/merge-patch+json`` and ``application/json-patch+json`` PATCH, delete, ``resourceVersion``
 optimistic concurrency (409), 404 and 409 AlreadyExists as Kubernetes ``Status`` bodies, and 422
-when a SeldonDeployment violates the CRD's openAPIV3Schema (Seldon Core's real CRD). The Seldon
-operator stand-in starts one real model server (``airflow_provider_modeldeploy.serving.mlflow_server``)
-per predictor and modelUri, moves ``status.state`` Creating -> Available (or Failed with the
-server's error as ``status.description``), keeps the last Available predictors serving until a new
-spec is Available (a rolling update), and an ingress at ``/seldon/<ns>/<name>/...`` forwards
-predictions to them, split by the predictors' ``traffic`` weights.
+when a SeldonDeployment violates the CRD's openAPIV3Schema (Seldon Core's real CRD). Secrets keep
+``stringData`` base64-encoded in ``data``; pod logs need the container's name and stream with
+``follow=true`` (chunked, as the log grows, until the pod goes or the client hangs up).
+
+The Seldon operator stand-in starts one real model server
+(``airflow_provider_modeldeploy.serving.mlflow_server``) per predictor and modelUri, reported as a
+pod like Seldon's (model container, orchestrator, storage initializer naming the modelUri), moves
+``status.state`` Creating -> Available (or Failed with the server's error as
+``status.description``) and, as Seldon Core 1 does, keeps reporting Available through a rolling
+update while the last Available predictors serve until the new ones are ready. An ingress at
+``/seldon/<ns>/<name>/...`` answers the orchestrator's routes for the deployment's protocol (Seldon's
+``api/v1.0/...``, or V2's ``v2/models/<graph node>/...`` in MLServer's shapes), forwarding to the
+model servers split by the predictors' ``traffic`` weights, and logs each request in the model's pod
+log as the model container's web server would.
 
 Test control: ``POST /emulator/conflicts {"count": n}`` makes the next n writes that carry a
 resourceVersion lose a race to a (simulated) concurrent writer: the object changes and they get 409.
@@ -133,10 +141,12 @@ def json_patch(doc: Any, ops: list[dict[str, Any]]) -> Any:
 class ModelServer:
     """One real local model server for one predictor's modelUri (the emulated model pod)."""
 
-    def __init__(self, workdir: Path, sd: str, predictor: str, model_uri: str) -> None:
+    def __init__(self, workdir: Path, sd: str, predictor: str, node: str, implementation: str, model_uri: str) -> None:
         self.key = str(uuidlib.uuid4())
         self.sd, self.predictor, self.model_uri = sd, predictor, model_uri
-        self.pod_name = f"{sd}-{predictor}-{self.key[:5]}"
+        self.node, self.implementation = node, implementation  # the graph node: container and V2 model name
+        # Named as Seldon's Deployment "<sdep>-<predictor>-0-<containers>" names its pods.
+        self.pod_name = f"{sd}-{predictor}-0-{node}-{self.key[:10].replace('-', '')}-{self.key[-5:]}"
         run = workdir / "run"
         run.mkdir(parents=True, exist_ok=True)
         self.state_path = run / f"{self.key.replace('-', '')}.state"
@@ -194,6 +204,32 @@ class ModelServer:
                 self.proc.wait(5)
         self.state_path.unlink(missing_ok=True)
 
+    def access_log(self, method: str, path: str, code: int) -> None:
+        """The line the model container's web server logs for a request (uvicorn's format, as
+        MLServer prints it): the model server itself runs without an access log."""
+        with self.log_path.open("a") as fh:
+            fh.write(f'INFO:     127.0.0.1 - "{method} /{path} HTTP/1.1" {code}\n')
+
+    def pod(self, ns: str) -> dict[str, Any]:
+        """The pod as Seldon's Deployment makes it: the model container beside the orchestrator, the
+        storage initializer (its first argument the modelUri), Ready once the model answers."""
+        phase, _ = self.phase()
+        return {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": self.pod_name, "namespace": ns, "uid": self.key,
+                         "labels": {"seldon-deployment-id": self.sd, "seldon-app": f"{self.sd}-{self.predictor}",
+                                    "app": f"{self.sd}-{self.predictor}-0-{self.node}",
+                                    "app.kubernetes.io/managed-by": "seldon-core"}},
+            "spec": {
+                "initContainers": [{"name": f"{self.node}-model-initializer", "image": "seldonio/rclone-storage-initializer",
+                                    "args": [self.model_uri, "/mnt/models"]}],
+                "containers": [{"name": self.node, "image": f"emulated/{self.implementation.lower()}"},
+                               {"name": "seldon-container-engine", "image": "seldonio/seldon-core-executor"}],
+            },
+            "status": {"phase": {"ready": "Running", "loading": "Pending"}.get(phase, "Failed"),
+                       "conditions": [{"type": "Ready", "status": "True" if phase == "ready" else "False"}]},
+        }  # fmt: skip
+
 
 class Cluster:
     """The emulated cluster's objects and the Seldon operator stand-in."""
@@ -242,7 +278,7 @@ class Cluster:
             )
 
     def create(self, plural: str, ns: str, obj: dict[str, Any]) -> dict[str, Any]:
-        obj = copy.deepcopy(obj)
+        obj = _encode_string_data(copy.deepcopy(obj)) if plural == "secrets" else copy.deepcopy(obj)
         meta = obj.setdefault("metadata", {})
         meta["namespace"] = ns
         self.validate(plural, obj)
@@ -280,7 +316,7 @@ class Cluster:
     ) -> dict[str, Any]:
         current = self.get(plural, ns, name)
         self._check_rv(current, given_rv)
-        new = copy.deepcopy(new)
+        new = _encode_string_data(copy.deepcopy(new)) if plural == "secrets" else copy.deepcopy(new)
         meta = new.setdefault("metadata", {})
         for k in ("uid", "creationTimestamp", "namespace", "name"):
             meta[k] = current["metadata"][k]
@@ -290,10 +326,9 @@ class Cluster:
             new["status"] = copy.deepcopy(current.get("status", {}))
             self.validate(plural, new)
             gen = current["metadata"].get("generation", 1)
+            # The status stays as the operator last wrote it (Available, even Failed) until it
+            # reconciles the new spec, as on a real API server.
             meta["generation"] = gen + 1 if new.get("spec") != current.get("spec") else gen
-            if plural == SD[1] and new.get("spec") != current.get("spec"):
-                new["status"] = {**new["status"], "state": "Creating"}
-                new["status"].pop("description", None)
         new["metadata"]["resourceVersion"] = self.next_rv()
         self.objects[(plural, ns, name)] = new
         return new
@@ -309,19 +344,7 @@ class Cluster:
         return {"kind": "Status", "apiVersion": "v1", "status": "Success", "details": {"name": name, "kind": plural}}
 
     def pods(self, ns: str) -> list[dict[str, Any]]:
-        out = []
-        for (sns, sd, predictor, _uri), server in self.servers.items():
-            if sns != ns:
-                continue
-            phase, _ = server.phase()
-            out.append({
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": server.pod_name, "namespace": ns, "uid": server.key,
-                             "labels": {"seldon-deployment-id": sd, "seldon-app": f"{sd}-{predictor}",
-                                        "app.kubernetes.io/managed-by": "seldon-core"}},
-                "status": {"phase": {"ready": "Running", "loading": "Pending"}.get(phase, "Failed")},
-            })  # fmt: skip
-        return out
+        return [server.pod(ns) for (sns, *_), server in self.servers.items() if sns == ns]
 
     # -- the Seldon operator stand-in ------------------------------------------------------------
 
@@ -334,10 +357,13 @@ class Cluster:
                 for p in obj["spec"].get("predictors", []):
                     if int(p.get("replicas", 1)) < 1:
                         continue
-                    uri = p["graph"].get("modelUri", "")
+                    graph = p["graph"]
+                    uri = graph.get("modelUri", "")
                     key = (ns, name, p["name"], uri)
                     if key not in self.servers:
-                        self.servers[key] = ModelServer(self.workdir, name, p["name"], uri)
+                        self.servers[key] = ModelServer(
+                            self.workdir, name, p["name"], graph["name"], graph.get("implementation", ""), uri
+                        )
                     wanted[p["name"]] = (self.servers[key], int(p.get("traffic", 100)))
                 phases = {pn: s.phase() for pn, (s, _) in wanted.items()}
                 failed = [(pn, err) for pn, (ph, err) in phases.items() if ph == "failed"]
@@ -353,6 +379,10 @@ class Cluster:
                     keep = {id(s) for s, _ in wanted.values()}
                     for key in [k for k, s in self.servers.items() if k[:2] == (ns, name) and id(s) not in keep]:
                         self.servers.pop(key).stop()
+                elif self.serving.get((ns, name)):
+                    # A rolling update: the previous pods keep the Deployments available, and Seldon
+                    # Core 1 keeps saying so (it has no observedGeneration to tell the specs apart).
+                    state, desc = "Available", None
                 else:
                     state, desc = "Creating", None
                 if status.get("state") != state or status.get("description") != desc:
@@ -395,6 +425,26 @@ class Cluster:
             if pick <= 0:
                 return server
         return live[-1][0]
+
+
+def _tail(data: bytes, query: dict[str, str]) -> list[bytes]:
+    lines = data.splitlines(keepends=True)
+    if query.get("tailLines") is not None:
+        n = int(query["tailLines"])
+        lines = lines[-n:] if n else []
+    return lines
+
+
+def _encode_string_data(secret: dict[str, Any]) -> dict[str, Any]:
+    """``stringData`` is write-only: the API server merges it into ``data``, base64-encoded."""
+    import base64
+
+    plain = secret.pop("stringData", None) or {}
+    if plain:
+        data = dict(secret.get("data") or {})
+        data.update({k: base64.b64encode(str(v).encode()).decode() for k, v in plain.items()})
+        secret["data"] = data
+    return secret
 
 
 def seldon_to_mlflow(body: dict[str, Any]) -> dict[str, Any]:
@@ -466,6 +516,9 @@ class Handler(BaseHTTPRequestHandler):
             if not m:
                 raise ApiError(404, "NotFound", f"the server could not find the requested resource {parts.path}")
             _group, ns, plural, name, sub = m.groups()
+            # Booleans as Go's strconv.ParseBool reads them (the Python client sends "True").
+            if plural == "pods" and sub == "log" and query.get("follow") in ("1", "t", "T", "true", "True", "TRUE"):
+                return self._follow_log(self._log_source(ns, name, query), query)  # streams without LOCK
             with LOCK:
                 self._api(method, ns, plural, name, sub, query, body)
         except ApiError as exc:
@@ -488,13 +541,14 @@ class Handler(BaseHTTPRequestHandler):
                     200,
                     {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": str(c.rv)}, "items": items},
                 )
-            server = next((s for s in c.servers.values() if s.pod_name == name), None)
-            if server is None:
-                raise ApiError(404, "NotFound", f'pods "{name}" not found')
-            lines = server.log_path.read_text(errors="replace").splitlines() if server.log_path.exists() else []
-            if query.get("tailLines"):
-                lines = lines[-int(query["tailLines"]) :] if int(query["tailLines"]) else []
-            return self._send(200, "".join(f"{line}\n" for line in lines), text=True)
+            if sub != "log":
+                pod = next((p for p in pods if p["metadata"]["name"] == name), None)
+                if pod is None:
+                    raise ApiError(404, "NotFound", f'pods "{name}" not found')
+                return self._send(200, pod)
+            server = self._log_source(ns, name, query)
+            lines = _tail(server.log_path.read_bytes() if server and server.log_path.exists() else b"", query)
+            return self._send(200, b"".join(lines).decode(errors="replace"), text=True)
         if name is None:
             if method == "GET":
                 items = [
@@ -547,54 +601,210 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, c.write(plural, ns, name, new, rv, status))
         raise ApiError(405, "MethodNotAllowed", method)
 
+    def _log_source(self, ns: str, name: str, query: dict[str, str]) -> ModelServer | None:
+        """The model server whose log is container ``query['container']`` of pod ``name`` (None: the
+        orchestrator's container, whose log is empty here). As the API server, 400 for a pod of
+        several containers when none is named."""
+        with LOCK:
+            server = next(
+                (s for (sns, *_), s in self.cluster.servers.items() if sns == ns and s.pod_name == name), None
+            )
+        if server is None:
+            raise ApiError(404, "NotFound", f'pods "{name}" not found')
+        containers = [server.node, "seldon-container-engine"]
+        container = query.get("container")
+        if not container:
+            raise ApiError(
+                400, "BadRequest",
+                f"a container name must be specified for pod {name}, choose one of: [{' '.join(containers)}]",
+            )  # fmt: skip
+        if container not in containers:
+            raise ApiError(400, "BadRequest", f"container {container} is not valid for pod {name}")
+        return server if container == server.node else None
+
+    def _follow_log(self, server: ModelServer | None, query: dict[str, str]) -> None:
+        """``follow=true``: a chunked response sending the log's lines as they are written, until the
+        pod goes away (the stream ends) or the client disconnects."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.close_connection = True
+        path = server.log_path if server else None
+        data = path.read_bytes() if path and path.exists() else b""
+        done = data.rfind(b"\n") + 1  # complete lines only: the rest goes out once its newline is there
+        try:
+            self._chunk(b"".join(_tail(data[:done], query)))
+            while server is not None and not self.cluster.stopping.is_set() and not self._client_gone():
+                with path.open("rb") as fh:
+                    fh.seek(done)
+                    new = fh.read()
+                complete = new[: new.rfind(b"\n") + 1]
+                if complete:
+                    self._chunk(complete)
+                    done += len(complete)
+                    continue
+                with LOCK:
+                    gone = server not in self.cluster.servers.values()
+                if gone:
+                    break
+                time.sleep(0.1)
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client stopped following
+
+    def _chunk(self, data: bytes) -> None:
+        if data:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+    def _client_gone(self) -> bool:
+        import select
+
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        try:
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
     def _ingress(self, method: str, path: str, body: Any) -> None:
+        """``/seldon/<ns>/<name>/<route>``: Seldon Core 1's orchestrator routes for the deployment's
+        protocol (others are 404, as its router answers), forwarded to a model server picked by the
+        predictors' traffic weights. The answer does not say which version served it."""
         m = re.fullmatch(r"/seldon/([^/]+)/([^/]+)/(.*)", path)
         if not m:
             raise ApiError(404, "NotFound", path)
-        ns, name, rest = m.groups()
+        ns, name, route = m.groups()
+        with LOCK:
+            obj = self.cluster.objects.get((SD[1], ns, name))
+            protocol = (obj or {}).get("spec", {}).get("protocol") or "seldon"
         server = self.cluster.route(ns, name)
         if server is None:
             return self._send(503, {"status": {"code": 503, "info": f"no ready predictor for {ns}/{name}"}})
-        headers = {"x-seldon-predictor": server.predictor, "x-emulator-model-uri": server.model_uri}
-        base = f"http://127.0.0.1:{server.port}"
-        if method == "GET" and rest in ("health/ping", "health/status", "v2/health/ready", "v2/health/live"):
-            answer = httpx.get(f"{base}/health", timeout=10)
-            return self._send(
-                answer.status_code, {"status": "ok" if answer.status_code == 200 else answer.text}, headers
-            )
-        if method == "POST" and rest == "api/v1.0/predictions":
-            answer = httpx.post(f"{base}/invocations", json=seldon_to_mlflow(body or {}), timeout=60)
-            if answer.status_code != 200:
-                return self._send(
-                    answer.status_code, {"status": {"code": answer.status_code, "info": answer.text[:500]}}, headers
-                )
-            preds = answer.json().get("predictions")
-            return self._send(
-                200,
-                {"data": {"names": [], "ndarray": preds}, "meta": {"requestPath": {"model": server.model_uri}}},
-                headers,
-            )
-        v2 = re.fullmatch(r"v2/models/([^/]+)/infer", rest)
-        if method == "POST" and v2:
-            inputs = (body or {}).get("inputs") or []
-            if not inputs:
-                raise ApiError(400, "BadRequest", "expected inputs")
-            first = inputs[0]
-            cols = first.get("shape", [1, len(first["data"])])[-1]
-            rows = [first["data"][i : i + cols] for i in range(0, len(first["data"]), cols)]
-            answer = httpx.post(f"{base}/invocations", json={"inputs": rows}, timeout=60)
-            if answer.status_code != 200:
-                return self._send(answer.status_code, {"error": answer.text[:500]}, headers)
-            preds = answer.json().get("predictions")
-            return self._send(
-                200,
-                {
-                    "model_name": v2.group(1),
-                    "outputs": [{"name": "predict", "datatype": "FP64", "shape": [len(preds)], "data": preds}],
-                },
-                headers,
-            )
-        raise ApiError(404, "NotFound", path)
+        code, answer = (seldon_route if protocol == "seldon" else v2_route)(server, method, route, body)
+        server.access_log(method, route, code)
+        if answer is None:
+            return self._send(code, "404 page not found\n", text=True)
+        return self._send(code, answer)
+
+
+def _health(server: ModelServer) -> int:
+    return httpx.get(f"http://127.0.0.1:{server.port}/health", timeout=10).status_code
+
+
+def seldon_route(server: ModelServer, method: str, route: str, body: Any) -> tuple[int, Any]:
+    """The Seldon protocol's routes: (status, JSON answer; None for a route that does not exist)."""
+    if method == "GET" and route in ("api/v1.0/health/status", "ready", "live"):
+        code = _health(server)
+        return code, {"status": "ok" if code == 200 else "not ready"}
+    if method == "POST" and route in ("api/v1.0/predictions", "api/v0.1/predictions"):
+        try:
+            request = seldon_to_mlflow(body or {})
+        except ApiError as exc:
+            return 400, {"status": {"code": 400, "info": exc.message, "status": "FAILURE"}}
+        answer = httpx.post(f"http://127.0.0.1:{server.port}/invocations", json=request, timeout=60)
+        if answer.status_code != 200:
+            return answer.status_code, {"status": {"code": answer.status_code, "info": answer.text[:500]}}
+        preds = answer.json().get("predictions")
+        return 200, {"data": {"names": [], "ndarray": preds},
+                     "meta": {"requestPath": {server.node: f"emulated/{server.implementation.lower()}"}}}  # fmt: skip
+    return 404, None
+
+
+V2_DATATYPES = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32",
+                "FP64", "BYTES"}  # fmt: skip
+
+
+def v2_route(server: ModelServer, method: str, route: str, body: Any) -> tuple[int, Any]:
+    """The V2 (open inference) protocol's routes, as the orchestrator passes them to MLServer, which
+    serves the model under the graph node's name."""
+    if method == "GET" and route in ("v2/health/ready", "ready", "live"):
+        return _health(server), {}
+    model = re.fullmatch(r"v2/models(?:/([^/]+))?/(infer|ready)", route) or re.fullmatch(r"v2/models/([^/]+)", route)
+    if model is None:
+        return 404, None
+    name = model.group(1) or server.node  # /v2/models/infer: Seldon's extension, the graph's model
+    if name != server.node:
+        return 404, {"error": f"Model {name} not found"}
+    action = model.group(2) if model.lastindex and model.lastindex > 1 else "metadata"
+    if method == "GET" and action == "ready":
+        return _health(server), {}
+    if method == "GET" and action == "metadata":
+        return 200, {"name": server.node, "versions": ["v1"], "platform": "mlflow", "inputs": [], "outputs": []}
+    if method != "POST" or action != "infer":
+        return 404, None
+    try:
+        request = v2_to_mlflow(body)
+    except ApiError as exc:
+        return 400, {"error": exc.message}
+    answer = httpx.post(f"http://127.0.0.1:{server.port}/invocations", json=request, timeout=60)
+    if answer.status_code != 200:
+        return answer.status_code, {"error": answer.text[:500]}
+    return 200, mlflow_to_v2(server.node, answer.json().get("predictions"))
+
+
+def v2_to_mlflow(body: Any) -> dict[str, Any]:
+    """A V2 inference request as MLServer's MLflow runtime decodes it, for ``/invocations``: one
+    input per column (shape ``[n]`` or ``[n, 1]``, MLServer's pandas codec, the form a model with a
+    column signature needs) makes a data frame; a single ``[n, m]`` input is a tensor of n rows."""
+    inputs = body.get("inputs") if isinstance(body, dict) else None
+    if not isinstance(inputs, list) or not inputs:
+        raise ApiError(400, "BadRequest", "inputs: expected a non-empty list of tensors")
+    columns: list[tuple[str, list[Any]]] = []
+    for i, tensor in enumerate(inputs):
+        if not isinstance(tensor, dict):
+            raise ApiError(400, "BadRequest", f"inputs[{i}]: expected an object with name, shape, datatype, data")
+        name, shape, datatype, data = (tensor.get(k) for k in ("name", "shape", "datatype", "data"))
+        if not isinstance(name, str) or not name:
+            raise ApiError(400, "BadRequest", f"inputs[{i}].name: expected a string, got {name!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or not shape:
+            raise ApiError(400, "BadRequest", f"inputs[{i}].shape: expected a list of sizes, got {shape!r}")
+        if datatype not in V2_DATATYPES:
+            raise ApiError(400, "BadRequest", f"inputs[{i}].datatype: unknown datatype {datatype!r}")
+        flat = _flatten(data)
+        size = 1
+        for d in shape:
+            size *= d
+        if len(flat) != size:
+            raise ApiError(400, "BadRequest", f"inputs[{i}].data: {len(flat)} values do not fill shape {shape}")
+        if len(inputs) == 1 and len(shape) == 2 and shape[1] > 1:
+            return {"inputs": [flat[r * shape[1] : (r + 1) * shape[1]] for r in range(shape[0])]}
+        if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
+            raise ApiError(400, "BadRequest", f"inputs[{i}].shape: {shape} is not one column ([n] or [n, 1])")
+        columns.append((name, flat))
+    rows = {len(values) for _, values in columns}
+    if len(rows) != 1:
+        raise ApiError(400, "BadRequest", f"inputs: the columns have different lengths {sorted(rows)}")
+    data = [list(row) for row in zip(*(values for _, values in columns), strict=True)]
+    return {"dataframe_split": {"columns": [name for name, _ in columns], "data": data}}
+
+
+def mlflow_to_v2(model: str, predictions: Any) -> dict[str, Any]:
+    """MLflow's predictions in MLServer's V2 response: one ``output-1`` tensor with a batch dimension."""
+    if not isinstance(predictions, list):
+        predictions = [predictions]
+    rows = [p if isinstance(p, list) else [p] for p in predictions]
+    flat = _flatten(rows)
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in flat):
+        datatype = "INT64"
+    elif all(isinstance(v, bool) for v in flat):
+        datatype = "BOOL"
+    elif all(isinstance(v, int | float) for v in flat):
+        datatype = "FP64"
+    else:
+        datatype, flat = "BYTES", [str(v) for v in flat]
+    shape = [len(rows), len(rows[0]) if rows else 1]
+    return {
+        "model_name": model, "model_version": "v1", "id": str(uuidlib.uuid4()), "parameters": {"content_type": "np"},
+        "outputs": [{"name": "output-1", "shape": shape, "datatype": datatype,
+                     "parameters": {"content_type": "np"}, "data": flat}],
+    }  # fmt: skip
+
+
+def _flatten(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        return [data]
+    return [v for item in data for v in _flatten(item)]
 
 
 def main(argv: list[str] | None = None) -> int:
