@@ -216,3 +216,49 @@ def test_models_without_a_fast_path(models: dict[str, Any], tmp_path: Path) -> N
     assert fast_path.FastPath.for_model(models["iris"]) is not None
     fast, plain = both(models["tensor"], {"inputs": [[5.1, 3.5, 1.4, 0.2]]})
     assert fast == plain and fast[0] == 200
+
+
+@pytest.fixture(scope="module")
+def by_name_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A pipeline whose ColumnTransformer picks columns by name: it needs a DataFrame."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = load_iris(return_X_y=True, as_frame=True)
+    pick = ColumnTransformer([("petals", StandardScaler(), ["petal length (cm)", "petal width (cm)"])])
+    pipeline = make_pipeline(pick, LogisticRegression(max_iter=500)).fit(X, y)
+    return save(tmp_path_factory.mktemp("by-name"), "by-name", pipeline, X.head(2))
+
+
+def test_an_estimator_that_needs_a_dataframe_turns_the_fast_path_off(
+    by_name_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    example = split(IRIS_COLUMNS, [[5.1, 3.5, 1.4, 0.2]])
+    # Checked on the input example before serving: the server never takes the fast path.
+    path = fast_path.FastPath.for_model(by_name_model)
+    assert path is not None
+    reason = path.disagreement(by_name_model, json.dumps(example))
+    assert reason and "raised on an array" in reason
+    fast = mlflow_server._build_app(by_name_model, {}, fast_path=True, example=json.dumps(example))
+    plain = mlflow_server._build_app(by_name_model, {}, fast_path=False)
+    spy = Spy(monkeypatch)  # counts requests, not the check on the example
+    body = json.dumps(split(IRIS_COLUMNS, iris_rows(3, 8))).encode()
+    answers = [asyncio.run(_post(app, body, "application/json")) for app in (fast, plain)]
+    assert answers[0] == answers[1] and answers[0][0] == 200
+    assert spy.answered == spy.declined == 0
+    # Without an example to check, the first request that makes the estimator raise turns it off.
+    fast = mlflow_server._build_app(by_name_model, {}, fast_path=True)
+    for _ in range(3):
+        assert asyncio.run(_post(fast, body, "application/json")) == answers[1]
+    assert (spy.answered, spy.declined) == (0, 3)
+
+
+def test_a_disagreement_on_the_example_keeps_the_fast_path_off(models: dict[str, Any]) -> None:
+    example = json.dumps(split(IRIS_COLUMNS, [[5.1, 3.5, 1.4, 0.2]]))
+    path = fast_path.FastPath.for_model(models["iris"])
+    assert path is not None and path.disagreement(models["iris"], example) is None
+    path._predict = lambda rows: [2] * len(rows)  # an estimator that reads arrays differently
+    assert "differently" in (path.disagreement(models["iris"], example) or "")

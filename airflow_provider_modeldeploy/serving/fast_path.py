@@ -21,6 +21,12 @@ A request is answered here only when all of this holds (else :meth:`FastPath.ans
 The estimator then gets the rows as one NumPy array in the signature's column order, with the dtype
 the DataFrame would have been converted to, and the answer is formatted by MLflow's own
 ``predictions_to_json``. ``tests/test_fast_path.py`` checks byte-equal answers against MLflow's app.
+
+Two guards cover estimators that treat a DataFrame differently from an array (a ColumnTransformer
+selecting columns by name, a custom step using pandas): the server compares both paths on the
+model's input example before serving (:meth:`FastPath.disagreement`) and keeps the fast path off
+if they differ, and the fast path turns itself off for good the first time the estimator raises on
+an array (MLflow's app answers that request and every later one).
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ _JSON_TYPES = (b"application/json", b"application/json; charset=utf-8", b"applic
 class FastPath:
     """Answers eligible ``/invocations`` bodies for one loaded pyfunc model."""
 
-    def __init__(self, predict: Any, columns: list[str], kinds: list[str], to_json: Any) -> None:
+    def __init__(self, predict: Any, columns: list[str], kinds: list[str], to_json: Any, log: Any = None) -> None:
         import numpy as np
 
         self._np = np
@@ -51,9 +57,11 @@ class FastPath:
         self._integer = [kind == "long" for kind in kinds]
         self._dtype = np.int64 if all(self._integer) else np.float64
         self._to_json = to_json
+        self.off_reason: str | None = None
+        self._log = log or (lambda _message: None)
 
     @classmethod
-    def for_model(cls, model: Any) -> FastPath | None:
+    def for_model(cls, model: Any, log: Any = None) -> FastPath | None:
         """A fast path for this pyfunc model, or None when its requests must all go through MLflow."""
         from mlflow.pyfunc.scoring_server import predictions_to_json
         from mlflow.types.schema import ColSpec, DataType
@@ -81,10 +89,31 @@ class FastPath:
         # The estimator saw a DataFrame when it was fitted and now gets an array in the same column
         # order (checked above): scikit-learn's warning about it says nothing here.
         warnings.filterwarnings("ignore", message="X does not have valid feature names", category=UserWarning)
-        return cls(predict, columns, [kinds[s.type] for s in specs], predictions_to_json)
+        return cls(predict, columns, [kinds[s.type] for s in specs], predictions_to_json, log)
+
+    def disagreement(self, model: Any, serving_input: str) -> str | None:
+        """Why this model's requests must not take the fast path, judged on its input example (None:
+        both paths give the same answer, or the example is not a request the fast path takes)."""
+        from mlflow.pyfunc.scoring_server import invocations
+
+        mine = self.answer(serving_input.encode(), b"application/json")
+        if self.off_reason is not None:
+            return self.off_reason
+        if mine is None:
+            return None
+        schema = model.metadata.get_input_schema()
+        try:
+            theirs = invocations(serving_input, "application/json", model, schema)
+        except Exception as exc:
+            return f"MLflow's app failed on the input example ({type(exc).__name__})"
+        if theirs.status != 200 or theirs.response.encode() != mine:
+            return "the estimator answers the input example differently as an array than as a DataFrame"
+        return None
 
     def answer(self, body: bytes, content_type: bytes | None) -> bytes | None:
         """The JSON answer MLflow's app would give with status 200, or None to let MLflow's app answer."""
+        if self.off_reason is not None:
+            return None
         if content_type is None or content_type.lower() not in _JSON_TYPES or len(body) > MAX_BODY:
             return None
         try:
@@ -102,7 +131,11 @@ class FastPath:
             return None
         try:
             predictions = self._predict(array)
-        except Exception:  # MLflow's app words the error: let it answer this request
+        except Exception as exc:
+            # The rows are valid numbers in the signature's columns, so the estimator wants a DataFrame
+            # (columns by name, a pandas step): MLflow's app answers this request and all later ones.
+            self.off_reason = f"the estimator raised on an array: {type(exc).__name__}: {str(exc)[:200]}"
+            self._log(f"fast path off: {self.off_reason}")
             return None
         out = StringIO()
         self._to_json(predictions, out)

@@ -195,7 +195,7 @@ def _shorten_error(body: bytes) -> bytes:
         return body[:2000] + f" ... (cut: the error was {len(body)} bytes)".encode()
 
 
-def _build_app(model: Any, headers: dict[str, str], fast_path: bool = True) -> Any:
+def _build_app(model: Any, headers: dict[str, str], fast_path: bool = True, example: str | None = None) -> Any:
     from fastapi.responses import JSONResponse
     from mlflow.pyfunc import scoring_server
 
@@ -213,8 +213,13 @@ def _build_app(model: Any, headers: dict[str, str], fast_path: bool = True) -> A
 
     app.add_exception_handler(ValueError, unparseable)
     app.add_exception_handler(RecursionError, unparseable)
-    fast = FastPath.for_model(model) if fast_path else None
-    if fast is not None:
+    fast = FastPath.for_model(model, log=_log) if fast_path else None
+    why_not = fast.disagreement(model, example) if fast is not None and example else None
+    if why_not:
+        if fast is not None and fast.off_reason is None:  # else answer() logged it
+            _log(f"fast path off: {why_not}")
+        fast = None
+    elif fast is not None:
         _log("fast path on: plain dataframe_split / dataframe_records rows skip pandas")
     json_headers = [(b"content-type", b"application/json"), *extra]
 
@@ -587,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         headers = {"x-modeldeploy-service": args.service_uuid, "x-model-name": args.model_name}
         if version:
             headers["x-model-version"] = version
-        app = _build_app(model, headers, fast_path=args.fast_path == "on")
+        app = _build_app(model, headers, fast_path=args.fast_path == "on", example=example)
     except _Failure as exc:
         _log(f"failed: {exc}")
         _write_state(state_path, phase="failed", error=str(exc), field=exc.field)
