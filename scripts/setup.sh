@@ -18,6 +18,9 @@ fi
 # uv resolves Airflow's and MLflow's dependency trees in seconds where pip may backtrack for minutes.
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "uv>=0.4"
 echo ">> installing airflow-provider-modeldeploy and its dependencies (Airflow 3.3.2, MLflow 3)"
-"$VENV/bin/python" -m uv pip install --quiet --python "$VENV/bin/python" \
+# --compile-bytecode: as pip does, and unlike uv by default. Where PYTHONDONTWRITEBYTECODE is set
+# (this machine sets it), nothing else ever writes the .pyc files, and every airflow command and
+# model server would compile Airflow, MLflow and pandas from source again at each start.
+"$VENV/bin/python" -m uv pip install --quiet --compile-bytecode --python "$VENV/bin/python" \
   "apache-airflow==3.3.2" -e "$ROOT[test,postgres,examples]"
 export PATH="$VENV/bin:$PATH"
