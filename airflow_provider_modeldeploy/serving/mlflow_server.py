@@ -215,8 +215,8 @@ def _build_app(model: Any, headers: dict[str, str], fast_path: bool = True, exam
     app.add_exception_handler(RecursionError, unparseable)
     fast = FastPath.for_model(model, log=_log) if fast_path else None
     why_not = fast.disagreement(model, example) if fast is not None and example else None
-    if why_not:
-        if fast is not None and fast.off_reason is None:  # else answer() logged it
+    if fast is not None and why_not:
+        if fast.off_reason is None:  # else answer() logged it
             _log(f"fast path off: {why_not}")
         fast = None
     elif fast is not None:
