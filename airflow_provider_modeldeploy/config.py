@@ -7,6 +7,7 @@ AIRFLOW_HOME.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -42,12 +43,62 @@ def logs_dir() -> Path:
     return path
 
 
-def runtime_dir() -> Path:
-    """Directory for unix sockets; short on purpose, as socket paths are limited to 107 bytes."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
-    path = Path(base) / f"modeldeploy-{os.getuid()}"
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+class UnsafeDirectoryError(Exception):
+    """A directory the provider keeps sockets or secrets in is not private to this user."""
+
+
+def private_dir(path: Path, what: str) -> Path:
+    """``path`` created 0700 if missing, else checked: a real directory (not a symlink), owned by
+    this user, with no access for group or others. Anyone who could create it first could plant a
+    socket there and receive model servers' environments (tracking credentials) or their sockets."""
+    import stat
+
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700, parents=True)
+    info = path.lstat()
+    problem = None
+    if stat.S_ISLNK(info.st_mode):
+        problem = "is a symbolic link"
+    elif not stat.S_ISDIR(info.st_mode):
+        problem = "is not a directory"
+    elif info.st_uid != os.getuid():
+        problem = f"is owned by uid {info.st_uid}, not by this user (uid {os.getuid()})"
+    elif info.st_mode & 0o077:
+        problem = f"has mode {stat.S_IMODE(info.st_mode):04o}; it must be 0700"
+    if problem:
+        raise UnsafeDirectoryError(
+            f"{what}={str(path)!r}: {problem}. Refusing to use it: whoever controls it could plant sockets "
+            f"there. Remove it, or set [modeldeploy] {what} to a directory only this user can use."
+        )
     return path
+
+
+def runtime_dir() -> Path:
+    """Private directory for unix sockets (the serving agent's, the model servers' control sockets);
+    short on purpose, as socket paths are limited to 107 bytes."""
+    configured = get_option("runtime_dir")
+    if configured:
+        return private_dir(Path(configured).expanduser(), "runtime_dir")
+    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    return private_dir(Path(base) / f"modeldeploy-{os.getuid()}", "runtime_dir")
+
+
+def agent_state_dir() -> Path:
+    """The serving agent's own records (pid and start time of each server it runs) and server logs."""
+    configured = get_option("agent_state_dir")
+    path = Path(configured).expanduser() if configured else state_dir() / "agent"
+    return private_dir(path, "agent_state_dir")
+
+
+def agent_idle_timeout() -> float:
+    """Seconds an agent started on first use lives with no model server and no request (0: forever)."""
+    value = get_option("agent_idle_timeout") or get_option("warm_host_idle_timeout", "600") or "600"
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        from airflow_provider_modeldeploy.exceptions import InvalidParameterError
+
+        raise InvalidParameterError("agent_idle_timeout", value, "must be a number of seconds") from None
 
 
 def registry_url() -> str:

@@ -34,3 +34,15 @@ class EndpointBusyError(ModelDeployError):
 
 class DeploymentFailedError(ModelDeployError):
     """A model server did not come up; the previous server (if any) keeps serving."""
+
+
+class AgentUnreachableError(ModelDeployError):
+    """The serving agent that runs a service cannot be reached, or refused us: nothing was changed."""
+
+    def __init__(self, host: str | None, address: str, reason: str) -> None:
+        self.host = host
+        self.address = address
+        super().__init__(
+            f"agent_url={address!r}: the serving agent of host {host or 'unknown'!r} cannot be reached ({reason}); "
+            "nothing was changed"
+        )

@@ -171,6 +171,8 @@ class ServiceRecord:
     health_url: str | None = None
     host: str | None = None
     pid: int | None = None
+    agent_id: str | None = None
+    agent_url: str | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
 

@@ -31,13 +31,30 @@ def iris_payload(rows: list[list[float]] | None = None) -> dict[str, Any]:
     return {"dataframe_split": {"columns": IRIS_COLUMNS, "data": rows or IRIS_ROWS}}
 
 
+SERVING_MODULES = (SERVER_MODULE, "airflow_provider_modeldeploy.serving.forkserver")
+
+
 def server_pids() -> set[int]:
+    """Model server processes (masters and workers), started by an agent's fork server or exec'd.
+    The fork server itself (cwd /) shares their command line and is not one of them."""
     pids = set()
-    for proc in psutil.process_iter(["pid", "cmdline"]):
+    for proc in psutil.process_iter(["pid", "cmdline", "cwd"]):
         cmdline = proc.info.get("cmdline") or []
-        if SERVER_MODULE in cmdline:
+        if any(module in cmdline for module in SERVING_MODULES) and proc.info.get("cwd") not in (None, "/"):
             pids.add(proc.info["pid"])
     return pids
+
+
+def service_pids(service_uuid: str) -> set[int]:
+    """The processes of one service: its master (as the registry records it) and the master's workers."""
+    from airflow_provider_modeldeploy.registry import get_registry
+
+    pid = get_registry().get_service(service_uuid).pid
+    try:
+        master = psutil.Process(pid)
+        return {pid, *(c.pid for c in master.children())}
+    except (psutil.Error, TypeError, ValueError):
+        return set()
 
 
 def kill_pids(pids: set[int]) -> None:
@@ -53,7 +70,7 @@ def kill_pids(pids: set[int]) -> None:
 
 
 def servers_under(base: str) -> set[int]:
-    """Model servers whose working directory (their AIRFLOW_HOME's state dir) is under ``base``."""
+    """Model servers whose working directory (their agent's state dir) is under ``base``."""
     pids = set()
     for pid in server_pids():
         with contextlib.suppress(psutil.Error):
@@ -62,34 +79,43 @@ def servers_under(base: str) -> set[int]:
     return pids
 
 
-def stop_warm_hosts(since: float) -> None:
-    """Stop the warm serving hosts (serving/warm_host.py) this interpreter started during the session:
-    the deployer starts one on first use and it would otherwise idle on for minutes."""
-    from airflow_provider_modeldeploy.serving.warm_host import HOST_MODULE
+def stop_agents(run_dir: Path) -> None:
+    """Stop the serving agent of ``run_dir`` (it leaves its servers running: they are killed apart)."""
+    from airflow_provider_modeldeploy.hooks.serving_agent import AgentClient
+    from airflow_provider_modeldeploy.serving.agent_api import socket_path
 
-    hosts = []
-    for proc in psutil.process_iter(["cmdline", "create_time"]):
-        cmdline = proc.info.get("cmdline") or []
-        if HOST_MODULE in cmdline and cmdline[:1] == [sys.executable] and (proc.info["create_time"] or 0) >= since:
-            with contextlib.suppress(psutil.Error):
-                proc.terminate()
-                hosts.append(proc)
-    psutil.wait_procs(hosts, timeout=10)
+    path = socket_path(run_dir)
+    if path.exists():
+        with contextlib.suppress(Exception):
+            AgentClient(f"unix://{path}").shutdown()
+        deadline = time.monotonic() + 15
+        while path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def no_server_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Fails the session if a model server this session started is still running at its end.
+    """One serving agent for the session (private runtime and state directories of its own), stopped
+    at the end; fails the session if a model server it started is still running then.
 
-    Servers run in their AIRFLOW_HOME's state dir, under this session's temporary directory: other
-    people's servers on the same machine are neither counted nor touched.
+    Servers run in the agent's state dir, under this session's temporary directory: other people's
+    servers on the same machine are neither counted nor touched.
     """
-    base = str(tmp_path_factory.getbasetemp())
-    started = time.time() - 1
+    base = tmp_path_factory.getbasetemp()
+    run_dir = Path(tempfile.mkdtemp(prefix="md-run-"))  # short: unix socket paths are limited
+    saved = {k: os.environ.get(k) for k in ("AIRFLOW__MODELDEPLOY__RUNTIME_DIR", "AIRFLOW__MODELDEPLOY__AGENT_STATE_DIR")}
+    os.environ["AIRFLOW__MODELDEPLOY__RUNTIME_DIR"] = str(run_dir)
+    os.environ["AIRFLOW__MODELDEPLOY__AGENT_STATE_DIR"] = str(base / "agent")
     yield
-    stop_warm_hosts(started)
-    left = servers_under(base)
+    stop_agents(run_dir)
+    left = servers_under(str(base))
     kill_pids(left)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     assert not left, f"model server processes left running after the suite: {sorted(left)}"
 
 

@@ -47,6 +47,10 @@ class Launch:
     model_run_id: str | None = None
     address: dict[str, Any] = field(default_factory=dict)
     handle: Any = None
+    #: Set by ``_promote`` once the new server takes the endpoint's traffic: from then on nothing
+    #: discards it, and what goes wrong later (the old server's drain, ...) is recorded in ``warnings``.
+    committed: bool = False
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -135,6 +139,11 @@ class BaseModelDeployer(ABC):
         model and lineage, with the state the backend reports. None: the backend cannot list them."""
         return None
 
+    def _covers(self, record: ServiceRecord) -> bool:
+        """Whether the last ``_discover`` could see ``record``'s server, were it running (a backend
+        whose servers live on several hosts cannot judge those it could not reach)."""
+        return True
+
     def _adopt_conflict(self, found: ServiceRecord, current: ServiceRecord | None) -> None:
         """A discovered server sync will not adopt (never activated, or its endpoint is served by
         another service): by default stop it, since it is a leftover nobody accounts for."""
@@ -221,6 +230,7 @@ class BaseModelDeployer(ABC):
     ) -> Service:
         """Launch, check, promote; on failure leave the registry and the previous server as they were."""
         launch: Launch | None = None
+        late: BaseException | None = None
         try:
             launch = self._launch(record, lease, previous, timeout)
             self.registry.update_service(
@@ -229,8 +239,12 @@ class BaseModelDeployer(ABC):
             )  # fmt: skip
             self._promote(record, launch, previous, timeout)
         except BaseException as exc:
-            self._abandon(record, launch, lease, previous, exc, lineage, fresh)
-            raise
+            if launch is None or not launch.committed:
+                self._abandon(record, launch, lease, previous, exc, lineage, fresh)
+                raise
+            # The commit point is passed: the new server serves. Record it as such, then fail if we must.
+            late = exc
+            launch.warnings.append(f"{type(exc).__name__}: {exc}")
         if launch.address:
             self.registry.set_endpoint_address(self.backend, record.endpoint, launch.address)
         retire = [previous.uuid] if previous is not None and previous.uuid != record.uuid else []
@@ -241,6 +255,8 @@ class BaseModelDeployer(ABC):
             health_url=launch.health_url,
             pid=launch.pid,
         )
+        for warning in launch.warnings:
+            log.warning("Service %s serves, but: %s", record.uuid, warning)
         if action is None:
             # A canary (backends that support one) shares the endpoint with the version it is tried against.
             canary = retire and record.config.get("canary_traffic_percent")
@@ -254,8 +270,11 @@ class BaseModelDeployer(ABC):
                 "previous_uuid": previous.uuid if previous else None,
                 "previous_model_uri": previous.model_uri if previous else None,
                 "previous_model_version": previous.model_version if previous else None,
+                **({"warnings": launch.warnings} if launch.warnings else {}),
             },
         )  # fmt: skip
+        if late is not None and not isinstance(late, Exception):
+            raise late  # a timeout or an interrupt of the task: it still fails, the registry is true
         return self._service(active)
 
     def _abandon(
@@ -521,7 +540,7 @@ class BaseModelDeployer(ABC):
             if record.state == ServiceState.PENDING:
                 interrupted.add(record.endpoint)
                 continue
-            if discovered is not None and record.uuid not in found:
+            if discovered is not None and record.uuid not in found and self._covers(record):
                 if record.state in (ServiceState.ACTIVE, ServiceState.ERROR):
                     reason = f"not running in the {self.backend} backend any more (found by sync)"
                     if record.last_error and record.state == ServiceState.ERROR:

@@ -2,7 +2,8 @@
 
 Fields: host (bind address, default 127.0.0.1), login / password (MLflow tracking server basic
 auth, handed to model servers through their environment, never stored), and extras
-``tracking_uri``, ``registry_uri``, ``port_range`` (``FIRST-LAST``), ``workers``, ``timeout``.
+``tracking_uri``, ``registry_uri``, ``port_range`` (``FIRST-LAST``), ``workers``, ``timeout``, and
+``agent_url`` / ``agent_token`` (the serving agent of another host; default: this host's own).
 When the connection is not defined, these defaults apply: zero configuration.
 """
 
@@ -18,6 +19,7 @@ from airflow.sdk import BaseHook
 
 from airflow_provider_modeldeploy import config
 from airflow_provider_modeldeploy.exceptions import InvalidParameterError
+from airflow_provider_modeldeploy.hooks.serving_agent import agent_token
 
 DEFAULT_PORT_RANGE = "5200-5399"
 
@@ -52,6 +54,16 @@ def parse_port_range(value: Any) -> tuple[int, int]:
     raise InvalidParameterError("port_range", value, "use FIRST-LAST with 1 <= FIRST <= LAST <= 65535")
 
 
+def _agent_url(value: Any) -> str | None:
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"(https?://[^/\s]+/?|unix:///\S+)", value):
+        raise InvalidParameterError(
+            "agent_url", value, "use http://HOST:PORT (an agent's TCP listener) or unix:///PATH"
+        )
+    return value.rstrip("/")
+
+
 def _positive_int(name: str, value: Any, default: int) -> int:
     if value in (None, ""):
         return default
@@ -74,6 +86,10 @@ class MlflowServingSettings:
     registry_uri: str | None = None
     username: str | None = None
     password: str | None = field(default=None, repr=False)  # never in logs or tracebacks
+    #: The serving agent that runs this connection's servers: ``http://host:port`` (another host's,
+    #: with ``agent_token``) or None for this host's own (started on first use).
+    agent_url: str | None = None
+    agent_token: str | None = field(default=None, repr=False)
 
     def server_env(self) -> dict[str, str]:
         """Environment of a model server: where MLflow is, with credentials (never on argv)."""
@@ -96,6 +112,7 @@ class MlflowServingSettings:
             "timeout": self.timeout,
             "tracking_uri": strip_credentials(self.tracking_uri),
             "registry_uri": strip_credentials(self.registry_uri),
+            **({"agent_url": strip_credentials(self.agent_url)} if self.agent_url else {}),
         }
 
 
@@ -120,7 +137,11 @@ class MlflowDeployerHook(BaseHook):
         if conn is None and self.conn_id is not None:
             conn = self.get_connection(self.conn_id)
         if conn is None:
-            return MlflowServingSettings(port_range=parse_port_range(DEFAULT_PORT_RANGE))
+            return MlflowServingSettings(
+                port_range=parse_port_range(DEFAULT_PORT_RANGE),
+                agent_url=_agent_url(config.get_option("agent_url")),
+                agent_token=agent_token(),
+            )
         extra = conn.extra_dejson if hasattr(conn, "extra_dejson") else {}
         return MlflowServingSettings(
             host=conn.host or "127.0.0.1",
@@ -131,6 +152,8 @@ class MlflowDeployerHook(BaseHook):
             registry_uri=extra.get("registry_uri") or None,
             username=conn.login or None,
             password=conn.password or None,
+            agent_url=_agent_url(extra.get("agent_url") or config.get_option("agent_url")),
+            agent_token=agent_token(extra),
         )
 
     def get_conn(self) -> MlflowServingSettings:

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from airflow_provider_modeldeploy import __version__
 from airflow_provider_modeldeploy.exceptions import (
+    AgentUnreachableError,
     DeploymentFailedError,
     EndpointBusyError,
     InvalidParameterError,
@@ -260,7 +261,7 @@ def create_app() -> FastAPI:
             extra = {"field": exc.field, "value": str(exc.value)}
         elif isinstance(exc, EndpointBusyError | DeploymentFailedError):
             status = 409
-        elif isinstance(exc, RegistryUnavailableError):
+        elif isinstance(exc, RegistryUnavailableError | AgentUnreachableError):
             status = 503
         if _wants_html(request):
             return _html_message(request, str(exc), status)

@@ -49,6 +49,9 @@ class ServiceRow(Base):
     health_url: Mapped[str | None] = mapped_column(Text)
     host: Mapped[str | None] = mapped_column(String(255))
     pid: Mapped[int | None] = mapped_column(Integer)
+    # The serving agent that runs the service (local backend): every host acts through agent_url.
+    agent_id: Mapped[str | None] = mapped_column(String(64))
+    agent_url: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 

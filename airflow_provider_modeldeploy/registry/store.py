@@ -34,7 +34,7 @@ from airflow_provider_modeldeploy.services import ServiceRecord, ServiceState
 
 # Kept equal to the newest file in migrations/versions (a test checks it), so that a process can
 # tell the schema is current with one query and without importing Alembic.
-HEAD_REVISION = "0001"
+HEAD_REVISION = "0002"
 VERSION_TABLE = "modeldeploy_alembic_version"
 _MIGRATION_LOCK_KEY = 0x6D6F64656C  # "model", for pg_advisory_lock
 
@@ -365,9 +365,17 @@ class Registry:
             delay = min(delay * 1.5, 1.0)
         row = self.get_endpoint(backend, name)
         lease = EndpointLease(backend, name, owner, created, dict(row.address or {}) if row else {})
+        # Renewed while held: a deployment may take longer than the TTL (a big model, a slow drain);
+        # the TTL only bounds how long a holder that died keeps the endpoint.
+        released = threading.Event()
+        renewer = threading.Thread(
+            target=self._renew, args=(backend, name, owner, ttl, released), name=f"lease-{name}", daemon=True
+        )
+        renewer.start()
         try:
             yield lease
         finally:
+            released.set()
             with contextlib.suppress(RegistryUnavailableError), self.session() as s:
                 s.execute(
                     update(EndpointRow)
@@ -375,6 +383,21 @@ class Registry:
                     .where(EndpointRow.lock_owner == owner)
                     .values(lock_owner=None, lock_host=None, lock_pid=None, lock_expires_at=None)
                 )
+
+    def _renew(self, backend: str, name: str, owner: str, ttl: float, released: threading.Event) -> None:
+        while not released.wait(max(1.0, ttl / 3)):
+            try:
+                with self.session() as s:
+                    s.execute(
+                        update(EndpointRow)
+                        .where(EndpointRow.backend == backend, EndpointRow.name == name)
+                        .where(EndpointRow.lock_owner == owner)
+                        .values(lock_expires_at=utcnow() + timedelta(seconds=ttl))
+                    )
+            except Exception as exc:  # the next renewal tries again; the deployment goes on
+                import logging
+
+                logging.getLogger(__name__).warning("Could not renew the lease of endpoint %s: %s", name, exc)
 
     def _try_acquire(self, backend: str, name: str, owner: str, ttl: float) -> bool:
         now = utcnow()

@@ -35,6 +35,10 @@ from typing import Any
 from airflow_provider_modeldeploy.serving.fast_path import MAX_BODY, FastPath
 
 SERVER_MODULE = "airflow_provider_modeldeploy.serving.mlflow_server"
+#: A worker that dies is replaced; more deaths than this within the window stop the server (the
+#: agent then restarts the whole server, with its own backoff).
+MAX_WORKER_RESTARTS = 5
+RESTART_WINDOW = 60.0
 _MAX_MSG = 1 << 20
 
 
@@ -398,33 +402,69 @@ class _Master:
         self.staging_path = staging_path
         self.state_path = state_path
         self.workers: dict[int, int] = {}
+        self.gone: dict[int, int] = {}  # pid -> worker index, of workers reaped and not yet replaced
         self.active = False
         self.draining = False
         self.info: dict[str, Any] = {}
 
     def spawn(self, app: Any, staging: socket.socket, ctl: socket.socket) -> None:
+        self.app, self.staging, self.ctl = app, staging, ctl
         self.ack_r, ack_w = os.pipe()
         for index in range(self.args.workers):
-            pid = os.fork()
-            if pid == 0:  # worker
-                code = 1
-                try:
-                    _set_pdeathsig()
-                    if os.getppid() != self.master_pid:
-                        os._exit(1)
-                    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
-                    ctl.close()
-                    os.close(self.ack_r)
-                    signal.set_wakeup_fd(-1)
-                    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-                        signal.signal(sig, signal.SIG_DFL)
-                    code = _run_worker(app, staging, self.listener, ack_w, self.args)
-                except BaseException as exc:  # a worker must never return into the master's code
-                    _log(f"worker {index} failed: {type(exc).__name__}: {exc}")
-                finally:
-                    os._exit(code)
-            self.workers[pid] = index
+            self._fork_worker(index, ack_w)
         os.close(ack_w)
+
+    def _fork_worker(self, index: int, ack_w: int) -> int:
+        pid = os.fork()
+        if pid == 0:  # worker
+            code = 1
+            try:
+                _set_pdeathsig()
+                if os.getppid() != self.master_pid:
+                    os._exit(1)
+                signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+                self.ctl.close()
+                os.close(self.ack_r)
+                signal.set_wakeup_fd(-1)
+                for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+                    signal.signal(sig, signal.SIG_DFL)
+                code = _run_worker(self.app, self.staging, self.listener, ack_w, self.args)
+            except BaseException as exc:  # a worker must never return into the master's code
+                _log(f"worker {index} failed: {type(exc).__name__}: {exc}")
+            finally:
+                os._exit(code)
+        self.workers[pid] = index
+        return pid
+
+    def replace_worker(self, index: int) -> str | None:
+        """Fork a worker in place of one that died (from the loaded model: no reload); it takes traffic
+        at once if the server does. The reason when it could not, or when workers die too often."""
+        now = time.monotonic()
+        self.deaths = [t for t in getattr(self, "deaths", []) if now - t < RESTART_WINDOW] + [now]
+        if len(self.deaths) > MAX_WORKER_RESTARTS:
+            return f"{len(self.deaths)} workers died within {RESTART_WINDOW:.0f}s"
+        time.sleep(min(2.0, 0.1 * 2 ** (len(self.deaths) - 1)))  # back off when they keep dying
+        ack_r, ack_w = os.pipe()
+        saved, self.ack_r = self.ack_r, ack_r
+        try:
+            pid = self._fork_worker(index, ack_w)
+            os.close(ack_w)
+            waiting = {p: i for p, i in self.workers.items() if p == pid}
+            others, self.workers = self.workers, waiting
+            try:
+                error = self.wait_acks(b"s", self.args.start_timeout)
+                if error is None and self.active:
+                    os.kill(pid, signal.SIGUSR1)
+                    error = self.wait_acks(b"a", 30)
+            finally:
+                self.workers = {**others, **self.workers}
+        finally:
+            os.close(ack_r)
+            self.ack_r = saved
+        if error is None:
+            _log(f"worker {index} replaced by {pid}")
+            self.write_state("active" if self.active else "ready", worker_restarts=len(self.deaths))
+        return error
 
     def wait_acks(self, kind: bytes, timeout: float) -> str | None:
         """Wait until every worker wrote ``kind`` to the ack pipe; the reason when they did not."""
@@ -482,7 +522,7 @@ class _Master:
                 break
             if pid == 0:
                 break
-            self.workers.pop(pid, None)
+            self.gone[pid] = self.workers.pop(pid, 0)
             gone.append((pid, status))
             if block:
                 break
@@ -547,11 +587,15 @@ class _Master:
                 self.write_state("stopped")
                 return 0
             for pid, status in self.reap():
+                index = self.gone.pop(pid, 0)
                 reason = _exit_reason(status)
-                _log(f"worker {pid} {reason}; stopping the server")
-                self.drain(5)
-                self.write_state("failed", error=f"model server worker {pid} {reason}")
-                return 1
+                _log(f"worker {pid} {reason}; replacing it")
+                error = self.replace_worker(index)
+                if error:
+                    _log(f"giving up: {error}; stopping the server")
+                    self.drain(5)
+                    self.write_state("failed", error=f"model server worker {pid} {reason}; {error}")
+                    return 1
 
 
 def _exit_reason(status: int) -> str:
@@ -622,8 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         "served_uri": served_uri, "model_version": version, "model_run_id": run_id,
         "input_example": example, "port": listener.getsockname()[1],
     }  # fmt: skip
-    master.spawn(app, staging, ctl)
-    staging.close()  # workers hold it; the master only needs the listener and the control socket
+    master.spawn(app, staging, ctl)  # the master keeps the staging socket to replace a worker that dies
     error = master.wait_acks(b"s", args.start_timeout)
     if error:
         _log(f"failed: {error}")
