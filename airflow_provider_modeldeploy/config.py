@@ -92,7 +92,7 @@ def agent_state_dir() -> Path:
 
 def agent_idle_timeout() -> float:
     """Seconds an agent started on first use lives with no model server and no request (0: forever)."""
-    value = get_option("agent_idle_timeout") or get_option("warm_host_idle_timeout", "600") or "600"
+    value = get_option("agent_idle_timeout", "600") or "600"
     try:
         return max(0.0, float(value))
     except ValueError:

@@ -174,15 +174,51 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "modeldeploy_default",
                         "default": "modeldeploy_default",
                     },
-                    "warm_host_idle_timeout": {
-                        "description": "Seconds the local MLflow backend's warm serving host (a process "
-                        "with MLflow, scikit-learn, pandas and uvicorn imported, that forks model servers "
-                        "so they start in about a second) lives without requests. 0: no warm host, every "
-                        "model server starts a new interpreter.",
-                        "version_added": "0.1.0",
+                    "agent_idle_timeout": {
+                        "description": "Seconds the serving agent started on first use (the local MLflow "
+                        "backend's supervisor of this host's model servers, which forks them from an "
+                        "interpreter with MLflow, scikit-learn and pandas imported) lives once it supervises "
+                        "no server and gets no request. 0: it never exits. An agent run with "
+                        "'airflow served-models agent' never exits on its own.",
+                        "version_added": "0.2.0",
                         "type": "float",
                         "example": "0",
                         "default": "600",
+                    },
+                    "agent_url": {
+                        "description": "The serving agent that runs local MLflow model servers when a "
+                        "connection names none: http://HOST:PORT of an agent run with 'airflow "
+                        "served-models agent --listen'. Empty: this host's own agent, started on first use.",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "http://model-serving:7400",
+                        "default": "",
+                    },
+                    "agent_token": {
+                        "description": "Shared token of serving agents' TCP listeners (sent as a Bearer "
+                        "token; an agent refuses requests without it). Also a connection's agent_token extra.",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": None,
+                        "default": "",
+                        "sensitive": True,
+                    },
+                    "runtime_dir": {
+                        "description": "Private directory (0700, owned by the user) for the serving "
+                        "agent's and the model servers' unix sockets. Empty: $XDG_RUNTIME_DIR or /tmp, "
+                        "then modeldeploy-<uid>. A directory that is not private is refused.",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "/run/modeldeploy",
+                        "default": "",
+                    },
+                    "agent_state_dir": {
+                        "description": "The serving agent's records (pid and start time of each server) and "
+                        "server logs. Empty: {state_dir}/agent.",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "/var/lib/modeldeploy/agent",
+                        "default": "",
                     },
                 },
             }

@@ -57,6 +57,13 @@ def service_pids(service_uuid: str) -> set[int]:
         return set()
 
 
+def agent_services(endpoint: str | None = None) -> list[dict[str, Any]]:
+    """What this host's serving agent runs (every installation's), or one endpoint's."""
+    from airflow_provider_modeldeploy.hooks.serving_agent import local_agent
+
+    return [s for s in local_agent().list() if endpoint in (None, s["endpoint"])]
+
+
 def kill_pids(pids: set[int]) -> None:
     procs = []
     for pid in pids:
@@ -103,7 +110,9 @@ def no_server_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     """
     base = tmp_path_factory.getbasetemp()
     run_dir = Path(tempfile.mkdtemp(prefix="md-run-"))  # short: unix socket paths are limited
-    saved = {k: os.environ.get(k) for k in ("AIRFLOW__MODELDEPLOY__RUNTIME_DIR", "AIRFLOW__MODELDEPLOY__AGENT_STATE_DIR")}
+    saved = {
+        k: os.environ.get(k) for k in ("AIRFLOW__MODELDEPLOY__RUNTIME_DIR", "AIRFLOW__MODELDEPLOY__AGENT_STATE_DIR")
+    }
     os.environ["AIRFLOW__MODELDEPLOY__RUNTIME_DIR"] = str(run_dir)
     os.environ["AIRFLOW__MODELDEPLOY__AGENT_STATE_DIR"] = str(base / "agent")
     yield

@@ -7,9 +7,11 @@ unreachable registry is in test_errors.py.)
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,10 +26,11 @@ from urllib.parse import urlsplit
 import httpx
 import psutil
 import pytest
-from conftest import iris_payload, run_airflow, servers_under, use_airflow_home
+from conftest import agent_services, iris_payload, run_airflow, use_airflow_home
 
-from airflow_provider_modeldeploy.deployers import ServiceConfig, find_services, get_model_deployer
+from airflow_provider_modeldeploy.deployers import ServiceConfig, get_model_deployer
 from airflow_provider_modeldeploy.exceptions import DeploymentFailedError
+from airflow_provider_modeldeploy.hooks.serving_agent import local_agent
 from airflow_provider_modeldeploy.registry import get_registry
 from airflow_provider_modeldeploy.services import Lineage, ServiceState
 
@@ -49,6 +52,19 @@ def kill_tree(pid: int) -> list[int]:
     return [p.pid for p in family]
 
 
+def gone(pid: int, timeout: float = 10) -> bool:
+    """The process exited (a zombie has: an orphan's is reaped by init when init gets to it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def free_port() -> int:
     """A port of the kernel's ephemeral range, for a service that must get its port back after a
     kill: the default range's first ports are what every other deployment on this machine tries."""
@@ -63,24 +79,48 @@ def predict(url: str, **kwargs: Any) -> httpx.Response:
     return httpx.post(url, json=iris_payload(), timeout=30, **kwargs)
 
 
-def test_killed_server_is_listed_as_error_and_starts_at_the_same_url(
+def test_killed_server_is_restarted_at_the_same_url_and_stays_active(
     deployer: Any, airflow_home: Path, mlflow_models: dict[str, Any]
 ) -> None:
-    service = deployer.deploy_model(
-        ServiceConfig(model_uri=mlflow_models["iris_v1"], model_name="iris-kill", port=free_port())
-    )
+    """SIGKILL a server's master and workers: its host's agent starts it again on the same socket
+    (same URL), the service stays active, and the endpoint's history says what happened."""
+    service = deployer.deploy_model(ServiceConfig(model_uri=mlflow_models["iris_v1"], model_name="iris-kill"))
     url = service.prediction_url
-    kill_tree(service.record.pid)
-    killed_at = time.monotonic()
-    # What `list` runs: the registry's services, each checked against its process.
-    wait_for(lambda: find_services(model_name="iris-kill")[0].is_failed, 10, "the error state")
-    assert time.monotonic() - killed_at < 10
+    killed = kill_tree(service.record.pid)
+    wait_for(lambda: get_registry().list_events("mlflow", "iris-kill", 1)[0]["action"] == "restart", 60, "a restart")
+    [event] = get_registry().list_events("mlflow", "iris-kill", 1)
+    assert event["outcome"] == "success" and f"process {service.record.pid} exited" in event["message"]
+    assert event["actor"].startswith("serving agent ")
     [row] = cli_json(airflow_home, "list", "--model", "iris-kill")
-    assert row["state"] == "error" and row["prediction_url"] == url  # where it served, for the record
-    assert f"process {service.record.pid} is gone (killed or crashed)" in row["last_error"]
-    [started] = cli_json(airflow_home, "start", service.uuid)
-    assert started["state"] == "active" and started["prediction_url"] == url
+    assert row["state"] == "active" and row["prediction_url"] == url and row["uuid"] == service.uuid
+    assert get_registry().get_service(service.uuid).pid not in killed
     assert predict(url).status_code == 200
+
+
+def test_killed_worker_under_load_is_replaced_and_the_service_stays_active(
+    deployer: Any, mlflow_models: dict[str, Any]
+) -> None:
+    """SIGKILL one of two workers while 16 keep-alive clients post: its master forks a new one from
+    the loaded model; only requests on the killed worker's connections may fail, none is refused."""
+    service = deployer.deploy_model(
+        ServiceConfig(model_uri=mlflow_models["iris_v1"], model_name="iris-worker", workers=2)
+    )
+    master = psutil.Process(service.record.pid)
+    workers = master.children()
+    assert len(workers) == 2
+    with Load(service.prediction_url, clients=16) as load:
+        wait_for(lambda: sum(load.outcomes.values()) > 200, 60, "load to start")
+        workers[0].send_signal(signal.SIGKILL)
+        wait_for(lambda: len(master.children()) == 2 and workers[0].pid not in {c.pid for c in master.children()},
+                 30, "a new worker")  # fmt: skip
+        settled = sum(load.outcomes.values())
+        wait_for(lambda: sum(load.outcomes.values()) > settled + 200, 60, "load after the worker was replaced")
+    failed = {k: v for k, v in load.outcomes.items() if k != "200"}
+    # Connections the killed worker held (at most one per client) may fail once; nothing is refused.
+    assert "ConnectionRefusedError" not in failed and sum(failed.values()) <= 16, (load.outcomes, load.errors[:5])
+    refreshed = deployer.get_model_server(service.uuid)
+    assert refreshed.is_running and refreshed.record.pid == master.pid
+    assert predict(service.prediction_url).status_code == 200
 
 
 # -- a deploying task killed in the middle ---------------------------------------------------------
@@ -120,19 +160,20 @@ def test_deploying_task_killed_midway_leaves_nothing_unaccounted(
     registry = get_registry()
     deploying = start_deploy(mlflow_models["iris_v1"], "iris-midway", airflow_home)
     try:
-        wait_for(lambda: servers_under(str(airflow_home)), 120, "the new server process")
+        [served] = wait_for(lambda: agent_services("iris-midway"), 120, "the new server on the agent")
         [pending] = registry.find_services(endpoint="iris-midway")
-        assert pending.state == ServiceState.PENDING
+        assert pending.state == ServiceState.PENDING and pending.agent_url
     finally:
         deploying.send_signal(signal.SIGKILL)
         deploying.wait(10)
-    orphans = servers_under(str(airflow_home))
-    assert orphans, "the server outlives the task that started it"
+    wait_for(lambda: agent_services("iris-midway")[0]["phase"] == "ready", 120, "the orphan server")
+    assert psutil.pid_exists(agent_services("iris-midway")[0]["pid"]), "the server outlives the task that started it"
 
     [report] = cli_json(airflow_home, "sync")
     assert report["removed"] == [pending.uuid] and report["adopted"] == []
     assert registry.find_services(endpoint="iris-midway") == []
-    assert not servers_under(str(airflow_home))
+    assert agent_services("iris-midway") == []
+    assert gone(served["pid"])
     assert registry.list_events("mlflow", "iris-midway")[0]["action"] == "cleanup"
 
     service = get_model_deployer().deploy_model(
@@ -164,21 +205,59 @@ def test_sync_adopts_servers_of_a_lost_registry(airflow_home: Path, mlflow_model
     [again] = cli_json(airflow_home, "sync")
     assert (again["adopted"], again["lost"], again["removed"]) == ([], [], [])
     get_model_deployer().stop_model_server(service.uuid)
-    assert not servers_under(str(airflow_home))
+    assert gone(service.record.pid)
+
+
+def kill_agent_and_servers(services: list[Any]) -> None:
+    """What a power cut does to a serving host: the agent, its fork server and every server die."""
+    agent = psutil.Process(local_agent().health()["pid"])
+    family = [agent, *agent.children()]
+    for proc in family:
+        proc.send_signal(signal.SIGKILL)
+    psutil.wait_procs(family, timeout=10)
+    for service in services:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            kill_tree(service.record.pid)
+
+
+def test_killed_agent_leaves_servers_serving_and_a_new_one_adopts_them(
+    deployer: Any, mlflow_models: dict[str, Any]
+) -> None:
+    service = deployer.deploy_model(ServiceConfig(model_uri=mlflow_models["iris_v1"], model_name="iris-orphan"))
+    agent = psutil.Process(local_agent().health()["pid"])
+    agent.send_signal(signal.SIGKILL)
+    agent.wait(10)
+    assert predict(service.prediction_url).status_code == 200  # no agent: the server serves on
+    # The next use starts an agent, which takes the server back from its records: stop works.
+    fresh = get_model_deployer()
+    assert fresh.get_model_server(service.uuid).is_running
+    assert local_agent().health()["pid"] != agent.pid
+    fresh.stop_model_server(service.uuid)
+    assert gone(service.record.pid)
+    with pytest.raises(httpx.ConnectError):
+        predict(service.prediction_url)
 
 
 def test_reboot_like_restart(airflow_home: Path, mlflow_models: dict[str, Any]) -> None:
-    """All server processes gone, registry intact: sync marks them inactive; start restores each
-    at its recorded URL."""
+    """Every process of the serving host gone. With the agent's records kept, the next agent starts
+    each server again at its URL; with them lost too, sync marks the services inactive and start
+    restores each at its recorded URL."""
     deployer = get_model_deployer()
     services = [
         deployer.deploy_model(ServiceConfig(model_uri=mlflow_models[uri], model_name=name, port=free_port()))
         for uri, name in (("iris_v1", "iris-reboot-a"), ("iris_v2", "iris-reboot-b"))
     ]
+    kill_agent_and_servers(services)
+    [report] = cli_json(airflow_home, "sync")  # starts an agent, which restores what it supervised
+    assert report["lost"] == [] and report["adopted"] == []
     for service in services:
-        kill_tree(service.record.pid)
-    assert not servers_under(str(airflow_home))
+        wait_for(lambda s=service: deployer.get_model_server(s.uuid).record.pid != s.record.pid, 60, "a restart")
+        answer = predict(service.prediction_url)
+        assert answer.status_code == 200 and answer.headers["x-model-version"] == service.record.model_version
 
+    services = [deployer.get_model_server(s.uuid) for s in services]
+    kill_agent_and_servers(services)
+    shutil.rmtree(Path(os.environ["AIRFLOW__MODELDEPLOY__AGENT_STATE_DIR"]) / "services")
     [report] = cli_json(airflow_home, "sync")
     assert sorted(report["lost"]) == sorted(s.uuid for s in services) and report["adopted"] == []
     rows = {r["uuid"]: r for r in cli_json(airflow_home, "list")}

@@ -163,3 +163,47 @@ def sync_services(args: Any) -> None:
         else [r.to_dict() for r in reports],
         args.output,
     )
+
+
+@cli_errors
+def run_agent(args: Any) -> None:
+    """The serving agent of this host, in the foreground until SIGTERM / Ctrl-C; its model servers keep
+    serving after it stops, and the next agent adopts them."""
+    import logging
+    import os
+
+    from airflow_provider_modeldeploy import config
+    from airflow_provider_modeldeploy.exceptions import InvalidParameterError
+    from airflow_provider_modeldeploy.hooks.serving_agent import agent_token, local_agent
+    from airflow_provider_modeldeploy.serving import agent_api
+
+    if args.check:
+        health = local_agent(start=False).health()
+        print(f"serving agent {health['agent_id']} (pid {health['pid']}) answers; {health['services']} services")
+        return
+    listen = None
+    if args.listen:
+        host, _, port = args.listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidParameterError("listen", args.listen, "use HOST:PORT, e.g. 0.0.0.0:7400")
+        listen = (host.strip("[]"), int(port))
+    token = os.environ.get(agent_api.TOKEN_ENV) or agent_token()
+    if listen and not token:
+        raise InvalidParameterError(
+            "listen",
+            args.listen,
+            "a TCP listener needs a token: set [modeldeploy] agent_token (or MODELDEPLOY_AGENT_TOKEN)",
+        )
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s [agent pid=%(process)d] %(levelname)s %(message)s",
+        force=True,
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    state_dir, run_dir = config.agent_state_dir(), config.runtime_dir()
+    # Airflow's settings and secrets are this process's, not the model servers'.
+    for key in [k for k in os.environ if k.startswith(("AIRFLOW__", "_AIRFLOW")) or k == agent_api.TOKEN_ENV]:
+        os.environ.pop(key)
+    code = agent_api.serve(state_dir, run_dir, listen=listen, token=token, advertise_url=args.advertise_url)
+    if code:
+        sys.exit(code)

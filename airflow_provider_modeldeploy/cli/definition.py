@@ -56,6 +56,21 @@ ARG_ROLLBACK_TO = Arg(
 ARG_HISTORY = Arg(
     ("--history",), help="Events of the endpoint to show (default 10)", type=_non_negative_int, default=10
 )
+ARG_LISTEN = Arg(
+    ("--listen",),
+    help="Also listen on HOST:PORT (TCP) so that other hosts can act; needs [modeldeploy] agent_token",
+    default=None,
+)
+ARG_ADVERTISE = Arg(
+    ("--advertise-url",),
+    help="The URL other hosts reach this agent at (default http://HOST:PORT of --listen); kept in the registry",
+    default=None,
+)
+ARG_CHECK = Arg(
+    ("--check",),
+    help="Do not run an agent: exit 0 if this host's agent answers (a container health check), else 1",
+    action="store_true",
+)
 
 SERVED_MODELS_COMMANDS = (
     ActionCommand(
@@ -117,6 +132,12 @@ SERVED_MODELS_COMMANDS = (
         help="Reconcile the registry with what the backends run: adopt unknown servers, mark lost ones",
         func=lazy_load_command(_COMMANDS + "sync_services"),
         args=(ARG_CONN_ID, ARG_OUTPUT, ARG_VERBOSE),
+    ),
+    ActionCommand(
+        name="agent",
+        help="Run this host's serving agent in the foreground (for compose, systemd or a container)",
+        func=lazy_load_command(_COMMANDS + "run_agent"),
+        args=(ARG_LISTEN, ARG_ADVERTISE, ARG_CHECK, ARG_VERBOSE),
     ),
 )
 

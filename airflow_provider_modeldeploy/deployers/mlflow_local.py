@@ -165,13 +165,15 @@ class MLflowLocalDeployer(BaseModelDeployer):
             },
             "previous_uuid": previous.uuid if same_agent and previous is not None else None,
         }  # fmt: skip
+        # The registry names the agent before the server exists: whoever finds this service pending
+        # (a deploying task killed midway) knows whom to ask to stop it.
+        health = agent.health()
+        agent_url = health.get("advertise_url") or agent.url
+        self.registry.update_service(record.uuid, host=health["host"], agent_id=health["agent_id"], agent_url=agent_url)
         answer = agent.deploy(spec, timeout)
         served = answer["service"]
         address = served["address"]
-        agent_url = answer.get("advertise_url") or agent.url
-        self.registry.update_service(
-            record.uuid, pid=served["pid"], host=answer["host"], agent_id=answer["agent_id"], agent_url=agent_url
-        )
+        self.registry.update_service(record.uuid, pid=served["pid"])
         info = served.get("info") or {}
         return Launch(
             pid=served["pid"], prediction_url=address["prediction_url"], health_url=address["health_url"],

@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-timeout", type=float, default=600)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [agent pid=%(process)d] %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     return serve(Path(args.state_dir), Path(args.run_dir), idle_timeout=args.idle_timeout, auto=True)
 
 
