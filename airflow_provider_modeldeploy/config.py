@@ -11,6 +11,8 @@ import contextlib
 import os
 from pathlib import Path
 
+from airflow_provider_modeldeploy.exceptions import ModelDeployError
+
 SECTION = "modeldeploy"
 DEFAULT_CONN_ID = "modeldeploy_default"
 
@@ -43,7 +45,7 @@ def logs_dir() -> Path:
     return path
 
 
-class UnsafeDirectoryError(Exception):
+class UnsafeDirectoryError(ModelDeployError):
     """A directory the provider keeps sockets or secrets in is not private to this user."""
 
 

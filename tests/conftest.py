@@ -86,6 +86,11 @@ def servers_under(base: str) -> set[int]:
     return pids
 
 
+def agent_servers() -> set[int]:
+    """Model-server processes of the session's serving agent (they run in its state directory)."""
+    return servers_under(os.environ["AIRFLOW__MODELDEPLOY__AGENT_STATE_DIR"])
+
+
 def stop_agents(run_dir: Path) -> None:
     """Stop the serving agent of ``run_dir`` (it leaves its servers running: they are killed apart)."""
     from airflow_provider_modeldeploy.hooks.serving_agent import AgentClient
@@ -130,7 +135,8 @@ def no_server_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 @pytest.fixture(scope="session")
 def session_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="modeldeploy-tests-"))
+    # Not under /tmp: the multi-host tests' hosts each have a private /tmp, and read the MLflow store here.
+    path = Path(tempfile.mkdtemp(prefix="modeldeploy-tests-", dir="/var/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import socket
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import psutil
 import pytest
 import sqlalchemy as sa
-from conftest import server_pids
+from conftest import agent_servers
 
 from airflow_provider_modeldeploy.deployers import ServiceConfig, get_model_deployer
 from airflow_provider_modeldeploy.exceptions import (
@@ -23,6 +25,7 @@ from airflow_provider_modeldeploy.exceptions import (
     ModelDeployError,
     RegistryUnavailableError,
 )
+from airflow_provider_modeldeploy.hooks.serving_agent import local_agent
 from airflow_provider_modeldeploy.registry import get_registry
 from airflow_provider_modeldeploy.services import ServiceRecord, ServiceState
 
@@ -49,14 +52,9 @@ def snapshot(url: str | None = None) -> dict[str, list[tuple[str, ...]]]:
 
 
 def our_servers(home: Path) -> set[int]:
-    """Model-server processes started from this test's AIRFLOW_HOME (they run in its state directory);
-    other people's servers on this machine are not ours to count."""
-    pids = set()
-    for pid in server_pids():
-        with contextlib.suppress(psutil.Error):
-            if psutil.Process(pid).cwd().startswith(str(home)):
-                pids.add(pid)
-    return pids
+    """Model-server processes of the session's agent: every test deletes its services when it ends,
+    so what runs now was started by this test."""
+    return agent_servers()
 
 
 @pytest.fixture
@@ -337,17 +335,20 @@ def test_connection_password_is_never_stored_or_shown(
         assert any("loading" in line for line in log_lines), log_lines
         assert not any(SECRET in line for line in log_lines)
 
+        # No process shows it: not on a command line, not in /proc/<pid>/environ (a forked server's is
+        # its fork server's; the credentials reach MLflow in the server's memory, from the agent).
         master = psutil.Process(service.record.pid)
-        family = [master, *master.children(recursive=True)]
+        agent = psutil.Process(local_agent().health()["pid"])
+        family = {master, *master.children(recursive=True), agent, *agent.children(recursive=True)}
         for proc in family:
             assert not any(SECRET in arg for arg in proc.cmdline()), proc.cmdline()
-        # The server gets the credentials the one way MLflow reads them: its environment.
-        environ = master.environ()
-        assert environ.get("MLFLOW_TRACKING_PASSWORD") == SECRET
-        assert environ.get("MLFLOW_TRACKING_USERNAME") == "alice"
-        leaking = [k for k, v in environ.items() if SECRET in v and k != "MLFLOW_TRACKING_PASSWORD"]
-        assert not leaking, f"the password is also in {leaking}"
-        assert not [k for k in environ if k.startswith("AIRFLOW")]
+            environ = proc.environ()
+            assert not [k for k, v in environ.items() if SECRET in v], f"the password is in {proc.pid}'s environment"
+            assert not [k for k in environ if k.startswith("AIRFLOW")], proc.pid
+        # The agent keeps it, to restart the server, only in a file no one else may read.
+        record = Path(os.environ["AIRFLOW__MODELDEPLOY__AGENT_STATE_DIR"]) / "services" / f"{service.uuid}.json"
+        assert json.loads(record.read_text())["env"]["MLFLOW_TRACKING_PASSWORD"] == SECRET
+        assert stat.S_IMODE(record.stat().st_mode) == 0o600 and stat.S_IMODE(record.parent.stat().st_mode) == 0o700
     finally:
         deployer.delete_model_server(service.uuid)
     assert not our_servers(airflow_home)

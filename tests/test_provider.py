@@ -131,7 +131,7 @@ def test_cli_entry_resolves_to_commands() -> None:
     assert group.name == "served-models"
     names = {cmd.name: cmd for cmd in group.subcommands}
     assert set(names) == {
-        "list", "describe", "get-url", "logs", "start", "stop", "delete", "sync", "promote", "rollback",
+        "list", "describe", "get-url", "logs", "start", "stop", "delete", "sync", "promote", "rollback", "agent",
     }  # fmt: skip
     for cmd in group.subcommands:
         # Commands are lazy; each names a function that exists.

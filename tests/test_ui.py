@@ -19,6 +19,8 @@ import pytest
 from conftest import ROOT, run_airflow
 from ui_helpers import ApiServer, running_api_server, seed_rows
 
+from airflow_provider_modeldeploy.registry.store import HOSTNAME
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -301,7 +303,7 @@ def test_browser_list_detail_and_actions(ui: dict[str, Any], browser: Any) -> No
     assert record.state == "active"
     assert httpx.get(record.health_url, timeout=30).status_code == 200
     history = ui["registry"].list_events("mlflow", "iris-ui")
-    assert [e["actor"] for e in history[:2]] == ["admin (Airflow UI)"] * 2
+    assert [e["actor"] for e in history[:2]] == [f"admin (Airflow UI on {HOSTNAME})"] * 2
 
     # Delete (after confirming) a stopped service.
     victim = ui["bulk"][0]
@@ -362,7 +364,7 @@ def test_browser_rollback_and_action_errors(ui: dict[str, Any], browser: Any, ml
     assert len(restored) == 1 and restored[0].model_version == "1" and restored[0].prediction_url == url
     assert restored[0].uuid in page.url
     events = ui["registry"].list_events("mlflow", "iris-ui")
-    assert events[0]["action"] == "rollback" and events[0]["actor"] == "admin (Airflow UI)"
+    assert events[0]["action"] == "rollback" and events[0]["actor"] == f"admin (Airflow UI on {HOSTNAME})"
     assert "rollback" in page.locator("#history").inner_text()
     ui["real"] = restored[0].uuid
     page.context.close()

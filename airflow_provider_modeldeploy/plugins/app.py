@@ -36,6 +36,7 @@ from airflow_provider_modeldeploy.exceptions import (
     RegistryUnavailableError,
     ServiceNotFoundError,
 )
+from airflow_provider_modeldeploy.registry.store import HOSTNAME
 from airflow_provider_modeldeploy.services import ServiceRecord, ServiceState
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ def _require_act(user: BaseUser, method: str, record: ServiceRecord) -> None:
 
 
 def actor_of(user: BaseUser) -> str:
-    return f"{user.get_name()} (Airflow UI)"
+    return f"{user.get_name()} (Airflow UI on {HOSTNAME})"
 
 
 # -- data ----------------------------------------------------------------------------------------
