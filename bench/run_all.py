@@ -168,34 +168,29 @@ def bench_time_to_serve(b: Bench) -> dict[str, Any]:
 
 
 def wait_for_warm_host(timeout: float = 180) -> bool:
-    """Wait until the warm serving host the first deploy started accepts requests."""
-    import socket
+    """Wait until this host's serving agent (started by the first deploy) has its fork server ready:
+    from then on a deploy forks an interpreter that has MLflow and scikit-learn imported."""
+    from airflow_provider_modeldeploy.exceptions import AgentUnreachableError
+    from airflow_provider_modeldeploy.hooks.serving_agent import local_agent
 
-    from airflow_provider_modeldeploy import config
-    from airflow_provider_modeldeploy.serving import warm_host
-
-    path = warm_host.socket_path(config.runtime_dir())
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock, contextlib.suppress(OSError):
-            sock.connect(str(path))
-            return True
+        with contextlib.suppress(AgentUnreachableError):
+            if local_agent(start=False).health().get("forkserver_ready"):
+                return True
         time.sleep(0.2)
     return False
 
 
 def stop_warm_hosts(since: float) -> None:
-    """Stop the warm serving hosts this benchmark started (by pid: this interpreter's, created since)."""
-    import psutil
+    """Stop the serving agent this benchmark started (its servers were deleted before)."""
+    from airflow_provider_modeldeploy.exceptions import AgentUnreachableError
+    from airflow_provider_modeldeploy.hooks.serving_agent import local_agent
 
-    from airflow_provider_modeldeploy.serving import warm_host
-
-    for proc in psutil.process_iter(["pid", "cmdline", "create_time"]):
-        cmdline = proc.info.get("cmdline") or []
-        if warm_host.HOST_MODULE in cmdline and cmdline[:1] == [PY] and (proc.info["create_time"] or 0) >= since:
-            with contextlib.suppress(psutil.Error):
-                proc.terminate()
-                proc.wait(10)
+    with contextlib.suppress(AgentUnreachableError):
+        agent = local_agent(start=False)
+        if agent.health().get("auto"):
+            agent.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -627,6 +622,65 @@ def versions() -> str:
     return ", ".join(f"{n} {version(n)}" for n in names)
 
 
+# ---------------------------------------------------------------------------------------------
+# 7. memory
+# ---------------------------------------------------------------------------------------------
+
+
+def _tree_pss(root: int) -> tuple[float, int]:
+    """Proportional set size (MiB) of a process and all its descendants, and how many they are."""
+    import psutil
+
+    procs = [psutil.Process(root)]
+    procs += procs[0].children(recursive=True)
+    total = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            total += proc.memory_full_info().pss
+    return total / 2**20, len(procs)
+
+
+def bench_memory(b: Bench) -> dict[str, Any]:
+    """Five small models served at once: the PSS of every provider process (the serving agent, its fork
+    server, every server's master and worker) against five ``mlflow models serve`` process trees."""
+    from airflow_provider_modeldeploy.deployers import ServiceConfig
+    from airflow_provider_modeldeploy.hooks.serving_agent import local_agent
+
+    count, provider, mlflow = 5, [], []
+    with httpx.Client(timeout=tts.POLL_TIMEOUT) as client:
+        for _ in range(b.runs):
+            services = [
+                b.deployer.deploy_model(ServiceConfig(model_uri=tts.MODEL_URI, model_name=f"bench-mem-{i}"))
+                for i in range(count)
+            ]
+            try:
+                for service in services:  # each has answered once: its lazy imports are done
+                    tts.wait_for_prediction(client, service.prediction_url)
+                agent = local_agent().health()["pid"]
+                mib, procs = _tree_pss(agent)
+                provider.append(mib)
+                log(f"[7] provider: {mib:.0f} MiB PSS in {procs} processes")
+            finally:
+                for service in services:
+                    b.deployer.delete_model_server(service.uuid)
+            served = [b.start_mlflow_serve(1) for _ in range(count)]
+            try:
+                for _proc, url in served:
+                    tts.wait_for_prediction(client, url)
+                sizes = [_tree_pss(proc.pid) for proc, _url in served]
+                mlflow.append(sum(mib for mib, _ in sizes))
+                log(f"[7] mlflow models serve: {mlflow[-1]:.0f} MiB PSS in {sum(n for _, n in sizes)} processes")
+            finally:
+                for proc, _url in served:
+                    b.mlflow.stop(proc)
+    med = {"provider": statistics.median(provider), "mlflow": statistics.median(mlflow)}
+    ratio = med["provider"] / med["mlflow"]
+    return {
+        "models": count, "provider_mib": provider, "mlflow_mib": mlflow, "median_provider_mib": med["provider"],
+        "median_mlflow_mib": med["mlflow"], "ratio": ratio, "pass": ratio <= 0.25,
+    }  # fmt: skip
+
+
 def verdict(r: dict[str, Any] | None) -> str:
     if r is None:
         return "not run"
@@ -688,6 +742,13 @@ def table(results: dict[str, Any]) -> str:
             f"`dags test`'s set-up before the first task, {r['median_setup_s']:.2f} s (no-op DAG "
             f"{r['median_noop_setup_s']:.2f} s); "
             f"with it, {r['median_literal_beyond_training_s']:.2f} s | budget {r['budget_s']:.2f} s | {verdict(r)} |"
+        )
+    r = results.get("7")
+    if r and "error" not in r:
+        rows.append(
+            f"| 7 | memory, {r['models']} small models served | total PSS <= 0.25x {r['models']} `mlflow models serve` | "
+            f"provider {r['median_provider_mib']:.0f} MiB (agent and fork server included), mlflow "
+            f"{r['median_mlflow_mib']:.0f} MiB | {r['ratio']:.2f}x | {verdict(r)} |"
         )
     for n, r in results.items():
         if r and "error" in r:
@@ -751,7 +812,7 @@ side in the same run (interleaved), and figures are medians of {args.runs} runs 
 ```bash
 bash -c 'source scripts/setup.sh'          # the venv, with the provider installed
 apt-get install -y wrk                     # optional: else bench/loadgen.py generates the load
-.venv/bin/python bench/run_all.py          # all six; --quick for a short smoke run, --only 1,3 for some
+.venv/bin/python bench/run_all.py          # all seven; --quick for a short smoke run, --only 1,3 for some
 ```
 
 Everything runs in a temporary directory (AIRFLOW_HOME, MLflow SQLite store and artifacts) that is
@@ -795,7 +856,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (smoke run; not for quoting)")
     parser.add_argument("--runs", type=int, help="runs per measurement (default 5, --quick: 1)")
-    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated items to run (default: all)")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7", help="comma-separated items to run (default: all)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "docs", help="where performance.md/png go")
     parser.add_argument("--json", type=Path, help="also write the raw results as JSON")
     parser.add_argument(
@@ -832,7 +893,7 @@ def main(argv: list[str] | None = None) -> int:
             {"conn_type": "modeldeploy_mlflow", "host": "127.0.0.1", "extra": {"port_range": f"{first}-{first + 199}"}}
         )
         bench = Bench(tmp, args.quick, args.runs)
-        if {"1", "2", "3"} & set(only):
+        if {"1", "2", "3", "7"} & set(only):
             log("registering models:/bench-iris/1 and /2 ...")
             register_models(tmp)
         steps: dict[str, Callable[[], dict[str, Any]]] = {
@@ -842,6 +903,7 @@ def main(argv: list[str] | None = None) -> int:
             "3": lambda: bench_throughput(bench),
             "2": lambda: bench_replace_under_load(bench),
             "6": lambda: bench_dag_cycle(bench, results.get("1", {}).get("median_provider_s")),
+            "7": lambda: bench_memory(bench),
         }
         for n, step in steps.items():
             if n not in only:

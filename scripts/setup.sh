@@ -21,6 +21,12 @@ echo ">> installing airflow-provider-modeldeploy and its dependencies (Airflow 3
 # --compile-bytecode: as pip does, and unlike uv by default. Where PYTHONDONTWRITEBYTECODE is set
 # (this machine sets it), nothing else ever writes the .pyc files, and every airflow command and
 # model server would compile Airflow, MLflow and pandas from source again at each start.
+# The package is installed from a wheel built here, as users install it (not -e): a file missing from
+# the wheel fails here and in the tests, not only on users' machines.
+WHEELS="$(mktemp -d)"
+"$VENV/bin/python" -m uv build --quiet --wheel --out-dir "$WHEELS" "$ROOT"
+WHEEL="$(ls "$WHEELS"/airflow_provider_modeldeploy-*.whl)"
 "$VENV/bin/python" -m uv pip install --quiet --compile-bytecode --python "$VENV/bin/python" \
-  "apache-airflow==3.3.2" -e "$ROOT[test,postgres,examples]"
+  --reinstall-package airflow-provider-modeldeploy "apache-airflow==3.3.2" "$WHEEL[test,postgres,examples]"
+rm -rf "$WHEELS" "$ROOT/build" "$ROOT"/*.egg-info
 export PATH="$VENV/bin:$PATH"

@@ -21,4 +21,7 @@ echo ">> ruff"
 ruff check .
 ruff format --check .
 echo ">> pytest"
-exec python -m pytest -p no:cacheprovider -rs "$@"
+# Never the checkout's package: neither pytest (-P) nor any Python it starts puts the current
+# directory first on sys.path, so every process imports the installed wheel (conftest.py checks).
+export PYTHONSAFEPATH=1
+exec python -P -m pytest -p no:cacheprovider -rs "$@"
