@@ -71,6 +71,17 @@ def service_pids(service_uuid: str) -> set[int]:
         return set()
 
 
+def wait_for(condition: Any, timeout: float, what: str, detail: Any = lambda: "") -> Any:
+    """``condition()``'s first true value, polled until ``timeout``; else fail saying what was awaited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what} {detail()}".rstrip())
+
+
 def agent_services(endpoint: str | None = None) -> list[dict[str, Any]]:
     """What this host's serving agent runs (every installation's), or one endpoint's."""
     from airflow_provider_modeldeploy.hooks.serving_agent import local_agent

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import httpx
 import psutil
 import pytest
-from conftest import agent_services, iris_payload, run_airflow, use_airflow_home
+from conftest import agent_services, iris_payload, run_airflow, use_airflow_home, wait_for
 
 from airflow_provider_modeldeploy.deployers import ServiceConfig, get_model_deployer
 from airflow_provider_modeldeploy.exceptions import DeploymentFailedError
@@ -140,16 +140,6 @@ def start_deploy(model_uri: str, name: str, home: Path) -> subprocess.Popen[byte
         [sys.executable, "-c", DEPLOY_SCRIPT, model_uri, name],
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-
-
-def wait_for(condition: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_deploying_task_killed_midway_leaves_nothing_unaccounted(

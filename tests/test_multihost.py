@@ -20,7 +20,6 @@ import secrets
 import signal
 import socket
 import sys
-import time
 import uuid as uuidlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from conftest import PG_BASE, ROOT, iris_payload
+from conftest import PG_BASE, ROOT, iris_payload, wait_for
 from multihost import Network, available
 
 AGENT_PORT = 7400
@@ -120,16 +119,6 @@ class Cluster:
         from airflow_provider_modeldeploy.registry.store import Registry
 
         return Registry(self.local_registry_url)
-
-
-def wait_for(condition: Any, timeout: float, what: str, detail: Any = lambda: "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}: {detail()}")
 
 
 def ok(done: Any) -> str:
