@@ -1,4 +1,4 @@
-"""All six benchmarks of issue 5 in one command; writes docs/performance.md and docs/performance.png.
+"""The benchmarks in one command; writes docs/performance.md and docs/performance.png.
 
 1. time to serve: deploy call -> first 200 of ``/invocations``, against ``mlflow models serve``
 2. replace under load: 16 keep-alive clients while 10 replaces run (failures, refusals, p99 in/out)
@@ -9,6 +9,9 @@
    1,000 and 10,000 services
 6. a full CT/CD cycle of the example DAG with ``airflow dags test``: time beyond training, beside a
    no-op DAG of the same shape (Airflow's own cost of such a run)
+7. memory: five small models served, total PSS of the serving agent's process tree against five
+   ``mlflow models serve``
+8. stop from another host (Linux namespaces) against a stop on the serving host, through its agent
 
 Everything runs in one temporary directory (AIRFLOW_HOME, MLflow store, artifacts) removed at the end;
 every server is stopped, even on errors or Ctrl-C.
@@ -681,6 +684,99 @@ def bench_memory(b: Bench) -> dict[str, Any]:
     }  # fmt: skip
 
 
+# ---------------------------------------------------------------------------------------------
+# 8. stop from another host
+# ---------------------------------------------------------------------------------------------
+
+TIMED_STOPS = """
+import json, sys, time
+from airflow_provider_modeldeploy.deployers import get_model_deployer
+deployer, uuid, times = get_model_deployer(), sys.argv[1], []
+for _ in range(int(sys.argv[2])):
+    start = time.perf_counter()
+    deployer.stop_model_server(uuid)
+    times.append(time.perf_counter() - start)
+    deployer.start_model_server(uuid)
+print(json.dumps(times))
+"""
+DEPLOY_ONE = """
+import sys
+from airflow_provider_modeldeploy.deployers import ServiceConfig, get_model_deployer
+print(get_model_deployer().deploy_model(ServiceConfig(model_uri=sys.argv[1], model_name="bench-remote")).uuid)
+"""
+
+
+def bench_remote_stop(b: Bench) -> dict[str, Any]:
+    """``stop_model_server`` timed in one process on the serving host and in one on another host
+    (Linux namespaces, tests/multihost.py), both acting through the serving host's agent."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from multihost import Network, available
+
+    if available() is not None:
+        raise RuntimeError(f"no network namespaces here: {available()}")
+    token = secrets.token_urlsafe(16)
+    homes = b.tmp / "hosts"
+    with Network(["serving", "cli"], prefix="mb") as net:
+        serving = net["serving"].address
+
+        def env(host: str) -> dict[str, str]:
+            conn = {
+                "conn_type": "modeldeploy_mlflow",
+                "host": serving,
+                "extra": {"agent_url": f"http://{serving}:7400"},
+            }
+            return {
+                "PATH": os.environ["PATH"], "AIRFLOW_HOME": str(homes / host), "_MODELDEPLOY_NO_METASTORE": "1",
+                "AIRFLOW__MODELDEPLOY__REGISTRY_SQL_ALCHEMY_CONN": f"sqlite:///{homes / 'registry.db'}",
+                "AIRFLOW__MODELDEPLOY__AGENT_TOKEN": token, "AIRFLOW_CONN_MODELDEPLOY_DEFAULT": json.dumps(conn),
+                "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"], "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            }  # fmt: skip
+
+        for host in ("serving", "cli"):
+            (homes / host).mkdir(parents=True)
+        log_path = homes / "agent.log"
+        with log_path.open("wb") as out:
+            agent = net["serving"].popen(
+                [AIRFLOW, "served-models", "agent", "--listen", "0.0.0.0:7400", "--advertise-url",
+                 f"http://{serving}:7400"], env=env("serving"), stdout=out, stderr=out,
+            )  # fmt: skip
+        try:
+            end = time.monotonic() + 120
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    answer = httpx.get(f"http://{serving}:7400/v1/health", headers={"Authorization": f"Bearer {token}"})
+                    if answer.status_code == 200:
+                        break
+                if agent.poll() is not None or time.monotonic() > end:
+                    raise RuntimeError(f"the serving agent did not start: {tts.tail(log_path)}")
+                time.sleep(0.2)
+            done = net["serving"].run([PY, "-c", DEPLOY_ONE, tts.MODEL_URI], env=env("serving"), timeout=300)
+            if done.returncode:
+                raise RuntimeError(f"deploy failed: {done.stderr[-1500:]}")
+            uuid = done.stdout.split()[-1]
+            times: dict[str, list[float]] = {"serving": [], "cli": []}
+            for i in range(b.runs):
+                for host in ("serving", "cli") if i % 2 == 0 else ("cli", "serving"):
+                    done = net[host].run([PY, "-c", TIMED_STOPS, uuid, "3"], env=env(host), timeout=600)
+                    if done.returncode:
+                        raise RuntimeError(f"stop from {host} failed: {done.stderr[-1500:]}")
+                    times[host] += json.loads(done.stdout.splitlines()[-1])
+                    log(f"[8] run {i + 1}/{b.runs} from {host}: {statistics.median(times[host]) * 1000:.0f} ms so far")
+            net["serving"].run([PY, "-c", f"{TIMED_STOPS.split('for _')[0]}deployer.delete_model_server(uuid)", uuid],
+                               env=env("serving"), timeout=120)  # fmt: skip
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                agent.wait(20)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = med["cli"] / med["serving"]
+    return {
+        "serving_ms": [t * 1000 for t in times["serving"]], "cli_ms": [t * 1000 for t in times["cli"]],
+        "median_serving_ms": med["serving"] * 1000, "median_cli_ms": med["cli"] * 1000, "ratio": ratio,
+        "pass": ratio <= 1.5,
+    }  # fmt: skip
+
+
 def verdict(r: dict[str, Any] | None) -> str:
     if r is None:
         return "not run"
@@ -750,6 +846,13 @@ def table(results: dict[str, Any]) -> str:
             f"provider {r['median_provider_mib']:.0f} MiB (agent and fork server included), mlflow "
             f"{r['median_mlflow_mib']:.0f} MiB | {r['ratio']:.2f}x | {verdict(r)} |"
         )
+    r = results.get("8")
+    if r and "error" not in r:
+        rows.append(
+            f"| 8 | stop from another host, through the serving host's agent | <= 1.5x a stop on the serving host | "
+            f"another host {r['median_cli_ms']:.0f} ms, the serving host {r['median_serving_ms']:.0f} ms | "
+            f"{r['ratio']:.2f}x | {verdict(r)} |"
+        )
     for n, r in results.items():
         if r and "error" in r:
             rows.append(f"| {n} | (failed to run) | | `{r['error'][:200]}` | | **error** |")
@@ -812,7 +915,7 @@ side in the same run (interleaved), and figures are medians of {args.runs} runs 
 ```bash
 bash -c 'source scripts/setup.sh'          # the venv, with the provider installed
 apt-get install -y wrk                     # optional: else bench/loadgen.py generates the load
-.venv/bin/python bench/run_all.py          # all seven; --quick for a short smoke run, --only 1,3 for some
+.venv/bin/python bench/run_all.py          # all eight; --quick for a short smoke run, --only 1,3 for some
 ```
 
 Everything runs in a temporary directory (AIRFLOW_HOME, MLflow SQLite store and artifacts) that is
@@ -856,7 +959,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (smoke run; not for quoting)")
     parser.add_argument("--runs", type=int, help="runs per measurement (default 5, --quick: 1)")
-    parser.add_argument("--only", default="1,2,3,4,5,6,7", help="comma-separated items to run (default: all)")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7,8", help="comma-separated items to run (default: all)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "docs", help="where performance.md/png go")
     parser.add_argument("--json", type=Path, help="also write the raw results as JSON")
     parser.add_argument(
@@ -877,7 +980,8 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
-    tmp = Path(tempfile.mkdtemp(prefix="modeldeploy-bench-"))
+    # Not under /tmp: item 8's hosts each have a private /tmp, and read the MLflow store here.
+    tmp = Path(tempfile.mkdtemp(prefix="modeldeploy-bench-", dir="/var/tmp"))
     since = time.time() - 1
     results: dict[str, Any] = {}
     bench: Bench | None = None
@@ -893,7 +997,7 @@ def main(argv: list[str] | None = None) -> int:
             {"conn_type": "modeldeploy_mlflow", "host": "127.0.0.1", "extra": {"port_range": f"{first}-{first + 199}"}}
         )
         bench = Bench(tmp, args.quick, args.runs)
-        if {"1", "2", "3", "7"} & set(only):
+        if {"1", "2", "3", "7", "8"} & set(only):
             log("registering models:/bench-iris/1 and /2 ...")
             register_models(tmp)
         steps: dict[str, Callable[[], dict[str, Any]]] = {
@@ -904,6 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
             "2": lambda: bench_replace_under_load(bench),
             "6": lambda: bench_dag_cycle(bench, results.get("1", {}).get("median_provider_s")),
             "7": lambda: bench_memory(bench),
+            "8": lambda: bench_remote_stop(bench),
         }
         for n, step in steps.items():
             if n not in only:

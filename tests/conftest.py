@@ -29,7 +29,7 @@ def _installed_package_only() -> None:
     import airflow_provider_modeldeploy
 
     where = Path(airflow_provider_modeldeploy.__file__).resolve()
-    if where.is_relative_to(ROOT):
+    if where.is_relative_to(ROOT / "airflow_provider_modeldeploy"):
         pytest.exit(f"airflow_provider_modeldeploy is imported from the checkout ({where}); run scripts/test.sh", 2)
     os.environ["PYTHONSAFEPATH"] = "1"  # no `python -c` started in ROOT imports the checkout either
 

@@ -20,7 +20,7 @@ def installed_files() -> set[str]:
 
 def test_the_package_is_imported_from_the_installed_wheel() -> None:
     where = Path(airflow_provider_modeldeploy.__file__).resolve()
-    assert not where.is_relative_to(ROOT), f"imported from the checkout ({where}), not the installed wheel"
+    assert not where.is_relative_to(SOURCE), f"imported from the checkout ({where}), not the installed wheel"
     assert "site-packages" in where.parts
     direct_url = importlib.metadata.distribution("airflow-provider-modeldeploy").read_text("direct_url.json")
     assert not json.loads(direct_url or "{}").get("dir_info", {}).get("editable"), direct_url
