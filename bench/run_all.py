@@ -716,7 +716,7 @@ def bench_remote_stop(b: Bench) -> dict[str, Any]:
         raise RuntimeError(f"no network namespaces here: {available()}")
     token = secrets.token_urlsafe(16)
     homes = b.tmp / "hosts"
-    with Network(["serving", "cli"], prefix="mb") as net:
+    with Network(["serving", "cli"], prefix="mb", share=(sys.prefix, ROOT)) as net:
         serving = net["serving"].address
 
         def env(host: str) -> dict[str, str]:

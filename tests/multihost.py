@@ -44,9 +44,13 @@ _READY_TIMEOUT = 10.0
 
 # The holder: set the hostname, give the host a private /tmp, /etc/hosts and /etc/resolv.conf, then idle. Each step
 # is chained with && so that reaching "sleep" means all of them worked; the pid stays the same through every exec.
+# Directories under /tmp that every host must still see (the venv or checkout of a clone made in /tmp) are
+# bound back over the private /tmp, from the machine's view of them through /proc/<pid of the test>/root.
 _HOLDER_SCRIPT = (
     'hostname "$1" && mount -t tmpfs -o mode=1777 tmpfs /tmp && mount --bind "$2"/hosts /etc/hosts'
-    ' && { [ ! -e /etc/resolv.conf ] || mount --bind "$2"/resolv.conf /etc/resolv.conf; } && exec sleep infinity'
+    ' && { [ ! -e /etc/resolv.conf ] || mount --bind "$2"/resolv.conf /etc/resolv.conf; }'
+    ' && root="$3" && shift 3 && for dir in "$@"; do mkdir -p "$dir" && mount --bind "$root$dir" "$dir" || exit 1; done'
+    " && exec sleep infinity"
 )
 
 Argv = Sequence[str | os.PathLike[str]]
@@ -316,7 +320,14 @@ class Network:
     next Network made on the machine deletes what that run left.
     """
 
-    def __init__(self, names: Sequence[str], *, prefix: str = "mh", grace: float = 5.0) -> None:
+    def __init__(
+        self,
+        names: Sequence[str],
+        *,
+        prefix: str = "mh",
+        grace: float = 5.0,
+        share: Sequence[os.PathLike[str] | str] = (),
+    ) -> None:
         if isinstance(names, str):
             raise TypeError("names must be a sequence of host names, not a single string")
         if not names or len(set(names)) != len(names) or len(names) > 200:
@@ -328,6 +339,9 @@ class Network:
             raise ValueError(f"prefix must be 1 to 6 lowercase letters or digits, starting with a letter: {prefix!r}")
         self.names = list(names)
         self.prefix = prefix
+        # Of the directories the hosts must see as they are (a venv, a checkout), those under /tmp: outermost only.
+        under_tmp = sorted({Path(d).resolve() for d in share if Path(d).resolve().is_relative_to("/tmp")})
+        self.share = [str(d) for d in under_tmp if not any(d != o and d.is_relative_to(o) for o in under_tmp)]
         self.grace = grace
         self._tag = secrets.token_hex(3)
         self.bridge = f"{prefix}br{self._tag}"
@@ -430,7 +444,8 @@ class Network:
                 [
                     *(_tool("ip"), "netns", "exec", host.netns),
                     *(_tool("unshare"), "--uts", "--mount", "--propagation", "private", "--"),
-                    *("sh", "-c", _HOLDER_SCRIPT, "sh", host.name, str(self._state)),
+                    *("sh", "-c", _HOLDER_SCRIPT, "sh", host.name, str(self._state), f"/proc/{os.getpid()}/root"),
+                    *self.share,
                 ],
                 cwd="/",
                 stdin=subprocess.DEVNULL,

@@ -136,7 +136,8 @@ def cluster(mlflow_models: dict[str, Any]) -> Iterator[Cluster]:
         conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
     base = Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///")).parent / "hosts"
     try:
-        with Network(["serving", "worker", "api", "cli"], prefix="md") as net:
+        # The venv and the checkout stay visible to every host, even in a clone under /tmp.
+        with Network(["serving", "worker", "api", "cli"], prefix="md", share=(sys.prefix, ROOT)) as net:
             gateway, port = net.forward(5432)
             options = f"?options=-csearch_path%3D{schema}"
             cluster = Cluster(

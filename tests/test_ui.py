@@ -283,7 +283,10 @@ def test_browser_list_detail_and_actions(ui: dict[str, Any], browser: Any) -> No
     page.goto(f"{server.url}/served-models/services/{ui['real']}")
     page.locator("#health").filter(has_text="Healthy").wait_for()
     assert page.locator('[data-prop="model_uri"]').inner_text() == "models:/iris/1"
+    # The log comes from the serving agent in a request of its own: wait for it, as a person would.
+    page.wait_for_function("document.querySelector('#logs').textContent.trim() !== 'loading…'")
     assert page.locator("#logs").inner_text().strip() not in ("", "loading…")
+    assert "accepting on" in page.locator("#logs").inner_text()
     assert "deploy" in page.locator("#history").inner_text()
     assert page.locator("#lineage a").first.get_attribute("href") == "/dags/iris_ct/runs/manual__ui"
     page.screenshot(path=str(shots / "detail.png"), full_page=True)
