@@ -45,12 +45,14 @@ _READY_TIMEOUT = 10.0
 # The holder: set the hostname, give the host a private /tmp, /etc/hosts and /etc/resolv.conf, then idle. Each step
 # is chained with && so that reaching "sleep" means all of them worked; the pid stays the same through every exec.
 # Directories under /tmp that every host must still see (the venv or checkout of a clone made in /tmp) are
-# bound back over the private /tmp, from the machine's view of them through /proc/<pid of the test>/root.
+# bound back over the private /tmp from the machine's /tmp, itself bound aside (in the host's private mount
+# namespace only) before the tmpfs hides it, and detached once they are in place.
 _HOLDER_SCRIPT = (
-    'hostname "$1" && mount -t tmpfs -o mode=1777 tmpfs /tmp && mount --bind "$2"/hosts /etc/hosts'
+    'hostname "$1" && old="$2/tmp-of-$1" && mkdir -p "$old" && mount --bind /tmp "$old"'
+    ' && mount -t tmpfs -o mode=1777 tmpfs /tmp && mount --bind "$2"/hosts /etc/hosts'
     ' && { [ ! -e /etc/resolv.conf ] || mount --bind "$2"/resolv.conf /etc/resolv.conf; }'
-    ' && root="$3" && shift 3 && for dir in "$@"; do mkdir -p "$dir" && mount --bind "$root$dir" "$dir" || exit 1; done'
-    " && exec sleep infinity"
+    ' && shift 2 && for dir in "$@"; do mkdir -p "$dir" && mount --bind "$old${dir#/tmp}" "$dir" || exit 1; done'
+    ' && umount -l "$old" && exec sleep infinity'
 )
 
 Argv = Sequence[str | os.PathLike[str]]
@@ -444,7 +446,7 @@ class Network:
                 [
                     *(_tool("ip"), "netns", "exec", host.netns),
                     *(_tool("unshare"), "--uts", "--mount", "--propagation", "private", "--"),
-                    *("sh", "-c", _HOLDER_SCRIPT, "sh", host.name, str(self._state), f"/proc/{os.getpid()}/root"),
+                    *("sh", "-c", _HOLDER_SCRIPT, "sh", host.name, str(self._state)),
                     *self.share,
                 ],
                 cwd="/",
