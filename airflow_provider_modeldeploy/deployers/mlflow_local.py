@@ -324,11 +324,7 @@ class MLflowLocalDeployer(BaseModelDeployer):
     def _log_lines(self, record: ServiceRecord, tail: int | None, follow: bool) -> Iterator[str]:
         if not record.agent_url and record.pid is None:
             return iter(())
-        try:
-            agent = self._agent_of(record)
-        except AgentUnreachableError:
-            raise
-        return _lines_or_none(agent.logs(record.uuid, tail, follow))
+        return _lines_or_none(self._agent_of(record).logs(record.uuid, tail, follow))
 
 
 def _lines_or_none(lines: Iterator[str]) -> Iterator[str]:
