@@ -67,14 +67,14 @@ class AgentClient:
         return AgentUnreachableError(self.host, self.url, reason)
 
     def request(self, method: str, path: str, *, body: dict | None = None, params: dict | None = None,
-                timeout: float = 30.0) -> dict[str, Any]:  # fmt: skip
+                timeout: float = 30.0, attempts: int = 3) -> dict[str, Any]:  # fmt: skip
         """One API call; the agent's JSON answer. Connection failures are retried briefly (nothing was
         done then); an answer that is an error is raised as the provider's error for it."""
         import httpx
         from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_fixed
 
-        @retry(retry=retry_if_exception_type(httpx.ConnectError), stop=stop_after_attempt(3), wait=wait_fixed(0.3),
-               reraise=True)  # fmt: skip
+        @retry(retry=retry_if_exception_type(httpx.ConnectError), stop=stop_after_attempt(attempts),
+               wait=wait_fixed(0.3), reraise=True)  # fmt: skip
         def call() -> httpx.Response:
             with self._client(timeout) as client:
                 return client.request(method, f"/v1{path}", json=body, params=params)
@@ -110,8 +110,8 @@ class AgentClient:
 
     # -- the API ---------------------------------------------------------------------------------
 
-    def health(self, timeout: float = 5.0) -> dict[str, Any]:
-        return self.request("GET", "/health", timeout=timeout)
+    def health(self, timeout: float = 5.0, attempts: int = 3) -> dict[str, Any]:
+        return self.request("GET", "/health", timeout=timeout, attempts=attempts)
 
     def deploy(self, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
         return self.request("POST", "/services", body=spec, timeout=timeout + 30)
@@ -180,7 +180,7 @@ def local_agent(start: bool = True) -> AgentClient:
     path = agent_api.socket_path(run_dir)
     client = AgentClient(f"{UNIX_PREFIX}{path}", host=agent_api.HOSTNAME)
     try:
-        health = client.health()
+        health = client.health(attempts=1 if start else 3)  # no agent yet: start one at once
         if not health.get("auto") or health.get("stamp") == agent_api.code_stamp():
             return client
         log.info("Restarting the serving agent (pid %s): it runs an older provider", health.get("pid"))
@@ -196,7 +196,7 @@ def local_agent(start: bool = True) -> AgentClient:
     deadline = time.monotonic() + 60
     while True:
         try:
-            client.health(timeout=2)
+            client.health(timeout=2, attempts=1)
             return client
         except AgentUnreachableError:
             if time.monotonic() > deadline:

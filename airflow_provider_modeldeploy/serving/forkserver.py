@@ -18,8 +18,10 @@ is unsafe; this one is single-threaded. Only the standard library is imported at
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import select
 import signal
 import socket
 import sys
@@ -27,16 +29,23 @@ import time
 from typing import Any
 
 MODULE = "airflow_provider_modeldeploy.serving.forkserver"
-#: What a model server needs and takes seconds to import; imported once, here.
-PRELOAD = (
-    "numpy", "pandas", "sklearn", "sklearn.base", "sklearn.linear_model", "sklearn.ensemble", "sklearn.tree",
-    "sklearn.pipeline", "sklearn.preprocessing", "mlflow", "mlflow.pyfunc", "mlflow.pyfunc.scoring_server",
-    "mlflow.sklearn", "mlflow.models", "mlflow.tracking", "mlflow.artifacts", "mlflow.store.tracking.sqlalchemy_store",
-    "mlflow.store.model_registry.sqlalchemy_store", "uvicorn", "uvicorn.protocols.http.httptools_impl",
-    "uvicorn.lifespan.off", "uvicorn.loops.auto", "airflow_provider_modeldeploy.serving.mlflow_server",
+#: What every model server needs and takes seconds to import: imported before the fork server says it
+#: is ready, so that even the first deploy on a host (the agent just started) forks from it.
+ESSENTIAL = (
+    "numpy", "pandas", "sklearn", "sklearn.base", "mlflow", "mlflow.pyfunc", "mlflow.pyfunc.scoring_server",
+    "mlflow.sklearn", "mlflow.models", "mlflow.tracking", "mlflow.artifacts", "uvicorn",
+    "uvicorn.protocols.http.httptools_impl", "uvicorn.lifespan.off", "uvicorn.loops.auto",
+    "airflow_provider_modeldeploy.serving.mlflow_server",
+)  # fmt: skip
+#: What many servers need: imported once ready, one module at a time while no fork is asked for (a
+#: server forked before imports what it needs itself, in parallel).
+EXTRA = (
+    "sklearn.linear_model", "sklearn.ensemble", "sklearn.tree", "sklearn.pipeline", "sklearn.preprocessing",
+    "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",
     # MLflow 3 saves scikit-learn models with skops, whose import walks every estimator (seconds).
     "skops.io", "mlflow.store.db.utils", "alembic.runtime.migration", "alembic.script",
 )  # fmt: skip
+PRELOAD = ESSENTIAL + EXTRA
 
 
 class ForkServerError(Exception):
@@ -96,9 +105,8 @@ def _become_server(request: dict[str, Any], fds: list[int]) -> None:
     os.environ.clear()
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
-    import gc
-
-    gc.unfreeze()  # the server's own objects are collected as usual
+    # The preloaded objects stay frozen (gc.freeze() above): a collection in the server never walks,
+    # hence never copies, them. The server's own objects are collected as usual.
     from airflow_provider_modeldeploy.serving import mlflow_server
 
     code = 1
@@ -144,14 +152,16 @@ def _fork_server(request: dict[str, Any], fds: list[int], channel: socket.socket
     return int(data)
 
 
-def _preload() -> None:
+def _preload(name: str) -> None:
     import importlib
 
-    for name in PRELOAD:
-        try:
-            importlib.import_module(name)
-        except Exception as exc:  # a missing optional library must not keep the fork server from serving
-            _log(f"could not preload {name}: {type(exc).__name__}: {exc}")
+    try:
+        importlib.import_module(name)
+    except Exception as exc:  # a missing optional library must not keep the fork server from serving
+        _log(f"could not preload {name}: {type(exc).__name__}: {exc}")
+
+
+def _preload_package_map() -> None:
     # Loading a model checks its requirements against the installed distributions; the map of
     # modules to distributions is built once per process (a scan of every installed package).
     try:
@@ -160,6 +170,13 @@ def _preload() -> None:
         requirements_utils._init_packages_to_modules_map()
     except Exception as exc:
         _log(f"could not preload the package map: {type(exc).__name__}: {exc}")
+
+
+def _freeze() -> None:
+    import gc
+
+    gc.collect()
+    gc.freeze()  # what is imported now stays shared with every forked server (no copy-on-collect)
 
 
 def _set_pdeathsig() -> None:
@@ -171,19 +188,21 @@ def _set_pdeathsig() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import gc
 
     parser = argparse.ArgumentParser(prog=MODULE, description=__doc__.split("\n", 1)[0])
     parser.add_argument("--fd", type=int, required=True, help="the socket shared with the agent")
     args = parser.parse_args(argv)
     _set_pdeathsig()
     channel = socket.socket(fileno=args.fd)
-    _preload()
-    gc.collect()
-    gc.freeze()  # what is imported now stays shared with every forked server (no copy-on-collect)
+    for name in ESSENTIAL:
+        _preload(name)
+    _freeze()
     channel.sendall(b'{"ready": true}\n')
     _log("ready")
+    extra = [*(functools.partial(_preload, name) for name in EXTRA), _preload_package_map, _freeze]
     while True:
+        while extra and not select.select([channel], [], [], 0)[0]:
+            extra.pop(0)()  # a request waits at most for one import
         fds: list[int] = []
         try:
             request = _recv_line(channel, fds)

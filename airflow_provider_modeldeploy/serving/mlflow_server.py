@@ -666,6 +666,10 @@ def main(argv: list[str] | None = None) -> int:
         "served_uri": served_uri, "model_version": version, "model_run_id": run_id,
         "input_example": example, "port": listener.getsockname()[1],
     }  # fmt: skip
+    import gc
+
+    gc.collect()
+    gc.freeze()  # the model and the app, shared with the workers, are not copied by their collections
     master.spawn(app, staging, ctl)  # the master keeps the staging socket to replace a worker that dies
     error = master.wait_acks(b"s", args.start_timeout)
     if error:
