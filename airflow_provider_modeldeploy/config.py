@@ -35,13 +35,13 @@ def get_option(key: str, fallback: str = "") -> str:
 
 def state_dir() -> Path:
     path = Path(get_option("state_dir") or airflow_home() / "modeldeploy").expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)  # the SQLite registry and the agent's records
     return path
 
 
 def logs_dir() -> Path:
     path = state_dir() / "logs"
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
 
 

@@ -78,6 +78,9 @@ def test_schema_is_created_by_alembic_at_first_use(registry_url: str) -> None:
     registry = get_registry()
     assert registry.url == registry_url
     assert registry.count_services() == 0  # first use
+    if registry_url.startswith("sqlite"):  # private: lineage, errors and the agents' addresses
+        db = Path(registry_url.split("///", 1)[1])
+        assert (db.stat().st_mode & 0o777, db.parent.stat().st_mode & 0o777) == (0o600, 0o700)
 
     assert TABLES | {VERSION_TABLE} <= table_names(registry_url)
     with registry.engine.connect() as conn:
@@ -248,6 +251,12 @@ def test_get_service_by_unique_prefix(registry_url: str) -> None:
         assert str(info.value).startswith(f"uuid={prefix!r}: ")
     got = registry.get_service("abcd1")
     assert got.created_at is not None and got.created_at.tzinfo is not None
+    # An ambiguous prefix names the candidates, in one line.
+    with pytest.raises(ServiceNotFoundError) as info:
+        registry.get_service("abcd")
+    message = str(info.value)
+    assert "several services" in message and a.uuid in message and b.uuid in message and c.uuid not in message
+    assert "\n" not in message
 
 
 def test_find_services_filters_and_paging(registry_url: str) -> None:

@@ -111,7 +111,9 @@ class Registry:
             if self.url.startswith("sqlite"):
                 path = self.url.split("///", 1)[-1]
                 if path and path != ":memory:":
-                    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+                    # Created private: it holds lineage and error messages, and the agents' addresses.
+                    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
                 engine = create_engine(self.url, connect_args={"timeout": 60})
                 _make_sqlite_serialisable(engine)
             else:
@@ -194,10 +196,20 @@ class Registry:
             row = s.get(ServiceRow, service_uuid)
             if row is None:
                 matches = s.scalars(
-                    select(ServiceRow).where(ServiceRow.uuid.startswith(service_uuid, autoescape=True)).limit(2)
+                    select(ServiceRow)
+                    .where(ServiceRow.uuid.startswith(service_uuid, autoescape=True))
+                    .order_by(ServiceRow.uuid)
+                    .limit(6)
                 ).all()
                 if len(service_uuid) >= 4 and len(matches) == 1:
                     row = matches[0]
+                elif len(service_uuid) >= 4 and matches:
+                    # Which ones, so that the user can type one more character instead of guessing.
+                    names = ", ".join(f"{m.uuid} ({m.model_name}, {m.state})" for m in matches[:5])
+                    more = " and more" if len(matches) > 5 else ""
+                    raise ServiceNotFoundError(
+                        "uuid", service_uuid, f"is the start of several services' uuids: {names}{more}; give more of it"
+                    )
                 else:
                     raise ServiceNotFoundError("uuid", service_uuid, "no served model has this uuid")
             return row_to_record(row)
