@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -136,3 +137,20 @@ def test_server_outlives_the_process_that_deployed_it(airflow_home: Any, mlflow_
     proc = psutil.Process(service.record.pid)
     assert proc.ppid() != os.getpid()
     assert service.record.host and get_registry().get_service(service.uuid).pid == proc.pid
+
+
+def test_one_installation_keeps_its_agent_whatever_its_interpreter_is_called(deployer: Any) -> None:
+    """`python` and `python3` of one venv are one installation: neither restarts the other's agent
+    (an agent of another installation, or of older code, would be restarted by a deploy)."""
+    from airflow_provider_modeldeploy.hooks.serving_agent import local_agent
+
+    pid = local_agent().health()["pid"]
+    here = Path(sys.executable)
+    other = here.with_name("python3" if here.name == "python" else "python")
+    assert other.exists() and other.name != here.name
+    code = (
+        "from airflow_provider_modeldeploy.hooks.serving_agent import local_agent; print(local_agent().health()['pid'])"
+    )
+    done = subprocess.run([str(other), "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == str(pid) and local_agent().health()["pid"] == pid

@@ -181,7 +181,7 @@ def local_agent(start: bool = True) -> AgentClient:
     client = AgentClient(f"{UNIX_PREFIX}{path}", host=agent_api.HOSTNAME)
     try:
         health = client.health(attempts=1 if start else 3)  # no agent yet: start one at once
-        if not health.get("auto") or health.get("stamp") == agent_api.code_stamp():
+        if not start or not health.get("auto") or health.get("stamp") == agent_api.code_stamp():
             return client
         log.info("Restarting the serving agent (pid %s): it runs an older provider", health.get("pid"))
         with contextlib.suppress(AgentUnreachableError):

@@ -199,7 +199,7 @@ class Agent(ServerProcesses):
             held = self.listeners.pop(m.uuid, None)
         if held is not None:
             held.close()
-        for name in ("ctl", "staging"):
+        for name in ("ctl", "staging", "state"):
             self._paths(m.uuid)[name].unlink(missing_ok=True)
 
     def stop(self, uuid: str, timeout: float, force: bool) -> dict[str, Any]:

@@ -55,7 +55,8 @@ def code_stamp() -> str:
     """Changes when the installed provider does: a client restarts an agent started on first use that
     runs older code (its servers keep serving and the new agent adopts them)."""
     here = Path(__file__).resolve().parent
-    stamp = [sys.executable, str(here)]
+    # The interpreter as a file, not as spelled: `python` and `python3` of one venv are the same agent.
+    stamp = [os.path.realpath(sys.executable), str(here)]
     for path in sorted(here.glob("*.py")):
         with contextlib.suppress(OSError):
             stamp.append(f"{path.name}:{path.stat().st_mtime_ns}")
