@@ -425,3 +425,57 @@ def test_bad_payload_gets_a_4xx_with_mlflows_error_body(payload_server: Any, nam
     # The server is alive and still answers good requests, on a new connection and on its pid.
     assert predict(url).status_code == 200
     assert psutil.Process(payload_server.record.pid).status() != psutil.STATUS_ZOMBIE
+
+
+def _raw_post(url: str, head: bytes, body_chunks: Iterator[bytes], timeout: float = 60) -> bytes:
+    """POST over a raw socket, sending ``body_chunks`` until the server answers or closes; its answer."""
+    import select
+    import socket
+
+    where = urlsplit(url)
+    with socket.create_connection((where.hostname, where.port), timeout=timeout) as sock:
+        sock.sendall(head)
+        for chunk in body_chunks:
+            if select.select([sock], [], [], 0)[0]:
+                break  # the server answered before the body was sent: stop sending
+            try:
+                sock.sendall(chunk)
+            except OSError:
+                break
+        answer = b""
+        with contextlib.suppress(OSError):
+            while data := sock.recv(65536):
+                answer += data
+    return answer
+
+
+def test_a_declared_body_over_the_limit_is_refused_unread(payload_server: Any) -> None:
+    url = payload_server.prediction_url
+    where = urlsplit(url)
+    head = (
+        f"POST {where.path} HTTP/1.1\r\nHost: {where.netloc}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {8 * 1024**3}\r\n\r\n"
+    ).encode()
+    started = time.monotonic()
+    answer = _raw_post(url, head, iter([b"{" * 1024]))  # 1 KiB of the 8 GiB it announces
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
+    assert b"over this server's limit" in answer and time.monotonic() - started < 30
+    assert predict(url).status_code == 200
+
+
+def test_a_streamed_gigabyte_is_refused_with_bounded_memory(payload_server: Any) -> None:
+    url = payload_server.prediction_url
+    where = urlsplit(url)
+    workers = psutil.Process(payload_server.record.pid).children()
+    before = max(w.memory_info().rss for w in workers)
+    head = (
+        f"POST {where.path} HTTP/1.1\r\nHost: {where.netloc}\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    mib = b"7" * 2**20
+    chunks = (f"{len(mib):x}\r\n".encode() + mib + b"\r\n" for _ in range(1024))  # 1 GiB, never all sent
+    answer = _raw_post(url, head, chunks)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
+    grown = max(w.memory_info().rss for w in workers) - before
+    assert grown < 200 * 2**20, f"the worker grew by {grown >> 20} MiB for a refused body"
+    assert predict(url).status_code == 200

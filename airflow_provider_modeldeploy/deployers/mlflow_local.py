@@ -45,7 +45,8 @@ class MLflowLocalDeployer(BaseModelDeployer):
     ``timeout`` (per-request seconds), ``port`` (pin the endpoint's port), ``smoke_input`` (a JSON
     body for the smoke prediction; default: the model's logged input example), ``fast_path``
     (default true: plain rows for a scikit-learn model with a column signature are answered without
-    pandas, with the answers MLflow's app gives; false sends every request through MLflow's app).
+    pandas, with the answers MLflow's app gives; false sends every request through MLflow's app),
+    ``max_body_mb`` (default 32: larger request bodies get 413 before they are read).
     """
 
     backend = "mlflow"
@@ -55,6 +56,7 @@ class MLflowLocalDeployer(BaseModelDeployer):
         "port": int,
         "smoke_input": (str, dict, list),
         "fast_path": bool,
+        "max_body_mb": int,
     }
 
     def __init__(
@@ -80,7 +82,7 @@ class MLflowLocalDeployer(BaseModelDeployer):
 
     def _validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
         clean = super()._validate_options(options)
-        for key in ("workers", "timeout"):
+        for key in ("workers", "timeout", "max_body_mb"):
             if key in clean and clean[key] < 1:
                 raise InvalidParameterError(key, clean[key], "must be a positive integer")
         if "port" in clean and not 1 <= clean["port"] <= 65535:
@@ -155,7 +157,7 @@ class MLflowLocalDeployer(BaseModelDeployer):
             "endpoint": record.endpoint, "model_name": record.model_name, "model_uri": record.model_uri,
             "options": {
                 "workers": opts.get("workers", self.settings.workers), "fast_path": opts.get("fast_path", True),
-                "smoke_input": opts.get("smoke_input"),
+                "smoke_input": opts.get("smoke_input"), "max_body_mb": opts.get("max_body_mb"),
             },
             "env": env, "timeout": timeout, "record": record.to_dict(),
             "bind": {

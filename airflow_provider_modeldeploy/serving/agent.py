@@ -122,6 +122,7 @@ class Agent(ServerProcesses):
                     "--listen-fd", "{fd2}", "--runtime-dir", str(self.run_dir),
                     "--workers", str(int(options.get("workers") or 1)), "--start-timeout", str(int(timeout)),
                     "--fast-path", "on" if options.get("fast_path", True) else "off",
+                    "--max-body-bytes", str(int(options.get("max_body_mb") or 32) * 1024 * 1024),
                 ],
             )  # fmt: skip
             listener = self._listener(m, req.get("bind") or {}, req.get("previous_uuid"))

@@ -199,7 +199,61 @@ def _shorten_error(body: bytes) -> bytes:
         return body[:2000] + f" ... (cut: the error was {len(body)} bytes)".encode()
 
 
-def _build_app(model: Any, headers: dict[str, str], fast_path: bool = True, example: str | None = None) -> Any:
+#: Request bodies larger than this are refused (413) before they are read: MLflow's app reads a whole
+#: body into memory, several times over while parsing it.
+DEFAULT_MAX_BODY = 32 * 1024 * 1024
+
+
+async def _refuse(send: Any, status: int, message: str, extra: list) -> None:
+    body = json.dumps({"error_code": "REQUEST_LIMIT_EXCEEDED", "message": message}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"), *extra]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _bounded(scope: dict, receive: Any, send: Any, limit: int, extra: list) -> Any:
+    """A ``receive`` for the request's body if it is within ``limit`` bytes; None once a 413 is sent.
+
+    A declared length over the limit is refused before a byte of the body is read; a body without a
+    length (chunked) is read up to the limit only, so a client streaming gigabytes costs at most that.
+    """
+    length = dict(scope["headers"]).get(b"content-length")
+    if length is not None:
+        if length.isdigit() and int(length) > limit:
+            await _refuse(
+                send, 413, f"the request body ({int(length)} bytes) is over this server's limit of {limit} bytes", extra
+            )
+            return None
+        return receive
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            return receive
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            await _refuse(send, 413, f"the request body is over this server's limit of {limit} bytes", extra)
+            return None
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    body, replayed = b"".join(chunks), False
+
+    async def replay() -> dict:
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+def _build_app(
+    model: Any, headers: dict[str, str], fast_path: bool = True, example: str | None = None,
+    max_body: int = DEFAULT_MAX_BODY,
+) -> Any:  # fmt: skip
     from fastapi.responses import JSONResponse
     from mlflow.pyfunc import scoring_server
 
@@ -231,6 +285,10 @@ def _build_app(model: Any, headers: dict[str, str], fast_path: bool = True, exam
         # Tells callers which model version answered: the URL stays the same across replaces.
         if scope["type"] != "http":
             return await app(scope, receive, send)
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            receive = await _bounded(scope, receive, send, max_body, extra)
+            if receive is None:
+                return None
         if scope["path"] == "/invocations" and scope["method"] == "POST":
             if not any(name == b"content-type" for name, _ in scope["headers"]):
                 # MLflow's app fails on it with a 500 (it splits the missing header).
@@ -619,6 +677,9 @@ def main(argv: list[str] | None = None) -> int:
         "--fast-path", choices=("on", "off"), default="on",
         help="answer plain rows of scikit-learn models without pandas (same answers; see fast_path.py)",
     )  # fmt: skip
+    parser.add_argument(
+        "--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="larger request bodies get 413, unread"
+    )
     args = parser.parse_args(argv)
 
     run = Path(args.runtime_dir)
@@ -636,7 +697,9 @@ def main(argv: list[str] | None = None) -> int:
         headers = {"x-modeldeploy-service": args.service_uuid, "x-model-name": args.model_name}
         if version:
             headers["x-model-version"] = version
-        app = _build_app(model, headers, fast_path=args.fast_path == "on", example=example)
+        app = _build_app(
+            model, headers, fast_path=args.fast_path == "on", example=example, max_body=args.max_body_bytes
+        )
     except _Failure as exc:
         _log(f"failed: {exc}")
         _write_state(state_path, phase="failed", error=str(exc), field=exc.field)
