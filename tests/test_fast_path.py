@@ -249,7 +249,7 @@ def test_an_estimator_that_needs_a_dataframe_turns_the_fast_path_off(
     answers = [asyncio.run(_post(app, body, "application/json")) for app in (fast, plain)]
     assert answers[0] == answers[1] and answers[0][0] == 200
     assert spy.answered == spy.declined == 0
-    # Without an example to check, the first request that makes the estimator raise turns it off.
+    # Without an example to check, each request on which the estimator raises goes to MLflow's app.
     fast = mlflow_server._build_app(by_name_model, {}, fast_path=True)
     for _ in range(3):
         assert asyncio.run(_post(fast, body, "application/json")) == answers[1]
@@ -262,3 +262,23 @@ def test_a_disagreement_on_the_example_keeps_the_fast_path_off(models: dict[str,
     assert path is not None and path.disagreement(models["iris"], example) is None
     path._predict = lambda rows: [2] * len(rows)  # an estimator that reads arrays differently
     assert "differently" in (path.disagreement(models["iris"], example) or "")
+
+
+def test_one_client_cannot_turn_the_fast_path_off_for_everyone(models: dict[str, Any]) -> None:
+    """An estimator that raises on one request's rows: that request goes to MLflow's app; the next
+    request of plain rows is still answered by the fast path."""
+    path = fast_path.FastPath.for_model(models["iris"])
+    assert path is not None
+    predict = path._predict
+
+    def picky(rows: Any) -> Any:
+        if rows[0][0] == 99.0:
+            raise ValueError("sepal length out of range")
+        return predict(rows)
+
+    path._predict = picky
+    bad = json.dumps(split(IRIS_COLUMNS, [[99.0, 3.5, 1.4, 0.2]])).encode()
+    good = json.dumps(split(IRIS_COLUMNS, [[5.1, 3.5, 1.4, 0.2]])).encode()
+    assert path.answer(bad, b"application/json") is None
+    assert path.off_reason is None
+    assert json.loads(path.answer(good, b"application/json") or b"null") == {"predictions": [0]}

@@ -25,8 +25,9 @@ the DataFrame would have been converted to, and the answer is formatted by MLflo
 Two guards cover estimators that treat a DataFrame differently from an array (a ColumnTransformer
 selecting columns by name, a custom step using pandas): the server compares both paths on the
 model's input example before serving (:meth:`FastPath.disagreement`) and keeps the fast path off
-if they differ, and the fast path turns itself off for good the first time the estimator raises on
-an array (MLflow's app answers that request and every later one).
+if they differ, or if the estimator raises on the example as an array. A request on which the
+estimator raises later is answered by MLflow's app, that request only: one client cannot turn the
+fast path off for everyone.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class FastPath:
         both paths give the same answer, or the example is not a request the fast path takes)."""
         from mlflow.pyfunc.scoring_server import invocations
 
-        mine = self.answer(serving_input.encode(), b"application/json")
+        mine = self.answer(serving_input.encode(), b"application/json", judging=True)
         if self.off_reason is not None:
             return self.off_reason
         if mine is None:
@@ -110,8 +111,12 @@ class FastPath:
             return "the estimator answers the input example differently as an array than as a DataFrame"
         return None
 
-    def answer(self, body: bytes, content_type: bytes | None) -> bytes | None:
-        """The JSON answer MLflow's app would give with status 200, or None to let MLflow's app answer."""
+    def answer(self, body: bytes, content_type: bytes | None, *, judging: bool = False) -> bytes | None:
+        """The JSON answer MLflow's app would give with status 200, or None to let MLflow's app answer.
+
+        :param judging: this is the model's own input example, checked before serving: an estimator
+            that raises on it needs a DataFrame, and the fast path is turned off for good.
+        """
         if self.off_reason is not None:
             return None
         if content_type is None or content_type.lower() not in _JSON_TYPES or len(body) > MAX_BODY:
@@ -132,10 +137,12 @@ class FastPath:
         try:
             predictions = self._predict(array)
         except Exception as exc:
-            # The rows are valid numbers in the signature's columns, so the estimator wants a DataFrame
-            # (columns by name, a pandas step): MLflow's app answers this request and all later ones.
-            self.off_reason = f"the estimator raised on an array: {type(exc).__name__}: {str(exc)[:200]}"
-            self._log(f"fast path off: {self.off_reason}")
+            # MLflow's app answers this request (with the estimator's own error, if it raises there too).
+            # Only the model's own example may turn the fast path off: one client's rows must not switch
+            # it off for everyone.
+            if judging:
+                self.off_reason = f"the estimator raised on an array: {type(exc).__name__}: {str(exc)[:200]}"
+                self._log(f"fast path off: {self.off_reason}")
             return None
         out = StringIO()
         self._to_json(predictions, out)
