@@ -159,6 +159,16 @@ def get_provider_info() -> dict[str, Any]:
                         "default": "",
                         "sensitive": True,
                     },
+                    "registry_auto_upgrade": {
+                        "description": "Whether first use of a shared (non-SQLite) registry creates or "
+                        "upgrades its tables. False: run 'airflow served-models db-upgrade' as a deployment "
+                        "step (as 'airflow db migrate'); no API server request or task ever migrates it. "
+                        "The SQLite default always upgrades itself.",
+                        "version_added": "0.2.0",
+                        "type": "boolean",
+                        "example": "True",
+                        "default": "False",
+                    },
                     "state_dir": {
                         "description": "Directory for model server logs and state. Empty: {AIRFLOW_HOME}/modeldeploy.",
                         "version_added": "0.1.0",

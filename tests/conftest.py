@@ -293,6 +293,12 @@ def registry_url(request: pytest.FixtureRequest, airflow_home: Path) -> Iterator
         yield url
     else:
         url = request.getfixturevalue("pg_registry_url")
+        # A shared registry is migrated by an explicit step, as `airflow served-models db-upgrade` does.
+        from airflow_provider_modeldeploy.registry.store import Registry
+
+        migrating = Registry(url)
+        migrating.upgrade()
+        migrating.dispose()
         os.environ["AIRFLOW__MODELDEPLOY__REGISTRY_SQL_ALCHEMY_CONN"] = url
         yield url
         _delete_all_services()

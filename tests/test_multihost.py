@@ -146,6 +146,7 @@ def cluster(mlflow_models: dict[str, Any]) -> Iterator[Cluster]:
             )  # fmt: skip
             for host in ("serving", "worker", "api", "cli"):
                 (base / host).mkdir(parents=True, mode=0o700)
+            ok(cluster.airflow("worker", "served-models", "db-upgrade"))  # the deployment step, once
             cluster.start_agent()
             try:
                 yield cluster

@@ -132,6 +132,7 @@ def test_cli_entry_resolves_to_commands() -> None:
     names = {cmd.name: cmd for cmd in group.subcommands}
     assert set(names) == {
         "list", "describe", "get-url", "logs", "start", "stop", "delete", "sync", "promote", "rollback", "agent",
+        "db-upgrade",
     }  # fmt: skip
     for cmd in group.subcommands:
         # Commands are lazy; each names a function that exists.

@@ -20,11 +20,11 @@ import httpx
 import psutil
 import pytest
 import sqlalchemy as sa
-from conftest import agent_servers, iris_payload
+from conftest import agent_servers, iris_payload, run_airflow
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
-from airflow_provider_modeldeploy.exceptions import EndpointBusyError, ServiceNotFoundError
+from airflow_provider_modeldeploy.exceptions import EndpointBusyError, RegistryUnavailableError, ServiceNotFoundError
 from airflow_provider_modeldeploy.registry import get_registry
 from airflow_provider_modeldeploy.registry.models import Base, EndpointRow
 from airflow_provider_modeldeploy.registry.store import HEAD_REVISION, HOSTNAME, VERSION_TABLE, Registry, utcnow
@@ -72,8 +72,7 @@ def test_schema_is_created_by_alembic_at_first_use(registry_url: str) -> None:
 
     if registry_url.startswith("sqlite"):
         assert not Path(registry_url.split("///", 1)[1]).exists()
-    else:
-        assert not (TABLES | {VERSION_TABLE}) & table_names(registry_url)
+    # (PostgreSQL: created by the fixture's explicit upgrade step; see the next test.)
 
     registry = get_registry()
     assert registry.url == registry_url
@@ -100,6 +99,44 @@ def test_schema_is_created_by_alembic_at_first_use(registry_url: str) -> None:
         assert other.count_services() == 0
     finally:
         other.dispose()
+
+
+def test_a_shared_registry_is_migrated_by_an_explicit_step_only(pg_registry_url: str, tmp_path: Path) -> None:
+    """PostgreSQL: first use does not create tables (no API server request migrates a database other
+    hosts use) but says what to run; `airflow served-models db-upgrade` does it; a schema newer than
+    the provider's is refused, naming both revisions."""
+    registry = Registry(pg_registry_url)
+    try:
+        with pytest.raises(RegistryUnavailableError, match=r"revision 'none \(no tables\)'.*needs '0002'.*db-upgrade"):
+            registry.count_services()
+        assert not (TABLES | {VERSION_TABLE}) & table_names(pg_registry_url)
+    finally:
+        registry.dispose()
+    home = tmp_path / "airflow"
+    home.mkdir()
+    done = run_airflow(
+        home, "served-models", "db-upgrade", AIRFLOW__MODELDEPLOY__REGISTRY_SQL_ALCHEMY_CONN=pg_registry_url
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"upgraded from no tables to revision {HEAD_REVISION}" in done.stdout
+    assert TABLES | {VERSION_TABLE} <= table_names(pg_registry_url)
+    again = run_airflow(
+        home, "served-models", "db-upgrade", AIRFLOW__MODELDEPLOY__REGISTRY_SQL_ALCHEMY_CONN=pg_registry_url
+    )
+    assert f"already at revision {HEAD_REVISION}" in again.stdout
+    engine = sa.create_engine(pg_registry_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"UPDATE {VERSION_TABLE} SET version_num = '0099'"))
+    engine.dispose()
+    newer = Registry(pg_registry_url)
+    try:
+        with pytest.raises(RegistryUnavailableError, match=r"revision '0099', newer than this provider's '0002'"):
+            newer.count_services()
+    finally:
+        newer.dispose()
+    done = run_airflow(home, "served-models", "list", AIRFLOW__MODELDEPLOY__REGISTRY_SQL_ALCHEMY_CONN=pg_registry_url)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "newer than this provider's '0002'" in done.stderr and "password" not in done.stderr
 
 
 def test_models_and_migration_are_in_sync(registry_url: str) -> None:

@@ -207,3 +207,14 @@ def run_agent(args: Any) -> None:
     code = agent_api.serve(state_dir, run_dir, listen=listen, token=token, advertise_url=args.advertise_url)
     if code:
         sys.exit(code)
+
+
+@cli_errors
+def upgrade_registry(args: Any) -> None:
+    from airflow_provider_modeldeploy.registry import get_registry
+    from airflow_provider_modeldeploy.registry.store import safe_url
+
+    registry = get_registry()
+    before, after = registry.upgrade()
+    what = "already at" if before == after else f"upgraded from {before or 'no tables'} to"
+    print(f"served-models registry {safe_url(registry.url)}: {what} revision {after}")

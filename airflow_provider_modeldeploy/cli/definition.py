@@ -134,6 +134,12 @@ SERVED_MODELS_COMMANDS = (
         args=(ARG_CONN_ID, ARG_OUTPUT, ARG_VERBOSE),
     ),
     ActionCommand(
+        name="db-upgrade",
+        help="Create or upgrade the served-models registry's tables (a deployment step for a shared database)",
+        func=lazy_load_command(_COMMANDS + "upgrade_registry"),
+        args=(ARG_VERBOSE,),
+    ),
+    ActionCommand(
         name="agent",
         help="Run this host's serving agent in the foreground (for compose, systemd or a container)",
         func=lazy_load_command(_COMMANDS + "run_agent"),

@@ -32,9 +32,10 @@ from airflow_provider_modeldeploy.exceptions import (
 from airflow_provider_modeldeploy.registry.models import EndpointRow, EventRow, ServiceRow, utcnow
 from airflow_provider_modeldeploy.services import ServiceRecord, ServiceState
 
-# Kept equal to the newest file in migrations/versions (a test checks it), so that a process can
-# tell the schema is current with one query and without importing Alembic.
-HEAD_REVISION = "0002"
+# Kept equal to the files in migrations/versions (a test checks it), so that a process can tell the
+# schema is current, older or newer with one query and without importing Alembic.
+REVISIONS = ("0001", "0002")
+HEAD_REVISION = REVISIONS[-1]
 VERSION_TABLE = "modeldeploy_alembic_version"
 _MIGRATION_LOCK_KEY = 0x6D6F64656C  # "model", for pg_advisory_lock
 
@@ -137,13 +138,42 @@ class Registry:
                 f"({str(exc.orig).strip().splitlines()[0] if exc.orig else exc})"
             ) from None
 
+    @property
+    def upgrades_itself(self) -> bool:
+        """Whether first use creates or upgrades the tables: the zero-configuration SQLite file, and a
+        shared database only when ``[modeldeploy] registry_auto_upgrade`` says so. Otherwise a request
+        (in the API server, a task) never migrates a database that other hosts use: ``airflow
+        served-models db-upgrade`` does, as a deployment step."""
+        if self.url.startswith("sqlite"):
+            return True
+        return config.get_option("registry_auto_upgrade", "False").strip().lower() in ("true", "1", "yes")
+
     def ensure_schema(self) -> None:
-        """Create or upgrade the tables (Alembic), once per process, safely under concurrency."""
+        """Check the tables' revision, once per process; create or upgrade them where this process may
+        (see ``upgrades_itself``), else say what to run."""
         if self._schema_ready:
             return
+        self.upgrade(check_only=not self.upgrades_itself)
+        self._schema_ready = True
+
+    def upgrade(self, check_only: bool = False) -> tuple[str | None, str]:
+        """Bring the tables to this provider's revision (Alembic), safely under concurrency; the
+        revisions before and after. A schema newer than this provider's is never touched."""
         engine = self.engine
         try:
-            if self._current_revision(engine) != HEAD_REVISION:
+            current = self._current_revision(engine)
+            where = f"registry_sql_alchemy_conn={safe_url(self.url)!r}"
+            if current is not None and current not in REVISIONS:
+                raise RegistryUnavailableError(
+                    f"{where}: the registry's schema is at revision {current!r}, newer than this provider's "
+                    f"{HEAD_REVISION!r}: install the same airflow-provider-modeldeploy version on every host"
+                )
+            if current != HEAD_REVISION:
+                if check_only:
+                    raise RegistryUnavailableError(
+                        f"{where}: the registry's schema is at revision {current or 'none (no tables)'!r} and "
+                        f"this provider needs {HEAD_REVISION!r}: run 'airflow served-models db-upgrade'"
+                    )
                 self._upgrade(engine)
         except OperationalError as exc:
             raise RegistryUnavailableError(
@@ -151,6 +181,7 @@ class Registry:
                 f"({str(exc.orig).strip().splitlines()[0] if exc.orig else exc})"
             ) from None
         self._schema_ready = True
+        return current, HEAD_REVISION
 
     @staticmethod
     def _current_revision(engine: Engine) -> str | None:
