@@ -183,8 +183,13 @@ def test_sync_adopts_servers_of_a_lost_registry(airflow_home: Path, mlflow_model
         path.unlink()
 
     assert cli_json(airflow_home, "list") == []
+    [preview] = cli_json(airflow_home, "sync", "--dry-run")  # says what it would do, does nothing
+    assert (preview["adopted"], preview["lost"], preview["removed"]) == ([service.uuid], [], [])
+    assert str(preview["dry_run"]) == "True"  # Airflow's console renders scalars as text
+    assert cli_json(airflow_home, "list") == []
     [report] = cli_json(airflow_home, "sync")
     assert report["adopted"] == [service.uuid] and report["lost"] == [] and report["removed"] == []
+    assert str(report["dry_run"]) == "False"
     [row] = cli_json(airflow_home, "list")
     assert {k: row[k] for k in ("uuid", "state", "model_name", "model_version", "dag_id", "task_id")} == {
         "uuid": service.uuid, "state": "active", "model_name": "iris-lost", "model_version": "1",
@@ -248,6 +253,9 @@ def test_reboot_like_restart(airflow_home: Path, mlflow_models: dict[str, Any]) 
     services = [deployer.get_model_server(s.uuid) for s in services]
     kill_agent_and_servers(services)
     shutil.rmtree(Path(os.environ["AIRFLOW__MODELDEPLOY__AGENT_STATE_DIR"]) / "services")
+    [preview] = cli_json(airflow_home, "sync", "--dry-run")
+    assert sorted(preview["lost"]) == sorted(s.uuid for s in services)
+    assert {get_registry().get_service(uuid).state for uuid in preview["lost"]} == {ServiceState.ACTIVE}
     [report] = cli_json(airflow_home, "sync")
     assert sorted(report["lost"]) == sorted(s.uuid for s in services) and report["adopted"] == []
     rows = {r["uuid"]: r for r in cli_json(airflow_home, "list")}

@@ -153,7 +153,7 @@ def delete_service(args: Any) -> None:
 def sync_services(args: Any) -> None:
     from airflow_provider_modeldeploy.deployers import sync_all
 
-    reports = sync_all(args.conn_ids or [])
+    reports = sync_all(args.conn_ids or [], dry_run=args.dry_run)
     _print(
         [
             {**r.to_dict(), **{k: ", ".join(v) or "-" for k, v in r.to_dict().items() if isinstance(v, list)}}

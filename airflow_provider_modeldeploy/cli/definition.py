@@ -56,6 +56,9 @@ ARG_ROLLBACK_TO = Arg(
 ARG_HISTORY = Arg(
     ("--history",), help="Events of the endpoint to show (default 10)", type=_non_negative_int, default=10
 )
+ARG_DRY_RUN = Arg(
+    ("--dry-run",), help="Only show what would change (adopted, lost, removed); change nothing", action="store_true"
+)
 ARG_LISTEN = Arg(
     ("--listen",),
     help="Also listen on HOST:PORT (TCP) so that other hosts can act; needs [modeldeploy] agent_token",
@@ -131,7 +134,7 @@ SERVED_MODELS_COMMANDS = (
         name="sync",
         help="Reconcile the registry with what the backends run: adopt unknown servers, mark lost ones",
         func=lazy_load_command(_COMMANDS + "sync_services"),
-        args=(ARG_CONN_ID, ARG_OUTPUT, ARG_VERBOSE),
+        args=(ARG_CONN_ID, ARG_DRY_RUN, ARG_OUTPUT, ARG_VERBOSE),
     ),
     ActionCommand(
         name="db-upgrade",

@@ -164,12 +164,13 @@ def find_services(
     return services
 
 
-def sync_all(conn_ids: list[str] | None = None) -> list[SyncReport]:
-    """Reconcile the registry with every backend it names, the default one and ``conn_ids``."""
+def sync_all(conn_ids: list[str] | None = None, dry_run: bool = False) -> list[SyncReport]:
+    """Reconcile the registry with every backend it names, the default one and ``conn_ids``
+    (``dry_run``: only say what would change)."""
     from airflow_provider_modeldeploy.registry import get_registry
 
     deployers: dict[tuple[str, str | None], BaseModelDeployer] = {}
     for conn_id in [None, *get_registry().connection_ids(), *(conn_ids or [])]:
         deployer = get_model_deployer(conn_id)
         deployers.setdefault((deployer.backend, deployer.conn_id), deployer)
-    return [deployer.sync_services() for deployer in deployers.values()]
+    return [deployer.sync_services(dry_run=dry_run) for deployer in deployers.values()]

@@ -63,11 +63,12 @@ class SyncReport:
     adopted: list[str] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    dry_run: bool = False  # what sync would change; nothing was
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "backend": self.backend, "conn_id": self.conn_id, "checked": self.checked,
-            "adopted": self.adopted, "lost": self.lost, "removed": self.removed,
+            "adopted": self.adopted, "lost": self.lost, "removed": self.removed, "dry_run": self.dry_run,
         }  # fmt: skip
 
 
@@ -520,7 +521,7 @@ class BaseModelDeployer(ABC):
                 raise DeploymentFailedError(f"uuid={service.uuid!r}: not healthy after {timeout}s ({reason})")
             time.sleep(0.5)
 
-    def sync_services(self) -> SyncReport:
+    def sync_services(self, dry_run: bool = False) -> SyncReport:
         """Reconcile the registry with what the backend runs.
 
         A registry service the backend no longer runs is marked inactive (its last error says so);
@@ -528,8 +529,10 @@ class BaseModelDeployer(ABC):
         does not know (the registry was lost, or a deployment died before recording it) is adopted
         with the lineage the backend kept, or stopped when its endpoint is already served by
         another service. Deployments in progress (pending under a live lease) are left alone.
+
+        :param dry_run: only report what would change: the registry and the backend are left as they are.
         """
-        report = SyncReport(self.backend, self.conn_id)
+        report = SyncReport(self.backend, self.conn_id, dry_run=dry_run)
         discovered = self._discover()
         found = {r.uuid: r for r in discovered or []}
         registered = self.registry.find_services(backend=self.backend)
@@ -545,16 +548,29 @@ class BaseModelDeployer(ABC):
                     reason = f"not running in the {self.backend} backend any more (found by sync)"
                     if record.last_error and record.state == ServiceState.ERROR:
                         reason = f"{reason}; before: {record.last_error}"
-                    self.registry.update_service(record.uuid, state=ServiceState.INACTIVE, last_error=reason, pid=None)
-                    self.registry.add_event(
-                        self.backend, record.endpoint, EventAction.LOST, service_uuid=record.uuid,
-                        actor=default_actor(), message=reason,
-                    )  # fmt: skip
+                    if not dry_run:
+                        self.registry.update_service(
+                            record.uuid, state=ServiceState.INACTIVE, last_error=reason, pid=None
+                        )
+                        self.registry.add_event(
+                            self.backend, record.endpoint, EventAction.LOST, service_uuid=record.uuid,
+                            actor=default_actor(), message=reason,
+                        )  # fmt: skip
                     report.lost.append(record.uuid)
                 continue
-            self._refresh(record)
+            if not dry_run:
+                self._refresh(record)
         # Pending services of a deployment that died: their lease is free (or its holder dead).
         for endpoint in sorted(interrupted):
+            if dry_run:
+                if self.registry.lease_is_free(self.backend, endpoint):
+                    report.removed.extend(
+                        r.uuid
+                        for r in self.registry.find_services(
+                            backend=self.backend, endpoint=endpoint, states=[ServiceState.PENDING]
+                        )
+                    )
+                continue
             try:
                 with self.registry.lease(self.backend, endpoint, conn_id=self.conn_id, ttl=120, wait=2):
                     report.removed.extend(self._cleanup_orphans(endpoint))
@@ -563,6 +579,13 @@ class BaseModelDeployer(ABC):
         known_uuids = {r.uuid for r in registered}
         for record in found.values():
             if record.uuid in known_uuids or record.uuid in report.removed:
+                continue
+            if dry_run:
+                served = self.registry.find_services(
+                    backend=self.backend, endpoint=record.endpoint, states=[ServiceState.ACTIVE]
+                )
+                conflict = record.state == ServiceState.PENDING or (record.state == ServiceState.ACTIVE and served)
+                (report.removed if conflict else report.adopted).append(record.uuid)
                 continue
             try:
                 lease = self.registry.lease(self.backend, record.endpoint, conn_id=self.conn_id, ttl=180, wait=2)

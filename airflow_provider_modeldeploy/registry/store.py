@@ -427,6 +427,17 @@ class Registry:
                     .values(lock_owner=None, lock_host=None, lock_pid=None, lock_expires_at=None)
                 )
 
+    def lease_is_free(self, backend: str, name: str) -> bool:
+        """Whether nobody holds the endpoint now (no holder, an expired one, or one of this host that
+        died): what ``lease`` would take at once. Reads only."""
+        row = self.get_endpoint(backend, name)
+        if row is None or row.lock_owner is None:
+            return True
+        expires = _aware(row.lock_expires_at)
+        if expires is not None and expires < utcnow():
+            return True
+        return row.lock_host == HOSTNAME and not _pid_alive(row.lock_pid)
+
     def _renew(self, backend: str, name: str, owner: str, ttl: float, released: threading.Event) -> None:
         while not released.wait(max(1.0, ttl / 3)):
             try:
