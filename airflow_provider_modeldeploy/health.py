@@ -20,6 +20,21 @@ def _verdict(health: Any, prediction: Any | None) -> tuple[bool, str]:
     return True, "healthy" + (f"; sample prediction: {prediction.text[:200]}" if prediction is not None else "")
 
 
+#: Answers to the sample prediction that waiting will not change: the server is up and refuses the
+#: sample itself (wrong columns, types, content). 408 and 429 are the server being busy, not refusing.
+_REFUSED = frozenset(range(400, 500)) - {404, 408, 425, 429}
+
+
+def is_final(reason: str) -> bool:
+    """Whether an unhealthy verdict is final (the sample itself is refused), not worth waiting on."""
+    prefix = "sample prediction answered HTTP "
+    return (
+        reason.startswith(prefix)
+        and reason[len(prefix) : len(prefix) + 3].isdigit()
+        and (int(reason[len(prefix) : len(prefix) + 3]) in _REFUSED)
+    )
+
+
 def check_health(health_url: str, prediction_url: str | None = None, sample_input: Any = None) -> tuple[bool, str]:
     """(healthy, reason): GET health_url, then POST sample_input to prediction_url when given."""
     import httpx

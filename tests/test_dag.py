@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import socket
 import sqlite3
@@ -21,7 +22,7 @@ import pytest
 from conftest import ROOT, airflow_env, iris_payload, run_airflow
 
 from airflow_provider_modeldeploy.deployers import find_services, get_model_deployer
-from airflow_provider_modeldeploy.triggers.health import ServedModelHealthTrigger
+from airflow_provider_modeldeploy.triggers.health import HealthOutcome, ServedModelHealthTrigger
 
 CT_DAG = "continuous_training_mlflow"
 WINE = "wine-classifier"
@@ -236,7 +237,7 @@ def test_tasks_test_deploy_then_deferrable_sensor(
     assert "Trigger completed" in deferred
     assert f"Service {service.uuid}: healthy; sample prediction" in deferred  # execute_complete's message
 
-    # The trigger itself against the live service: success, and a timeout when the sample is refused.
+    # The trigger itself against the live service: healthy, and failed at once when the sample is refused.
     running = deployer.get_model_server(service.uuid)
     event = first_event(
         ServedModelHealthTrigger(
@@ -249,10 +250,11 @@ def test_tasks_test_deploy_then_deferrable_sensor(
     event = first_event(
         ServedModelHealthTrigger(
             service_uuid=service.uuid, health_url=running.health_url, prediction_url=url,
-            sample_input={"not": "a dataframe"}, poll_interval=0.5, timeout=2,
+            sample_input={"not": "a dataframe"}, poll_interval=0.5, timeout=60,
         )
     )  # fmt: skip
-    assert event["status"] == "timeout" and "sample prediction answered HTTP 4" in event["message"]
+    assert event["status"] == HealthOutcome.FAILED == "failed"
+    assert event["message"].startswith("sample prediction answered HTTP 4")
 
 
 def test_trigger_times_out_on_a_dead_url() -> None:
@@ -263,6 +265,21 @@ def test_trigger_times_out_on_a_dead_url() -> None:
     assert 2 <= time.monotonic() - started < 30
     assert event["status"] == "timeout" and event["service_uuid"] == "dead"
     assert event["message"].startswith("not healthy after 2s: ") and "ConnectError" in event["message"]
+
+
+def test_the_sensor_defers_by_default_when_airflow_says_so() -> None:
+    """``deferrable`` defaults to ``[operators] default_deferrable``, as for Airflow's own operators."""
+    code = (
+        "from airflow_provider_modeldeploy.sensors import ServedModelHealthSensor; "
+        "print(ServedModelHealthSensor(task_id='w', model_name='m').deferrable)"
+    )
+    for value in ("True", "False"):
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
+            env={**os.environ, "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": value},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split()[-1] == value
 
 
 def test_trigger_serialize_round_trips() -> None:

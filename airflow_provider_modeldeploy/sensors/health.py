@@ -14,6 +14,16 @@ if TYPE_CHECKING:
     from airflow_provider_modeldeploy.services import Service
 
 
+def _default_deferrable() -> bool:
+    """``[operators] default_deferrable``, as Airflow's own deferrable operators default to it."""
+    try:
+        from airflow.sdk.configuration import conf
+    except ImportError:  # Airflow < 3.2
+        from airflow.configuration import conf
+
+    return conf.getboolean("operators", "default_deferrable", fallback=False)
+
+
 class ServedModelHealthSensor(BaseSensorOperator):
     """Succeeds when the served model answers its health URL (and ``sample_input``, when given).
 
@@ -25,7 +35,8 @@ class ServedModelHealthSensor(BaseSensorOperator):
     :param model_name: or the model whose active service to wait on. Templated.
     :param sample_input: JSON body (str, dict or list) POSTed to the prediction URL; it must answer 200.
         Templated.
-    :param deferrable: wait in the triggerer instead of a worker slot.
+    :param deferrable: wait in the triggerer instead of a worker slot (default: ``[operators]
+        default_deferrable``, as for Airflow's own operators).
     """
 
     template_fields: Sequence[str] = ("service_uuid", "model_name", "sample_input")
@@ -37,7 +48,7 @@ class ServedModelHealthSensor(BaseSensorOperator):
         service_uuid: str | None = None,
         model_name: str | None = None,
         sample_input: Any = None,
-        deferrable: bool = False,
+        deferrable: bool = _default_deferrable(),
         poke_interval: float = 5,
         **kwargs: Any,
     ) -> None:
@@ -65,18 +76,19 @@ class ServedModelHealthSensor(BaseSensorOperator):
         return (running or services)[0]
 
     def poke(self, context: Context) -> bool:
-        from airflow_provider_modeldeploy.health import check_health
+        from airflow_provider_modeldeploy.exceptions import DeploymentFailedError
+        from airflow_provider_modeldeploy.health import check_health, is_final
 
         service = self._service()
         if service.is_failed:
-            from airflow_provider_modeldeploy.exceptions import DeploymentFailedError
-
             raise DeploymentFailedError(f"uuid={service.uuid!r}: {service.status.last_error}")
         if not service.is_running or not service.health_url:
             self.log.info("Service %s is %s", service.uuid, service.status.state)
             return False
         ok, reason = check_health(service.health_url, service.prediction_url, self.sample_input)
         self.log.info("Service %s at %s: %s", service.uuid, service.health_url, reason)
+        if not ok and is_final(reason):
+            raise DeploymentFailedError(f"service {service.uuid}: {reason}")  # the sample is refused
         return ok
 
     def execute(self, context: Context) -> Any:
@@ -107,8 +119,15 @@ class ServedModelHealthSensor(BaseSensorOperator):
         )
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> None:
-        if event.get("status") != "success":
-            from airflow.sdk.exceptions import AirflowSensorTimeout
+        from airflow_provider_modeldeploy.exceptions import DeploymentFailedError
+        from airflow_provider_modeldeploy.triggers.health import HealthOutcome
 
-            raise AirflowSensorTimeout(f"service {event.get('service_uuid')}: {event.get('message')}")
-        self.log.info("Service %s: %s", event.get("service_uuid"), event.get("message"))
+        outcome, message = event.get("status"), f"service {event.get('service_uuid')}: {event.get('message')}"
+        if outcome == HealthOutcome.HEALTHY:
+            self.log.info("Service %s: %s", event.get("service_uuid"), event.get("message"))
+            return
+        if outcome == HealthOutcome.FAILED:
+            raise DeploymentFailedError(message)  # the sample is refused: no point in waiting
+        from airflow.sdk.exceptions import AirflowSensorTimeout
+
+        raise AirflowSensorTimeout(message)

@@ -5,13 +5,22 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from enum import StrEnum
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 
+class HealthOutcome(StrEnum):
+    """The ``status`` of the trigger's one event."""
+
+    HEALTHY = "success"  # health answered 200, and the sample prediction too
+    FAILED = "failed"  # the server refuses the sample prediction (4xx): waiting will not change it
+    TIMED_OUT = "timeout"  # not healthy within the timeout; ``message`` says what was seen last
+
+
 class ServedModelHealthTrigger(BaseTrigger):
-    """Polls the service's public URLs; fires ``success`` when healthy, ``timeout`` when time runs out.
+    """Polls the service's public URLs; fires one event whose ``status`` is a :class:`HealthOutcome`.
 
     :param service_uuid: the service waited on (for messages).
     :param health_url: URL answering 200 when the server is up.
@@ -52,22 +61,22 @@ class ServedModelHealthTrigger(BaseTrigger):
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from airflow_provider_modeldeploy.health import acheck_health
+        from airflow_provider_modeldeploy.health import acheck_health, is_final
 
         started = time.monotonic()
         while True:
             ok, reason = await acheck_health(self.health_url, self.prediction_url, self.sample_input)
             if ok:
-                yield TriggerEvent({"status": "success", "service_uuid": self.service_uuid, "message": reason})
+                yield self._event(HealthOutcome.HEALTHY, reason)
+                return
+            if is_final(reason):
+                yield self._event(HealthOutcome.FAILED, reason)
                 return
             if self.timeout is not None and time.monotonic() - started > self.timeout:
-                yield TriggerEvent(
-                    {
-                        "status": "timeout",
-                        "service_uuid": self.service_uuid,
-                        "message": f"not healthy after {self.timeout}s: {reason}",
-                    }
-                )
+                yield self._event(HealthOutcome.TIMED_OUT, f"not healthy after {self.timeout}s: {reason}")
                 return
             self.log.info("Service %s not healthy yet: %s", self.service_uuid, reason)
             await asyncio.sleep(self.poll_interval)
+
+    def _event(self, outcome: HealthOutcome, message: str) -> TriggerEvent:
+        return TriggerEvent({"status": str(outcome), "service_uuid": self.service_uuid, "message": message})
