@@ -150,14 +150,15 @@ def test_deploying_task_killed_midway_leaves_nothing_unaccounted(
     registry = get_registry()
     deploying = start_deploy(mlflow_models["iris_v1"], "iris-midway", airflow_home)
     try:
-        [served] = wait_for(lambda: agent_services("iris-midway"), 120, "the new server on the agent")
+        wait_for(lambda: agent_services("iris-midway"), 120, "the new server on the agent")
         [pending] = registry.find_services(endpoint="iris-midway")
         assert pending.state == ServiceState.PENDING and pending.agent_url
     finally:
         deploying.send_signal(signal.SIGKILL)
         deploying.wait(10)
     wait_for(lambda: agent_services("iris-midway")[0]["phase"] == "ready", 120, "the orphan server")
-    assert psutil.pid_exists(agent_services("iris-midway")[0]["pid"]), "the server outlives the task that started it"
+    [served] = agent_services("iris-midway")  # now with its pid (the agent lists a service before it forks)
+    assert psutil.pid_exists(served["pid"]), "the server outlives the task that started it"
 
     [report] = cli_json(airflow_home, "sync")
     assert report["removed"] == [pending.uuid] and report["adopted"] == []

@@ -212,6 +212,20 @@ async def _refuse(send: Any, status: int, message: str, extra: list) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _replaying(body: bytes, receive: Any) -> Any:
+    """A ``receive`` that gives the app the body already read, then whatever ``receive`` gives."""
+    replayed = False
+
+    async def replay() -> dict:
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
 async def _bounded(scope: dict, receive: Any, send: Any, limit: int, extra: list) -> Any:
     """A ``receive`` for the request's body if it is within ``limit`` bytes; None once a 413 is sent.
 
@@ -238,16 +252,7 @@ async def _bounded(scope: dict, receive: Any, send: Any, limit: int, extra: list
             return None
         chunks.append(chunk)
         more = message.get("more_body", False)
-    body, replayed = b"".join(chunks), False
-
-    async def replay() -> dict:
-        nonlocal replayed
-        if replayed:
-            return await receive()
-        replayed = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return replay
+    return _replaying(b"".join(chunks), receive)
 
 
 def _build_app(
@@ -350,16 +355,7 @@ async def _try_fast(fast: FastPath, scope: dict, receive: Any, send: Any, header
                     "headers": [*headers, (b"content-length", str(len(answer)).encode())]})  # fmt: skip
         await send({"type": "http.response.body", "body": answer})
         return True, receive
-    replayed = False
-
-    async def replay() -> dict:
-        nonlocal replayed
-        if replayed:
-            return await receive()
-        replayed = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return False, replay
+    return False, _replaying(body, receive)
 
 
 def _set_pdeathsig() -> None:
