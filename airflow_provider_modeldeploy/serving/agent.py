@@ -48,10 +48,16 @@ __all__ = ["HOSTNAME", "Agent", "AgentError", "Managed", "_set_child_subreaper"]
 log = logging.getLogger("modeldeploy.agent")
 
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-#: A server whose master died is restarted after 1, 2, 4... s; more restarts than this within the
+#: A server whose master died is restarted after 0.5, 2, 4... s; more restarts than this within the
 #: window and the agent gives up (the service shows as failed, with the last reason).
 MAX_RESTARTS = 5
 RESTART_WINDOW = 600.0
+
+
+def _check_uuid(uuid: Any) -> None:
+    """Uuids name files in the agent's directories: only the canonical form is taken."""
+    if not isinstance(uuid, str) or not UUID_RE.match(uuid):
+        raise AgentError(f"uuid={uuid!r}: not a service uuid", 400, "uuid", uuid)
 
 
 class Agent(ServerProcesses):
@@ -88,8 +94,7 @@ class Agent(ServerProcesses):
             return self.locks.setdefault(uuid, threading.RLock())
 
     def get(self, uuid: str) -> Managed:
-        if not isinstance(uuid, str) or not UUID_RE.match(uuid):
-            raise AgentError(f"uuid={uuid!r}: not a service uuid", 400, "uuid", uuid)
+        _check_uuid(uuid)
         with self.lock:
             m = self.services.get(uuid)
         if m is None:
@@ -101,8 +106,7 @@ class Agent(ServerProcesses):
     def deploy(self, req: dict[str, Any]) -> dict[str, Any]:
         """Start a server for a service and check it on its staging socket; it takes no traffic yet."""
         uuid = req.get("uuid")
-        if not isinstance(uuid, str) or not UUID_RE.match(uuid):
-            raise AgentError(f"uuid={uuid!r}: not a service uuid", 400, "uuid", uuid)
+        _check_uuid(uuid)
         for key in ("endpoint", "model_uri", "model_name", "installation"):
             if not isinstance(req.get(key), str) or not req[key]:
                 raise AgentError(f"{key}={req.get(key)!r}: required", 400, key, req.get(key))
@@ -216,8 +220,7 @@ class Agent(ServerProcesses):
     def delete(self, uuid: str, force: bool) -> dict[str, Any]:
         """Stop the service's server and remove all that is kept of it (a service this agent no longer
         runs, e.g. one whose deployment failed, may still have a log)."""
-        if not isinstance(uuid, str) or not UUID_RE.match(uuid):
-            raise AgentError(f"uuid={uuid!r}: not a service uuid", 400, "uuid", uuid)
+        _check_uuid(uuid)
         with self.service_lock(uuid):
             with self.lock:
                 m = self.services.get(uuid)

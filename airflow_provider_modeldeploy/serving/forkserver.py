@@ -179,20 +179,15 @@ def _freeze() -> None:
     gc.freeze()  # what is imported now stays shared with every forked server (no copy-on-collect)
 
 
-def _set_pdeathsig() -> None:
-    import ctypes
-
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog=MODULE, description=__doc__.split("\n", 1)[0])
     parser.add_argument("--fd", type=int, required=True, help="the socket shared with the agent")
     args = parser.parse_args(argv)
-    _set_pdeathsig()
+    from airflow_provider_modeldeploy.serving.mlflow_server import _set_pdeathsig
+
+    _set_pdeathsig(signal.SIGTERM)
     channel = socket.socket(fileno=args.fd)
     for name in ESSENTIAL:
         _preload(name)

@@ -358,13 +358,14 @@ async def _try_fast(fast: FastPath, scope: dict, receive: Any, send: Any, header
     return False, _replaying(body, receive)
 
 
-def _set_pdeathsig() -> None:
-    """Workers die at once with their master: without it nobody supervises them or owns the service,
-    and a worker left behind would keep the endpoint's port."""
+def _set_pdeathsig(sig: int = signal.SIGKILL) -> None:
+    """This process gets ``sig`` when its parent dies. Workers die at once with their master: without
+    it nobody supervises them or owns the service, and a worker left behind would keep the endpoint's
+    port. (The fork server, with SIGTERM, goes with its agent.)"""
     import ctypes
 
     with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
 
 
 def _run_worker(app: Any, staging: socket.socket, listener: socket.socket, ack_fd: int, args: Any) -> int:
