@@ -250,3 +250,29 @@ def test_rollback_and_promote(cli_home: Path, mlflow_models: dict[str, Any]) -> 
         second.uuid,
     )
     deployer.delete_model_server(row["uuid"])
+
+
+def test_cli_output_masks_credentials(cli_home: Path) -> None:
+    """A row whose URIs, error and options carry credentials (as a user may pass them): every output
+    format shows them masked."""
+    from airflow_provider_modeldeploy.registry import get_registry
+    from airflow_provider_modeldeploy.services import ServiceRecord, ServiceState
+
+    secrets = ("Zm9vYmFyc2ln", "hunter2-pw", "tok-123456", "opt-s3cr3t")
+    record = get_registry().add_service(
+        ServiceRecord(
+            uuid="c1e0c1e0-0000-4000-8000-00000000c11d", backend="mlflow", endpoint="masked-cli",
+            model_name="masked-cli", state=ServiceState.ERROR, host="elsewhere",
+            model_uri="https://store.example/m.tar.gz?sv=2022&sig=Zm9vYmFyc2ln",
+            served_uri="s3://alice:hunter2-pw@minio.example/models/m",
+            last_error="download failed: token=tok-123456 refused", config={"api_token": "opt-s3cr3t"},
+        )
+    )  # fmt: skip
+    try:
+        for output in ("json", "yaml", "table", "plain"):
+            shown = ok(cli(cli_home, "list", "-o", output, "--model", "masked-cli"))
+            assert "masked-cli" in shown and not [s for s in secrets if s in shown], (output, shown)
+        data = listed(cli_home, "--model", "masked-cli")
+        assert data[0]["last_error"] == "download failed: token=*** refused"
+    finally:
+        get_registry().delete_service(record.uuid)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from airflow_provider_modeldeploy.exceptions import ModelDeployError
+from airflow_provider_modeldeploy.masking import mask, mask_text
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -19,7 +20,7 @@ TABLE_FIELDS = ("uuid", "state", "model_name", "model_version", "backend", "dag_
 
 
 def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {mask_text(message)}", file=sys.stderr)
     sys.exit(1)
 
 
@@ -42,9 +43,10 @@ def cli_errors(func: F) -> F:
 
 
 def _print(data: list[dict[str, Any]], output: str) -> None:
+    """Everything the commands show goes through here, masked (``masking.mask``)."""
     from airflow.cli.simple_table import AirflowConsole
 
-    AirflowConsole().print_as(data=data, output=output)
+    AirflowConsole().print_as(data=mask(data), output=output)
 
 
 def _row(service: Any, fields: tuple[str, ...]) -> dict[str, Any]:
@@ -74,7 +76,7 @@ def list_services(args: Any) -> None:
 @cli_errors
 def describe_service(args: Any) -> None:
     service = _service(args.uuid)
-    data = service.to_dict()
+    data = mask(service.to_dict())  # masked before the table joins config into one string
     history = service.deployer.get_history(service.uuid, limit=args.history) if args.history else []
     if args.output in ("json", "yaml"):
         _print([{**data, "history": history}], args.output)
@@ -94,7 +96,7 @@ def get_url(args: Any) -> None:
     service = _service(args.uuid)
     if not service.is_running:
         _fail(f"uuid={service.uuid!r}: the service is {service.status.state}, it has no live prediction URL")
-    print(service.prediction_url)
+    print(mask_text(service.prediction_url))
 
 
 @cli_errors
@@ -104,7 +106,7 @@ def show_logs(args: Any) -> None:
     deployer = deployer_for_service(args.uuid)
     try:
         for line in deployer.get_model_server_logs(args.uuid, tail=args.tail, follow=args.follow):
-            print(line, flush=args.follow)
+            print(mask_text(line), flush=args.follow)
     except KeyboardInterrupt:
         if not args.follow:
             raise

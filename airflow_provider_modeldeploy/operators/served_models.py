@@ -24,8 +24,16 @@ XCOM_FIELDS = (
 
 
 def service_record(service: Service) -> dict[str, Any]:
+    from airflow_provider_modeldeploy.masking import mask
+
     data = service.to_dict()
-    return {key: data.get(key) for key in XCOM_FIELDS}
+    return mask({key: data.get(key) for key in XCOM_FIELDS})
+
+
+def _shown(uri: str | None) -> str | None:
+    from airflow_provider_modeldeploy.masking import mask_text
+
+    return mask_text(uri) if uri else uri
 
 
 def lineage_from_context(context: Context) -> Lineage:
@@ -93,7 +101,9 @@ class DeployModelOperator(BaseOperator):
         config = ServiceConfig(
             model_uri=self.model_uri, model_name=self.model_name, endpoint=self.endpoint, **self.backend_options
         )
-        self.log.info("Deploying %s as %s with the %s backend", self.model_uri, config.endpoint_name, deployer.backend)
+        self.log.info(
+            "Deploying %s as %s with the %s backend", _shown(self.model_uri), config.endpoint_name, deployer.backend
+        )
         service = deployer.deploy_model(
             config, replace=self.replace, timeout=self.timeout, lineage=lineage_from_context(context)
         )
@@ -102,9 +112,9 @@ class DeployModelOperator(BaseOperator):
         self.log.info(
             "Service %s serves %s (version %s) at %s",
             service.uuid,
-            service.record.model_uri,
+            _shown(service.record.model_uri),
             service.record.model_version,
-            service.prediction_url,
+            _shown(service.prediction_url),
         )
         return service_record(service)
 
@@ -168,7 +178,7 @@ class StartServedModelOperator(_ServedModelsOperator):
     """Start stopped served models again, at their endpoint's prediction URL."""
 
     def act(self, service: Service) -> Service:
-        self.log.info("Starting service %s (%s)", service.uuid, service.record.model_uri)
+        self.log.info("Starting service %s (%s)", service.uuid, _shown(service.record.model_uri))
         return service.start(timeout=self.timeout)
 
 
@@ -183,7 +193,7 @@ class StopServedModelOperator(_ServedModelsOperator):
         self.force = force
 
     def act(self, service: Service) -> Service:
-        self.log.info("Stopping service %s (%s)", service.uuid, service.record.model_uri)
+        self.log.info("Stopping service %s (%s)", service.uuid, _shown(service.record.model_uri))
         return service.stop(timeout=self.timeout, force=self.force)
 
 
@@ -191,7 +201,7 @@ class DeleteServedModelOperator(StopServedModelOperator):
     """Stop served models and remove them from the registry (their endpoint history stays)."""
 
     def act(self, service: Service) -> None:
-        self.log.info("Deleting service %s (%s)", service.uuid, service.record.model_uri)
+        self.log.info("Deleting service %s (%s)", service.uuid, _shown(service.record.model_uri))
         service.delete(timeout=self.timeout, force=self.force)
         return None
 
@@ -200,7 +210,7 @@ class PromoteServedModelOperator(_ServedModelsOperator):
     """Give canaries all of their endpoint's traffic (backends with canaries, e.g. Seldon Core)."""
 
     def act(self, service: Service) -> Service:
-        self.log.info("Promoting canary service %s (%s)", service.uuid, service.record.model_uri)
+        self.log.info("Promoting canary service %s (%s)", service.uuid, _shown(service.record.model_uri))
         return service.promote(timeout=self.timeout)
 
 
