@@ -103,6 +103,16 @@ def agent_idle_timeout() -> float:
         raise InvalidParameterError("agent_idle_timeout", value, "must be a number of seconds") from None
 
 
+def ui_max_concurrent_actions() -> int:
+    """Threads the Served Models page's start / stop / rollback / delete run in (per API server process)."""
+    value = get_option("ui_max_concurrent_actions", "4") or "4"
+    if not value.strip().isdigit() or not 1 <= int(value) <= 64:
+        from airflow_provider_modeldeploy.exceptions import InvalidParameterError
+
+        raise InvalidParameterError("ui_max_concurrent_actions", value, "must be a whole number from 1 to 64")
+    return int(value)
+
+
 def registry_url() -> str:
     url = get_option("registry_sql_alchemy_conn")
     if url:

@@ -184,6 +184,17 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "modeldeploy_default",
                         "default": "modeldeploy_default",
                     },
+                    "ui_max_concurrent_actions": {
+                        "description": "How many start / stop / rollback / delete actions asked from the "
+                        "Served Models page run at once in each API server process, in threads of their own "
+                        "(never the API server's shared ones). An action not finished within its 'wait' "
+                        "seconds is answered 202 with a status URL to poll; more than four times this many "
+                        "actions under way are refused with 429.",
+                        "version_added": "0.2.0",
+                        "type": "integer",
+                        "example": "8",
+                        "default": "4",
+                    },
                     "agent_idle_timeout": {
                         "description": "Seconds the serving agent started on first use (the local MLflow "
                         "backend's supervisor of this host's model servers, which forks them from an "

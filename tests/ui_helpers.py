@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid as uuidlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -68,11 +68,15 @@ class ApiServer:
         return ""
 
 
-def server_env(home: Path, **extra: str) -> dict[str, str]:
+SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+USERS = {"admin": "admin", "viewer": "viewer"}
+
+
+def server_env(home: Path, users: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
+    extra.setdefault("AIRFLOW__CORE__AUTH_MANAGER", SIMPLE_AUTH_MANAGER)
     return airflow_env(
         home,
-        AIRFLOW__CORE__AUTH_MANAGER="airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
-        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="admin:admin,viewer:viewer",
+        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=",".join(f"{u}:{r}" for u, r in (users or USERS).items()),
         AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="False",
         AIRFLOW__API_AUTH__JWT_SECRET=secrets.token_hex(32),
         AIRFLOW__API__SECRET_KEY=secrets.token_hex(16),
@@ -81,18 +85,30 @@ def server_env(home: Path, **extra: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def running_api_server(home: Path, startup_timeout: float = 180) -> Iterator[ApiServer]:
-    """``airflow db migrate`` then ``airflow api-server`` on a free port; stopped (by pid) on exit."""
+def running_api_server(
+    home: Path,
+    startup_timeout: float = 180,
+    users: dict[str, str] | None = None,
+    migrated: Callable[[Path], None] | None = None,
+    **extra_env: str,
+) -> Iterator[ApiServer]:
+    """``airflow db migrate`` then ``airflow api-server`` on a free port; stopped (by pid) on exit.
+
+    ``users``: SimpleAuthManager's users and roles (default admin, viewer); ``migrated``: called with
+    AIRFLOW_HOME once the metadata DB exists, before the server starts; ``extra_env``: more settings.
+    """
     home.mkdir(parents=True, exist_ok=True)
     # Our own passwords file: SimpleAuthManager keeps the passwords it finds and generates the rest.
-    passwords = {"admin": secrets.token_urlsafe(12), "viewer": secrets.token_urlsafe(12)}
+    passwords = {user: secrets.token_urlsafe(12) for user in users or USERS}
     (home / "simple_auth_manager_passwords.json.generated").write_text(json.dumps(passwords))
-    env = server_env(home)
+    env = server_env(home, users, **extra_env)
     airflow = str(Path(sys.executable).parent / "airflow")
     migrate = subprocess.run(
         [airflow, "db", "migrate"], env=env, cwd=home, capture_output=True, text=True, timeout=600, check=False
     )
     assert migrate.returncode == 0, migrate.stderr[-3000:]
+    if migrated is not None:
+        migrated(home)
     port = free_port()
     log_path = home / "api-server.log"
     with open(log_path, "wb") as log:

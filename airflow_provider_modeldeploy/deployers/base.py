@@ -268,6 +268,8 @@ class BaseModelDeployer(ABC):
             details={
                 "model_uri": record.model_uri, "model_version": active.model_version,
                 "model_run_id": active.model_run_id, "served_uri": active.served_uri,
+                # the version's lineage: a rollback to it restores it, and is authorized against its DAG
+                "dag_id": record.dag_id, "run_id": record.run_id, "task_id": record.task_id,
                 "previous_uuid": previous.uuid if previous else None,
                 "previous_model_uri": previous.model_uri if previous else None,
                 "previous_model_version": previous.model_version if previous else None,
@@ -444,6 +446,8 @@ class BaseModelDeployer(ABC):
                     conn_id=self.conn_id, model_name=target.get("model_name") or record.model_name,
                     model_uri=target["served_uri"] or target["model_uri"],
                     config=(current or record).config, state=ServiceState.PENDING, host=HOSTNAME,
+                    # lineage back to the DAG run that deployed this version first
+                    dag_id=target.get("dag_id"), run_id=target.get("run_id"), task_id=target.get("task_id"),
                 )
             )  # fmt: skip
             previous = current if current is not None and current.state == ServiceState.ACTIVE else None
@@ -456,6 +460,14 @@ class BaseModelDeployer(ABC):
         :param actor: who asks, for the history.
         """
         raise InvalidParameterError("uuid", service_uuid, "has no canary to promote")
+
+    def rollback_target(self, service_uuid: str, to_service_uuid: str | None = None) -> dict[str, Any]:
+        """What a rollback of ``service_uuid``'s endpoint would serve again (``to_service_uuid`` or the
+        version the serving one replaced), from the history, changing nothing: its uuid, model_uri,
+        served_uri, model_version and lineage (dag_id, run_id, task_id; None for versions recorded
+        before lineage was)."""
+        record = self._get(service_uuid)
+        return self._rollback_target(record, self._current(record.endpoint), to_service_uuid)
 
     def _rollback_target(
         self, record: ServiceRecord, current: ServiceRecord | None, to_service_uuid: str | None
@@ -470,6 +482,7 @@ class BaseModelDeployer(ABC):
             served[event["service_uuid"]] = {
                 "uuid": event["service_uuid"], "model_uri": details["model_uri"],
                 "served_uri": details.get("served_uri"), "model_version": details.get("model_version"),
+                "dag_id": details.get("dag_id"), "run_id": details.get("run_id"), "task_id": details.get("task_id"),
             }  # fmt: skip
             if details.get("previous_uuid"):
                 replaced_by[event["service_uuid"]] = details["previous_uuid"]

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -308,11 +308,15 @@ class Registry:
         descending: bool = True,
         limit: int = 25,
         offset: int = 0,
+        only_dag_ids: Collection[str] | None = None,
+        with_no_dag: bool = True,
     ) -> tuple[list[ServiceRecord], int]:
         """One page of services and the number matching, in two queries: for lists of any size.
 
         ``model`` and ``dag_id`` match substrings (case-insensitive) of the model name or endpoint and
-        of the DAG id, as a person types them into a filter box.
+        of the DAG id, as a person types them into a filter box. ``only_dag_ids``: only services those
+        DAGs deployed (what a user may read), and those deployed outside a DAG if ``with_no_dag``;
+        None: all services.
         """
         if sort not in self.SORTABLE:
             raise InvalidParameterError("sort", sort, f"must be one of {', '.join(self.SORTABLE)}")
@@ -328,6 +332,9 @@ class Registry:
             conditions.append(ServiceRow.state.in_([str(s) for s in states]))
         if backend:
             conditions.append(ServiceRow.backend == backend)
+        if only_dag_ids is not None:
+            of_dags = ServiceRow.dag_id.in_(sorted(only_dag_ids))
+            conditions.append(of_dags | ServiceRow.dag_id.is_(None) if with_no_dag else of_dags)
         column = getattr(ServiceRow, sort)
         # uuid breaks ties so that pages never overlap nor skip rows.
         order = (column.desc(), ServiceRow.uuid.desc()) if descending else (column.asc(), ServiceRow.uuid.asc())
@@ -335,6 +342,11 @@ class Registry:
         with self.session() as s:
             total = int(s.scalar(select(func.count()).select_from(ServiceRow).where(*conditions)) or 0)
             return [row_to_record(row) for row in s.scalars(query)], total
+
+    def dag_ids(self) -> set[str]:
+        """The DAGs that deployed the services of the registry."""
+        with self.session() as s:
+            return set(s.scalars(select(ServiceRow.dag_id).where(ServiceRow.dag_id.is_not(None)).distinct()))
 
     def connection_ids(self) -> list[str]:
         """The deployer connections services were deployed through."""
