@@ -258,11 +258,12 @@ def test_stop_and_start_from_the_cli_host(cluster: Cluster, deployed: dict) -> N
 def test_ui_actions_from_the_api_host_act_on_the_serving_host(cluster: Cluster, deployed: dict, api: dict) -> None:
     client = api["client"]
     api_pids = {p.pid for p in [psutil.Process(api["proc"].pid), *psutil.Process(api["proc"].pid).children(True)]}
-    answer = client.post(f"/services/{deployed['uuid']}/stop", json={})
+    # wait: the answer carries the outcome (a slower machine would get 202 and a status to poll)
+    answer = client.post(f"/services/{deployed['uuid']}/stop", json={"wait": 30})
     assert answer.status_code == 200, answer.text
     assert cluster.registry().get_service(deployed["uuid"]).state == "inactive"
     assert cluster.predict("cli", deployed["url"])["status"] is None
-    answer = client.post(f"/services/{deployed['uuid']}/start", json={})
+    answer = client.post(f"/services/{deployed['uuid']}/start", json={"wait": 30})
     assert answer.status_code == 200, answer.text
     record = cluster.registry().get_service(deployed["uuid"])
     assert record.state == "active" and record.prediction_url == deployed["url"]
@@ -278,7 +279,7 @@ def test_ui_actions_from_the_api_host_act_on_the_serving_host(cluster: Cluster, 
     ok(cluster.net["worker"].run([sys.executable, "-c", replace], env=cluster.env("worker"), timeout=300))
     assert cluster.predict("cli", deployed["url"]) == {"status": 200, "version": "2"}
     [current] = cluster.registry().find_services(endpoint=MODEL)
-    answer = client.post(f"/services/{current.uuid}/rollback", json={})
+    answer = client.post(f"/services/{current.uuid}/rollback", json={"wait": 30})
     assert answer.status_code == 200, answer.text
     assert cluster.predict("cli", deployed["url"]) == {"status": 200, "version": "1"}
     [restored] = cluster.registry().find_services(endpoint=MODEL)
