@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,6 +26,7 @@ import pytest
 from conftest import iris_payload, use_airflow_home, wait_for
 
 from airflow_provider_modeldeploy.deployers import ServiceConfig, get_model_deployer
+from airflow_provider_modeldeploy.exceptions import InvalidParameterError
 
 MAX_BODY = 8 * 2**20
 MAX_HEAD = 16 * 1024
@@ -44,9 +46,21 @@ class Server:
         self.master = psutil.Process(service.record.pid)
         self.workers = {p.pid for p in self.master.children()}
 
-    def worker(self) -> psutil.Process:
+    def peak_growth(self, action: Any) -> tuple[Any, int]:
+        """``action()``'s result, and how far the worker's peak RSS rose above its RSS meanwhile.
+
+        The peak (VmHWM, reset first through /proc/PID/clear_refs), not the RSS after: a refused body is
+        freed (and large blocks handed back to the kernel) by the time the answer is read.
+        """
         [pid] = self.workers
-        return psutil.Process(pid)
+        proc = Path(f"/proc/{pid}")
+        (proc / "clear_refs").write_text("5")
+        before = psutil.Process(pid).memory_info().rss
+        result = action()
+        [peak_kib] = [
+            line.split()[1] for line in (proc / "status").read_text().splitlines() if line.startswith("VmHWM:")
+        ]
+        return result, int(peak_kib) * 1024 - before
 
     def head(self, method: str = "POST", path: str = "/invocations", **headers: str) -> bytes:
         lines = [f"{method} {path} HTTP/1.1", f"Host: {self.address[0]}:{self.address[1]}"]
@@ -160,14 +174,12 @@ def test_an_oversized_request_target_gets_431(server: Server) -> None:
 
 def test_an_endless_header_line_gets_431_with_bounded_memory(server: Server) -> None:
     """Input: a header line of 256 MiB without end, streamed. Outcome: 431 once the head passes 16 KiB,
-    the rest never read; the worker's memory does not grow by the header."""
-    worker = server.worker()
-    before = worker.memory_info().rss
+    the rest never read; the worker's peak memory grows by less than 1 MiB."""
     junk = b"j" * 2**20
-    answer = exchange(server, server.head("GET", "/ping")[:-2] + b"X-Junk: ", (junk for _ in range(256)))
+    head = server.head("GET", "/ping")[:-2] + b"X-Junk: "
+    answer, grown = server.peak_growth(lambda: exchange(server, head, (junk for _ in range(256))))
     assert status(answer) == 431
-    grown = worker.memory_info().rss - before
-    assert grown < 2 * MAX_BODY, f"the worker grew by {grown >> 20} MiB for a refused header"
+    assert grown < 2**20, f"the worker's peak memory grew by {grown >> 10} KiB for a refused header"
     server.assert_healthy()
 
 
@@ -282,17 +294,14 @@ def test_requests_over_the_concurrency_limit_get_503_until_the_stalled_ones_time
 @pytest.mark.parametrize("content_type", ["application/json", "text/csv"])
 def test_a_streamed_gigabyte_gets_413_with_bounded_memory(server: Server, content_type: str) -> None:
     """Input: a 1 GiB chunked body (no Content-Length), generated while sent, as JSON (a fast-path
-    candidate) and as CSV (MLflow's app). Outcome: 413 once the body passes 8 MiB; the worker's memory
-    grows by less than twice the limit; the server still answers."""
-    worker = server.worker()
-    before = worker.memory_info().rss
+    candidate) and as CSV (MLflow's app). Outcome: 413 once the body passes 8 MiB; the worker's peak
+    memory grows by less than twice the limit; the server still answers."""
     head = server.head(Content_Type=content_type, Transfer_Encoding="chunked")
     started = time.monotonic()
-    answer = exchange(server, head, chunked(GIB))
+    answer, grown = server.peak_growth(lambda: exchange(server, head, chunked(GIB)))
     assert status(answer) == 413 and f"limit of {MAX_BODY} bytes" in error_message(answer)
     assert time.monotonic() - started < 20, "the server read far more than its limit"
-    grown = worker.memory_info().rss - before
-    assert grown < 2 * MAX_BODY, f"the worker grew by {grown >> 20} MiB for a refused body"
+    assert grown < 2 * MAX_BODY, f"the worker's peak memory grew by {grown >> 20} MiB for a refused body"
     server.assert_healthy()
 
 
@@ -305,3 +314,17 @@ def test_a_declared_gigabyte_gets_413_unread(server: Server) -> None:
     assert status(answer) == 413 and f"({GIB} bytes)" in error_message(answer)
     assert time.monotonic() - started < 10
     server.assert_healthy()
+
+
+# -- the options -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["max_header_kb", "read_timeout", "keep_alive", "max_concurrent_requests"])
+@pytest.mark.parametrize("value", [0, -5, "64"])
+def test_limits_are_positive_integers(deployer: Any, mlflow_models: dict[str, Any], option: str, value: Any) -> None:
+    """Input: a limit of 0, negative or not an integer. Outcome: the deploy is refused naming the
+    option, before any server starts."""
+    config = ServiceConfig(model_uri=mlflow_models["iris_v1"], model_name="iris-limits", **{option: value})
+    with pytest.raises(InvalidParameterError, match=option):
+        deployer.deploy_model(config)
+    assert deployer.find_model_server(model_name="iris-limits") == []
