@@ -417,6 +417,8 @@ def _limited_protocol(base: type, args: Any) -> type:
         _head_bytes = 0  # bytes received since that head began (some may still be unparsed)
         _head_size = 0  # its request target and header fields, as parsed
         _in_body = False
+        _last_read = 0.0  # when the body last moved
+        _app_paused = False
         _read_timer: Any = None
 
         def connection_made(self, transport: Any) -> None:
@@ -433,16 +435,25 @@ def _limited_protocol(base: type, args: Any) -> type:
 
         def data_received(self, data: bytes) -> None:
             if self._in_head:
-                if self._head_bytes == 0:
-                    self._arm(self._head_timed_out)
                 self._head_bytes += len(data)
-            elif self._in_body:
-                self._arm(self._body_timed_out)  # the body moves: its pause starts again
             super().data_received(data)
-            # A head still incomplete after more than the limit (one huge header line, which
-            # httptools buffers whole before calling on_header) is refused here.
-            if self._in_head and self._head_bytes > max_head and not self.transport.is_closing():
-                self._close_with(431, f"the request line and headers are over this server's limit of {max_head} bytes")
+            if self.transport.is_closing():
+                return
+            # Timers only for what a read left incomplete: a request that came whole in one read (most
+            # do) costs none.
+            if self._in_head and self._head_bytes:
+                # A head still incomplete after more than the limit (one huge header line, which
+                # httptools buffers whole before calling on_header) is refused here.
+                if self._head_bytes > max_head:
+                    self._close_with(
+                        431, f"the request line and headers are over this server's limit of {max_head} bytes"
+                    )
+                elif self._read_timer is None:  # from the head's first byte: more bytes do not extend it
+                    self._arm(self._head_timed_out)
+            elif self._in_body:
+                self._last_read = self.loop.time()  # the body moves: its pause starts again
+                if self._read_timer is None:
+                    self._arm(self._body_timed_out)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -472,16 +483,15 @@ def _limited_protocol(base: type, args: Any) -> type:
             # Read per request: uvicorn takes the app from self.app at each request.
             self.app = _busy if len(self.tasks) >= max_requests else self.config.loaded_app
             super().on_headers_complete()
-            self._arm(self._body_timed_out)
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
             self._in_head, self._in_body = True, False
             self._disarm()
 
-        def _arm(self, handler: Any) -> None:
+        def _arm(self, handler: Any, delay: float = read_timeout) -> None:
             self._disarm()
-            self._read_timer = self.loop.call_later(read_timeout, handler)
+            self._read_timer = self.loop.call_later(delay, handler)
 
         def _disarm(self) -> None:
             if self._read_timer is not None:
@@ -497,8 +507,15 @@ def _limited_protocol(base: type, args: Any) -> type:
             self._read_timer = None
             if not self._in_body or self.transport.is_closing():
                 return
-            if self.flow.read_paused:  # the app is not reading: the client is not the slow one
-                self._arm(self._body_timed_out)
+            now = self.loop.time()
+            if self.flow.read_paused or self._app_paused:
+                # The app stopped reading (uvicorn pauses the socket while it holds 64 KiB unread): the
+                # client's pause counts only from now on, and again once reading went on.
+                self._app_paused = self.flow.read_paused
+                self._last_read = now
+            paused = now - self._last_read
+            if paused < read_timeout:
+                self._arm(self._body_timed_out, read_timeout - paused)
                 return
             self._close_with(408, f"the request body paused for over {read_timeout:g}s")
 
