@@ -54,7 +54,7 @@ class MLflowLocalDeployer(BaseModelDeployer):
     ``max_body_mb`` (default 32: larger request bodies get 413 before they are read), and against
     abusive clients ``max_header_kb`` (default 64: a larger request line and headers get 431),
     ``read_timeout`` (default 10: seconds a request's headers may take from their first byte, and its
-    body may pause, else 408), ``keep_alive`` (default 5: seconds an idle connection, or one that
+    body may pause, else 408; and a client may stop reading its answer, else it is disconnected), ``keep_alive`` (default 5: seconds an idle connection, or one that
     never sent a byte, stays open) and ``max_concurrent_requests`` (default 64 per worker: more get
     503; idle connections do not count).
     """

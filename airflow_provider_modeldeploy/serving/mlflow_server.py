@@ -372,7 +372,8 @@ def _set_pdeathsig(sig: int = signal.SIGKILL) -> None:
 #: Request line and header fields over this many bytes get 431 (uvicorn's httptools protocol reads
 #: headers of any size into memory; h11's default limit is 16 KiB, nginx's 32 KiB).
 DEFAULT_MAX_HEADER = 64 * 1024
-#: Seconds a request's line and headers may take from their first byte, and a body may pause.
+#: Seconds a request's line and headers may take from their first byte, a body may pause, and a client
+#: may stop reading its answer.
 DEFAULT_READ_TIMEOUT = 10.0
 #: Requests a worker handles at once; more get 503. Idle connections do not count (see below).
 DEFAULT_MAX_REQUESTS = 64
@@ -405,7 +406,8 @@ def _limited_protocol(base: type, args: Any) -> type:
     - A request's head must arrive within ``--read-timeout`` seconds of its first byte (slowloris),
       and its body may not pause longer than that, or the request gets 408 and the connection is
       closed. A connection that never sends a byte is closed after the keep-alive timeout, as an
-      idle keep-alive one is (uvicorn arms no timer before a connection's first request).
+      idle keep-alive one is (uvicorn arms no timer before a connection's first request). A client
+      that stops reading its answers for ``--read-timeout`` seconds is disconnected.
     - At most ``--max-concurrent-requests`` requests in progress per worker; more get 503 at once. Unlike
       uvicorn's ``limit_concurrency``, which counts open connections too (so 500 idle connections
       would get every real request a 503), only requests whose headers arrived count.
@@ -420,6 +422,7 @@ def _limited_protocol(base: type, args: Any) -> type:
         _last_read = 0.0  # when the body last moved
         _app_paused = False
         _read_timer: Any = None
+        _write_timer: Any = None
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -431,6 +434,8 @@ def _limited_protocol(base: type, args: Any) -> type:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            if self._write_timer is not None:
+                self._write_timer.cancel()
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
@@ -488,6 +493,22 @@ def _limited_protocol(base: type, args: Any) -> type:
             super().on_message_complete()
             self._in_head, self._in_body = True, False
             self._disarm()
+
+        def pause_writing(self) -> None:
+            # The client stopped reading its answers (uvicorn's send waits, holding a request slot,
+            # until the transport's buffer drains): it gets as long as a body may pause.
+            super().pause_writing()
+            self._write_timer = self.loop.call_later(read_timeout, self._write_timed_out)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+                self._write_timer = None
+
+        def _write_timed_out(self) -> None:
+            self._write_timer = None
+            self.transport.abort()  # not close(): that would wait for the buffer to drain
 
         def _arm(self, handler: Any, delay: float = read_timeout) -> None:
             self._disarm()
@@ -855,7 +876,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument(
         "--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT,
-        help="seconds a request's line and headers may take from their first byte, and its body may pause (408)",
+        help="seconds a request's line and headers may take from their first byte, and its body may pause (408), "
+        "and a client may stop reading its answer (disconnected)",
     )  # fmt: skip
     parser.add_argument(
         "--max-concurrent-requests", type=int, default=DEFAULT_MAX_REQUESTS,
