@@ -327,3 +327,59 @@ def test_limits_are_positive_integers(deployer: Any, mlflow_models: dict[str, An
     with pytest.raises(InvalidParameterError, match=option):
         deployer.deploy_model(config)
     assert deployer.find_model_server(model_name="iris-limits") == []
+
+
+# -- a client that stops reading (the protocol alone, under uvicorn, with an app answering 16 MiB) ---
+
+
+@pytest.fixture
+def big_answer_server() -> Iterator[tuple[tuple[str, int], Any]]:
+    """uvicorn with the model server's protocol (1 s read timeout) in a thread of this process, and an
+    app answering 16 MiB: no prediction of the model answers enough to fill the kernel's buffers."""
+    import types
+
+    import uvicorn
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from airflow_provider_modeldeploy.serving.mlflow_server import _limited_protocol
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        # In 1 MiB pieces, as a streamed answer: each send waits while the client does not read.
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % (16 << 20))]})
+        for left in range(15, -1, -1):
+            await send({"type": "http.response.body", "body": b"b" * (1 << 20), "more_body": left > 0})
+
+    args = types.SimpleNamespace(max_header_bytes=MAX_HEAD, read_timeout=1.0, max_concurrent_requests=MAX_REQUESTS)
+    config = uvicorn.Config(
+        app, http=_limited_protocol(HttpToolsProtocol, args), ws="none", lifespan="off", log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    listener = socket.create_server(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, 10, "uvicorn to start")
+    try:
+        yield listener.getsockname(), server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        listener.close()
+
+
+def test_a_client_that_stops_reading_its_answer_is_disconnected(big_answer_server: Any) -> None:
+    """Input: a request for a 16 MiB answer, from a client that then reads nothing (4 KiB receive
+    buffer). Outcome: about 1 s (the read timeout) after the server's buffers filled, the connection is
+    dropped and the request's slot is freed; the client never gets the whole answer."""
+    address, server = big_answer_server
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(address)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        wait_for(lambda: server.server_state.tasks, 10, "the request to start")
+        wait_for(lambda: not server.server_state.tasks, 10, "the stalled answer's request to end")
+        received = 0
+        sock.settimeout(10)
+        with contextlib.suppress(ConnectionResetError):
+            while data := sock.recv(1 << 20):
+                received += len(data)
+        assert received < 16 << 20, "the whole answer was kept for a client that did not read it"
