@@ -38,6 +38,11 @@ _ADOPTABLE_FIELDS = frozenset(ServiceRecord.__dataclass_fields__) - {
 }  # fmt: skip
 
 
+#: Backend options bounding what one client can cost a model server; the agent turns them into the
+#: server's command-line arguments (absent: the server's defaults).
+_SERVER_LIMITS = ("max_body_mb", "max_header_kb", "read_timeout", "keep_alive", "max_concurrent_requests")
+
+
 class MLflowLocalDeployer(BaseModelDeployer):
     """Serves MLflow pyfunc models as local processes with MLflow's scoring protocol.
 
@@ -46,7 +51,12 @@ class MLflowLocalDeployer(BaseModelDeployer):
     body for the smoke prediction; default: the model's logged input example), ``fast_path``
     (default true: plain rows for a scikit-learn model with a column signature are answered without
     pandas, with the answers MLflow's app gives; false sends every request through MLflow's app),
-    ``max_body_mb`` (default 32: larger request bodies get 413 before they are read).
+    ``max_body_mb`` (default 32: larger request bodies get 413 before they are read), and against
+    abusive clients ``max_header_kb`` (default 64: a larger request line and headers get 431),
+    ``read_timeout`` (default 10: seconds a request's headers may take from their first byte, and its
+    body may pause, else 408; and a client may stop reading its answer, else it is disconnected), ``keep_alive`` (default 5: seconds an idle connection, or one that
+    never sent a byte, stays open) and ``max_concurrent_requests`` (default 64 per worker: more get
+    503; idle connections do not count).
     """
 
     backend = "mlflow"
@@ -57,6 +67,10 @@ class MLflowLocalDeployer(BaseModelDeployer):
         "smoke_input": (str, dict, list),
         "fast_path": bool,
         "max_body_mb": int,
+        "max_header_kb": int,
+        "read_timeout": int,
+        "keep_alive": int,
+        "max_concurrent_requests": int,
     }
 
     def __init__(
@@ -82,7 +96,7 @@ class MLflowLocalDeployer(BaseModelDeployer):
 
     def _validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
         clean = super()._validate_options(options)
-        for key in ("workers", "timeout", "max_body_mb"):
+        for key in ("workers", "timeout", *_SERVER_LIMITS):
             if key in clean and clean[key] < 1:
                 raise InvalidParameterError(key, clean[key], "must be a positive integer")
         if "port" in clean and not 1 <= clean["port"] <= 65535:
@@ -157,7 +171,7 @@ class MLflowLocalDeployer(BaseModelDeployer):
             "endpoint": record.endpoint, "model_name": record.model_name, "model_uri": record.model_uri,
             "options": {
                 "workers": opts.get("workers", self.settings.workers), "fast_path": opts.get("fast_path", True),
-                "smoke_input": opts.get("smoke_input"), "max_body_mb": opts.get("max_body_mb"),
+                "smoke_input": opts.get("smoke_input"), **{key: opts.get(key) for key in _SERVER_LIMITS},
             },
             "env": env, "timeout": timeout, "record": record.to_dict(),
             "bind": {

@@ -60,6 +60,19 @@ def _check_uuid(uuid: Any) -> None:
         raise AgentError(f"uuid={uuid!r}: not a service uuid", 400, "uuid", uuid)
 
 
+def _limit_args(options: dict[str, Any]) -> list[str]:
+    """The model server's arguments for the deployer's limits against abusive clients; an option not
+    given is left out, so the server's own default (documented there) applies."""
+    args = []
+    for option, flag, scale in (
+        ("max_header_kb", "--max-header-bytes", 1024), ("read_timeout", "--read-timeout", 1),
+        ("keep_alive", "--keep-alive", 1), ("max_concurrent_requests", "--max-concurrent-requests", 1),
+    ):  # fmt: skip
+        if options.get(option):
+            args += [flag, str(int(options[option]) * scale)]
+    return args
+
+
 class Agent(ServerProcesses):
     """The supervisor. Thread-safe: the API calls it from one thread per request."""
 
@@ -127,6 +140,7 @@ class Agent(ServerProcesses):
                     "--workers", str(int(options.get("workers") or 1)), "--start-timeout", str(int(timeout)),
                     "--fast-path", "on" if options.get("fast_path", True) else "off",
                     "--max-body-bytes", str(int(options.get("max_body_mb") or 32) * 1024 * 1024),
+                    *_limit_args(options),
                 ],
             )  # fmt: skip
             listener = self._listener(m, req.get("bind") or {}, req.get("previous_uuid"))

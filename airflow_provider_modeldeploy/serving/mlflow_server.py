@@ -29,6 +29,7 @@ import signal
 import socket
 import sys
 import time
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -368,6 +369,193 @@ def _set_pdeathsig(sig: int = signal.SIGKILL) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
 
 
+#: Request line and header fields over this many bytes get 431 (uvicorn's httptools protocol reads
+#: headers of any size into memory; h11's default limit is 16 KiB, nginx's 32 KiB).
+DEFAULT_MAX_HEADER = 64 * 1024
+#: Seconds a request's line and headers may take from their first byte, a body may pause, and a client
+#: may stop reading its answer.
+DEFAULT_READ_TIMEOUT = 10.0
+#: Requests a worker handles at once; more get 503. Idle connections do not count (see below).
+DEFAULT_MAX_REQUESTS = 64
+
+
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback: httptools stops parsing, and uvicorn calls send_400_response."""
+
+
+def _limit_response(status: int, message: str) -> bytes:
+    """A whole error response, for the protocol to write itself where no ASGI app runs."""
+    body = json.dumps({"error_code": "REQUEST_LIMIT_EXCEEDED", "message": message}).encode()
+    head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")  # fmt: skip
+    return head.encode() + body
+
+
+async def _busy(scope: dict, receive: Any, send: Any) -> None:
+    """The app for a request over the worker's concurrency limit."""
+    await _refuse(
+        send, 503, "this model server is answering too many requests at once; retry", [(b"retry-after", b"1")]
+    )
+
+
+def _limited_protocol(base: type, args: Any) -> type:
+    """uvicorn's httptools protocol class, bounded against abusive clients.
+
+    - Request line and headers over ``--max-header-bytes`` get 431 and the connection is closed,
+      before more than that (plus one read) is held: httptools itself has no limit.
+    - A request's head must arrive within ``--read-timeout`` seconds of its first byte (slowloris),
+      and its body may not pause longer than that, or the request gets 408 and the connection is
+      closed. A connection that never sends a byte is closed after the keep-alive timeout, as an
+      idle keep-alive one is (uvicorn arms no timer before a connection's first request). A client
+      that stops reading its answers for ``--read-timeout`` seconds is disconnected.
+    - At most ``--max-concurrent-requests`` requests in progress per worker; more get 503 at once. Unlike
+      uvicorn's ``limit_concurrency``, which counts open connections too (so 500 idle connections
+      would get every real request a 503), only requests whose headers arrived count.
+    """
+    max_head, read_timeout, max_requests = args.max_header_bytes, args.read_timeout, args.max_concurrent_requests
+
+    class LimitedProtocol(base):  # type: ignore[misc,valid-type]
+        _in_head = True  # awaiting a request's line and headers
+        _head_bytes = 0  # bytes received since that head began (some may still be unparsed)
+        _head_size = 0  # its request target and header fields, as parsed
+        _in_body = False
+        _last_read = 0.0  # when the body last moved
+        _app_paused = False
+        _read_timer: Any = None
+        _write_timer: Any = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            # uvicorn arms the keep-alive timer only after a response: a connection that never sends
+            # a byte would be held (and drain would wait for it) forever.
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._in_head:
+                self._head_bytes += len(data)
+            super().data_received(data)
+            if self.transport.is_closing():
+                return
+            # Timers only for what a read left incomplete: a request that came whole in one read (most
+            # do) costs none.
+            if self._in_head and self._head_bytes:
+                # A head still incomplete after more than the limit (one huge header line, which
+                # httptools buffers whole before calling on_header) is refused here.
+                if self._head_bytes > max_head:
+                    self._close_with(
+                        431, f"the request line and headers are over this server's limit of {max_head} bytes"
+                    )
+                elif self._read_timer is None:  # from the head's first byte: more bytes do not extend it
+                    self._arm(self._head_timed_out)
+            elif self._in_body:
+                self._last_read = self.loop.time()  # the body moves: its pause starts again
+                if self._read_timer is None:
+                    self._arm(self._body_timed_out)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._head_size = 0
+
+        def on_url(self, url: bytes) -> None:
+            self._count(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count(len(name) + len(value) + 4)
+            super().on_header(name, value)
+
+        def _count(self, size: int) -> None:
+            self._head_size += size
+            if self._head_size > max_head:
+                raise _HeadTooLarge
+
+        def send_400_response(self, msg: str) -> None:
+            if self._head_size <= max_head:
+                return super().send_400_response(msg)
+            self._close_with(431, f"the request line and headers are over this server's limit of {max_head} bytes")
+
+        def on_headers_complete(self) -> None:
+            self._in_head, self._head_bytes, self._in_body = False, 0, True
+            self._disarm()
+            # Read per request: uvicorn takes the app from self.app at each request.
+            self.app = _busy if len(self.tasks) >= max_requests else self.config.loaded_app
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._in_head, self._in_body = True, False
+            self._disarm()
+
+        def pause_writing(self) -> None:
+            # The client stopped reading its answers (uvicorn's send waits, holding a request slot,
+            # until the transport's buffer drains): it gets as long as a body may pause.
+            super().pause_writing()
+            self._write_timer = self.loop.call_later(read_timeout, self._write_timed_out)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+                self._write_timer = None
+
+        def _write_timed_out(self) -> None:
+            self._write_timer = None
+            self.transport.abort()  # not close(): that would wait for the buffer to drain
+
+        def _arm(self, handler: Any, delay: float = read_timeout) -> None:
+            self._disarm()
+            self._read_timer = self.loop.call_later(delay, handler)
+
+        def _disarm(self) -> None:
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+                self._read_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._read_timer = None
+            if self._in_head and not self.transport.is_closing():
+                self._close_with(408, f"the request's line and headers took over {read_timeout:g}s to arrive")
+
+        def _body_timed_out(self) -> None:
+            self._read_timer = None
+            if not self._in_body or self.transport.is_closing():
+                return
+            now = self.loop.time()
+            if self.flow.read_paused or self._app_paused:
+                # The app stopped reading (uvicorn pauses the socket while it holds 64 KiB unread): the
+                # client's pause counts only from now on, and again once reading went on.
+                self._app_paused = self.flow.read_paused
+                self._last_read = now
+            paused = now - self._last_read
+            if paused < read_timeout:
+                self._arm(self._body_timed_out, read_timeout - paused)
+                return
+            self._close_with(408, f"the request body paused for over {read_timeout:g}s")
+
+        def _close_with(self, status: int, message: str) -> None:
+            """Answer ``status`` if no response is under way on this connection, and close it."""
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete or not cycle.response_started:
+                self.transport.write(_limit_response(status, message))
+            if cycle is not None and not cycle.response_complete:
+                # As if the client went away: the app's receive() says so, its send() is dropped.
+                cycle.disconnected = True
+                cycle.message_event.set()
+            self._in_head = self._in_body = False
+            self._disarm()
+            self.transport.close()
+
+    return LimitedProtocol
+
+
 def _run_worker(app: Any, staging: socket.socket, listener: socket.socket, ack_fd: int, args: Any) -> int:
     import asyncio
     import functools
@@ -436,8 +624,13 @@ def _run_worker(app: Any, staging: socket.socket, listener: socket.socket, ack_f
             self._active = True
             os.write(ack_fd, b"a")
 
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
     config = uvicorn.Config(
         app,
+        # httptools, named (not "auto"): the limits above are written against its parser callbacks.
+        http=_limited_protocol(HttpToolsProtocol, args),
+        ws="none",  # MLflow's app has no websocket route: no upgrade is ever taken
         lifespan="off",
         access_log=False,
         log_level="warning",
@@ -677,6 +870,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="larger request bodies get 413, unread"
     )
+    parser.add_argument(
+        "--max-header-bytes", type=int, default=DEFAULT_MAX_HEADER,
+        help="a larger request line and headers get 431, and the connection is closed",
+    )  # fmt: skip
+    parser.add_argument(
+        "--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT,
+        help="seconds a request's line and headers may take from their first byte, and its body may pause (408), "
+        "and a client may stop reading its answer (disconnected)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-concurrent-requests", type=int, default=DEFAULT_MAX_REQUESTS,
+        help="requests in progress at once per worker; more get 503 (idle connections do not count)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     run = Path(args.runtime_dir)
