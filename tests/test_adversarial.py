@@ -383,3 +383,31 @@ def test_a_client_that_stops_reading_its_answer_is_disconnected(big_answer_serve
             while data := sock.recv(1 << 20):
                 received += len(data)
         assert received < 16 << 20, "the whole answer was kept for a client that did not read it"
+
+
+# -- what the provider leaves on disk ---------------------------------------------------------------
+
+
+def test_files_the_provider_writes_are_private(server: Server) -> None:
+    """With a server deployed: the registry, the agent's records and logs, the runtime directory's
+    sockets and locks: every file 0600 (or stricter), every directory 0700, nothing a group or other
+    users may read."""
+    import os
+    import stat
+
+    from airflow_provider_modeldeploy import config
+
+    roots = {config.state_dir(), config.agent_state_dir(), config.runtime_dir()}
+    seen: dict[str, int] = {}
+    for root in roots:
+        for path in [root, *root.rglob("*")]:
+            info = path.lstat()
+            if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            seen[str(path)] = stat.S_IMODE(info.st_mode)
+    assert any(p.endswith("registry.db") for p in seen) and any(p.endswith(".log") for p in seen), sorted(seen)
+    exposed = {p: f"{m:04o}" for p, m in seen.items() if m & 0o077}
+    assert not exposed, exposed
+    for path, mode in seen.items():
+        if Path(path).is_dir():
+            assert mode == 0o700, (path, f"{mode:04o}")

@@ -112,7 +112,10 @@ def read_state(path: str | Path) -> dict[str, Any] | None:
 
 def _write_state(path: Path, **state: Any) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "time": time.time(), **state}))
+    # 0600 whatever the umask: the state names the model and its addresses, for this user only.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps({"pid": os.getpid(), "time": time.time(), **state}))
     os.replace(tmp, path)
 
 
