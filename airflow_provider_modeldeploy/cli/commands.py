@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from collections.abc import Callable
@@ -19,6 +20,13 @@ LIST_FIELDS = (
 TABLE_FIELDS = ("uuid", "state", "model_name", "model_version", "backend", "dag_id", "task_id", "prediction_url")
 
 
+_OUT: list[Any] = []  # the command's real stdout, while its logs go to stderr (see cli_errors)
+
+
+def _out() -> Any:
+    return _OUT[-1] if _OUT else sys.stdout
+
+
 def _fail(message: str) -> None:
     print(f"error: {mask_text(message)}", file=sys.stderr)
     sys.exit(1)
@@ -32,12 +40,18 @@ def cli_errors(func: F) -> F:
         if not getattr(args, "verbose", False):
             for name in ("alembic", "airflow_provider_modeldeploy", "httpx"):
                 logging.getLogger(name).setLevel(logging.WARNING)
+        # Only what the command prints goes to stdout, so that `-o json | jq` works: Airflow logs some
+        # warnings there (e.g. on connection types with "_", read from the metadata database).
+        _OUT.append(sys.stdout)
         try:
-            return func(args)
+            with contextlib.redirect_stdout(sys.stderr):
+                return func(args)
         except ModelDeployError as exc:
             _fail(str(exc))
         except KeyboardInterrupt:
             _fail("interrupted")
+        finally:
+            _OUT.pop()
 
     return wrapper  # type: ignore[return-value]
 
@@ -46,7 +60,8 @@ def _print(data: list[dict[str, Any]], output: str) -> None:
     """Everything the commands show goes through here, masked (``masking.mask``)."""
     from airflow.cli.simple_table import AirflowConsole
 
-    AirflowConsole().print_as(data=mask(data), output=output)
+    with contextlib.redirect_stdout(_out()):  # its plain tables use print()
+        AirflowConsole(file=_out()).print_as(data=mask(data), output=output)
 
 
 def _row(service: Any, fields: tuple[str, ...]) -> dict[str, Any]:
@@ -85,7 +100,7 @@ def describe_service(args: Any) -> None:
             for k, v in data.items()]  # fmt: skip
     _print(rows, args.output)
     if history:
-        print()
+        print(file=_out())
         _print(
             [{k: e[k] for k in ("created_at", "action", "outcome", "actor", "message")} for e in history], args.output
         )
@@ -96,7 +111,7 @@ def get_url(args: Any) -> None:
     service = _service(args.uuid)
     if not service.is_running:
         _fail(f"uuid={service.uuid!r}: the service is {service.status.state}, it has no live prediction URL")
-    print(mask_text(service.prediction_url))
+    print(mask_text(service.prediction_url), file=_out())
 
 
 @cli_errors
@@ -106,7 +121,7 @@ def show_logs(args: Any) -> None:
     deployer = deployer_for_service(args.uuid)
     try:
         for line in deployer.get_model_server_logs(args.uuid, tail=args.tail, follow=args.follow):
-            print(mask_text(line), flush=args.follow)
+            print(mask_text(line), flush=args.follow, file=_out())
     except KeyboardInterrupt:
         if not args.follow:
             raise
@@ -145,10 +160,10 @@ def delete_service(args: Any) -> None:
             _fail(f"uuid={service.uuid!r}: refusing to delete without confirmation; pass --yes")
         answer = input(f"Delete service {service.uuid} ({service.record.model_name}, {service.status.state})? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
-            print("Cancelled.")
+            print("Cancelled.", file=_out())
             return
     service.delete(timeout=args.timeout, force=args.force)
-    print(f"Deleted service {service.uuid}")
+    print(f"Deleted service {service.uuid}", file=_out())
 
 
 @cli_errors
@@ -181,7 +196,10 @@ def run_agent(args: Any) -> None:
 
     if args.check:
         health = local_agent(start=False).health()
-        print(f"serving agent {health['agent_id']} (pid {health['pid']}) answers; {health['services']} services")
+        print(
+            f"serving agent {health['agent_id']} (pid {health['pid']}) answers; {health['services']} services",
+            file=_out(),
+        )
         return
     listen = None
     if args.listen:
@@ -219,4 +237,4 @@ def upgrade_registry(args: Any) -> None:
     registry = get_registry()
     before, after = registry.upgrade()
     what = "already at" if before == after else f"upgraded from {before or 'no tables'} to"
-    print(f"served-models registry {safe_url(registry.url)}: {what} revision {after}")
+    print(f"served-models registry {safe_url(registry.url)}: {what} revision {after}", file=_out())
