@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 TARGET = "modeldeploy"
 FLAVOR = "python_function"  # what every backend serves: MLflow's pyfunc scoring protocol
 #: config keys of create / update that are not backend options
-_OWN_CONFIG = {"timeout", "model_name"}
+_OWN_CONFIG = {"deploy_timeout", "model_name"}
 
 
 def target_help() -> str:
@@ -57,9 +57,10 @@ backend or Airflow's metadata database. `{TARGET}` alone: the default connection
 Flavor: {FLAVOR} only (the default).
 
 Config (-C key=value):
-  timeout=<seconds>      how long the new server may take to load and answer (default 300)
+  deploy_timeout=<s>     how long the new server may take to load and answer (default 300)
   model_name=<name>      the model's name in the registry (default: the deployment name)
-  <backend option>=...   e.g. workers=2, fast_path=false (local MLflow), replicas=2 (Seldon Core)
+  <backend option>=...   e.g. workers=2, timeout=30, fast_path=false (local MLflow), replicas=2 (Seldon)
+                         update keeps the options not given again
 
 predict takes what `mlflow deployments predict` reads (a JSON file of records or columns) and answers
 with MLflow's scoring protocol. get/list show the prediction URL, version, state and service uuid.
@@ -177,7 +178,10 @@ class ModelDeployDeploymentClient(BaseDeploymentClient):
             current = self._current(self.deployer, name)
             service = self._deploy(
                 self.deployer, name, model_uri or current.record.model_uri, config, replace=True,
-                defaults={"model_name": current.record.model_name, **current.record.config},
+                defaults={
+                    "model_name": current.record.model_name,
+                    **{k: v for k, v in current.record.config.items() if k in self.deployer.backend_options},
+                },
             )  # fmt: skip
         return self._describe(service)
 
@@ -278,11 +282,11 @@ class ModelDeployDeploymentClient(BaseDeploymentClient):
 
         settings = dict(defaults or {})
         settings.update(config or {})
-        timeout = settings.pop("timeout", 300)
+        timeout = settings.pop("deploy_timeout", 300)
         try:
             timeout = float(timeout)
         except (TypeError, ValueError):
-            raise InvalidParameterError("timeout", timeout, "must be a number of seconds") from None
+            raise InvalidParameterError("deploy_timeout", timeout, "must be a number of seconds") from None
         model_name = settings.pop("model_name", None) or name
         options = {
             key: _option_value(deployer.backend_options[key], key, value) if key in deployer.backend_options else value
