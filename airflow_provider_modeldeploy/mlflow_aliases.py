@@ -62,10 +62,16 @@ class AliasTarget:
 
 
 def _short(exc: BaseException) -> str:
-    """One line for a log: the exception's type and its message, without the URL's credentials."""
+    """One line for a log: the cause, not the pages MLflow and urllib3 wrap around a refused connection,
+    and never the URL's credentials."""
     from airflow_provider_modeldeploy.masking import mask_text
 
     text = " ".join(str(exc).split()) or type(exc).__name__
+    errno = re.search(r"\[Errno -?\d+\] ([^'\"\)\]]+)", text)
+    if errno:
+        return f"connection failed ({errno[1].strip()})"
+    if "timed out" in text.lower() or "timeout" in type(exc).__name__.lower():
+        return "no answer in time (timed out)"
     return mask_text(f"{type(exc).__name__}: {text[:300]}")
 
 

@@ -114,7 +114,7 @@ class MlflowAliasTrigger(BaseEventTrigger):
                 failed = True
                 failures += 1
                 self.log.warning(
-                    "Alias watcher (%s): cannot use connection %r: %s; retrying in %.0fs (failure %d)",
+                    "Alias watcher (%s): cannot use connection %r: %s; retrying in %gs (failure %d)",
                     watched, self.conn_id, _one_line(exc), self._delay(failures), failures,
                 )  # fmt: skip
             for target in self.targets if source is not None else []:
@@ -125,7 +125,7 @@ class MlflowAliasTrigger(BaseEventTrigger):
                     failed = True
                     failures += 1
                     self.log.warning(
-                        "Alias watcher: cannot read %s from %s: %s; retrying in %.0fs (failure %d)",
+                        "Alias watcher: cannot read %s from %s: %s; retrying in %gs (failure %d)",
                         target.uri, _shown(settings.registry_uri or settings.tracking_uri), _one_line(exc),
                         self._delay(failures), failures,
                     )  # fmt: skip

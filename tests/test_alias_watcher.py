@@ -1,0 +1,311 @@
+"""Redeploy when an MLflow alias moves, end to end: a real ``mlflow server`` (SQLite backend), a real
+Airflow (api-server, scheduler, dag-processor, triggerer on a SQLite metadata DB) running
+``dags/deploy_on_alias_move.py``, whose ``AssetWatcher`` polls ``models:/iris@champion``; the alias is
+moved from other processes, as a person in the MLflow UI or a notebook would."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import IRIS_COLUMNS, IRIS_ROWS, ROOT, airflow_env, wait_for
+from ui_helpers import free_port, stop_process_tree
+
+from airflow_provider_modeldeploy.deployers import get_model_deployer
+from airflow_provider_modeldeploy.triggers.alias_watcher import MlflowAliasTrigger
+
+CONN_ID = "md_alias_watch"
+PASSWORD = "alias-watch-pw-8c1f"  # must never show in a log, an event or the serialized trigger
+DAG_ID = "deploy_on_alias_move"
+BIN = Path(sys.executable).parent
+
+
+def start(cmd: list[str], log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+class TrackingServer:
+    """``mlflow server`` on a copy of the session's store (the alias moves stay in this module)."""
+
+    def __init__(self, workdir: Path, source_db: Path) -> None:
+        self.workdir = workdir
+        self.db = workdir / "mlflow.db"
+        shutil.copy(source_db, self.db)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "MLFLOW_"))}
+        self.proc = start(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.db}", "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1", "--default-artifact-root", (self.workdir / "art").as_uri()],
+            self.workdir / "mlflow-server.log", env, self.workdir,
+        )  # fmt: skip
+
+        def up() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, self.log()
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+            return False
+
+        wait_for(up, 180, "the MLflow tracking server", self.log)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process_tree(self.proc.pid)
+            self.proc = None
+
+    def log(self) -> str:
+        path = self.workdir / "mlflow-server.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def set_alias(self, version: str | None) -> None:
+        """Move (or, with None, delete) alias champion of iris from another process, over HTTP."""
+        call = f"set_registered_model_alias('iris', 'champion', {version!r})" if version else (
+            "delete_registered_model_alias('iris', 'champion')"
+        )  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", f"from mlflow import MlflowClient; MlflowClient({self.url!r}).{call}"],
+            capture_output=True, text=True, timeout=120, check=False,
+            env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def tracking(mlflow_models: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
+    source = Path(mlflow_models["tracking_uri"].removeprefix("sqlite:///"))
+    server = TrackingServer(tmp_path_factory.mktemp("tracking"), source)
+    server.start()
+    server.set_alias(None)  # the watcher starts with nothing to deploy
+    yield server
+    server.stop()
+
+
+def connection(tracking_url: str) -> str:
+    return json.dumps(
+        {"conn_type": "modeldeploy_mlflow", "host": "127.0.0.1", "login": "alice", "password": PASSWORD,
+         "extra": {"tracking_uri": tracking_url}}
+    )  # fmt: skip
+
+
+def airflow_db(home: Path, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    with contextlib.closing(sqlite3.connect(home / "airflow.db", timeout=30)) as db:
+        return db.execute(query, params).fetchall()
+
+
+class Airflow:
+    """The four Airflow components on one SQLite metadata DB, each stopped by its pid at the end."""
+
+    def __init__(self, home: Path, tracking_url: str) -> None:
+        self.home = home
+        dags = home / "dags"
+        dags.mkdir()
+        shutil.copy(ROOT / "dags" / f"{DAG_ID}.py", dags)  # only this DAG: the others are not under test
+        api_port = free_port()
+        self.env = airflow_env(
+            home,
+            AIRFLOW__CORE__DAGS_FOLDER=str(dags),
+            AIRFLOW__CORE__EXECUTOR="LocalExecutor",
+            AIRFLOW__CORE__PARALLELISM="2",
+            AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False",
+            AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{api_port}/execution/",
+            AIRFLOW__API_AUTH__JWT_SECRET="alias-watcher-test-jwt-secret",
+            AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC="1",
+            AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
+            AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC="1",
+            MODELDEPLOY_ALIAS_URI="models:/iris@champion",
+            MODELDEPLOY_CONN_ID=CONN_ID,
+            MODELDEPLOY_ALIAS_POLL_INTERVAL="1",
+            **{f"AIRFLOW_CONN_{CONN_ID.upper()}": connection(tracking_url)},
+        )
+        self.env.pop("MLFLOW_TRACKING_URI", None)  # the connection says where MLflow is
+        self.api_port = api_port
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def run(self, *args: str, timeout: float = 600) -> str:
+        done = subprocess.run(
+            [str(BIN / "airflow"), *args], env=self.env, cwd=self.home, capture_output=True, text=True,
+            timeout=timeout, stdin=subprocess.DEVNULL, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, f"airflow {' '.join(args)}: {done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+        return done.stdout
+
+    def start(self, component: str) -> None:
+        args = {"api-server": ["api-server", "--host", "127.0.0.1", "--port", str(self.api_port), "--workers", "1"]}
+        self.procs[component] = start(
+            [str(BIN / "airflow"), *args.get(component, [component])], self.log_path(component), self.env, self.home
+        )
+
+    def stop(self, component: str) -> None:
+        proc = self.procs.pop(component, None)
+        if proc is not None:
+            stop_process_tree(proc.pid)
+
+    def log_path(self, component: str) -> Path:
+        return self.home / f"{component}.log"
+
+    def log(self, component: str) -> str:
+        path = self.log_path(component)
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {c}\n{self.log(c)[-2500:]}" for c in ("triggerer", "scheduler", "dag-processor"))
+
+    def watcher_owner(self) -> int | None:
+        """The triggerer job running the alias watcher's trigger."""
+        rows = airflow_db(self.home, "SELECT triggerer_id FROM trigger WHERE classpath LIKE '%MlflowAliasTrigger'")
+        return rows[0][0] if rows else None
+
+    def runs(self) -> list[tuple[str, str]]:
+        return airflow_db(self.home, "SELECT run_id, state FROM dag_run WHERE dag_id = ? ORDER BY id", DAG_ID)
+
+
+@pytest.fixture
+def airflow(airflow_home: Path, tracking: TrackingServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Airflow]:
+    stack = Airflow(airflow_home, tracking.url)
+    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", connection(tracking.url))  # for this process's checks
+    stack.run("db", "migrate")
+    try:
+        for component in ("api-server", "scheduler", "dag-processor", "triggerer"):
+            stack.start(component)
+        yield stack
+    finally:
+        for component in list(stack.procs):
+            stack.stop(component)
+
+
+def predict_version(url: str) -> str:
+    answer = httpx.post(url, json={"dataframe_split": {"columns": IRIS_COLUMNS, "data": IRIS_ROWS}}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    return answer.headers["x-model-version"]
+
+
+def test_alias_moves_are_deployed_in_place(airflow: Airflow, tracking: TrackingServer) -> None:
+    deployer = get_model_deployer(CONN_ID)
+
+    wait_for(lambda: airflow.watcher_owner() is not None, 240, "the triggerer to run the alias watcher", airflow.logs)
+    time.sleep(3)  # a few polls: no alias yet, nothing fires
+    assert airflow.runs() == []
+
+    url = None
+    moves = [("1", "- -> 1", "deploy"), ("2", "1 -> 2", "replace"), ("1", "2 -> 1", "replace")]
+    for count, (version, words, action) in enumerate(moves, start=1):
+        tracking.set_alias(version)
+
+        def deployed(count: int = count) -> bool:
+            runs = airflow.runs()
+            assert all(state in ("queued", "running", "success") for _, state in runs), (runs, airflow.logs())
+            return len(runs) == count and runs[-1][1] == "success"
+
+        wait_for(deployed, 240, f"DAG run {count} (alias champion -> {version}) to succeed", airflow.logs)
+        [serving] = deployer.find_model_server(endpoint="iris", running=True)
+        assert serving.record.model_version == version
+        url = url or serving.prediction_url
+        assert serving.prediction_url == url  # the same URL after every move
+        assert predict_version(url) == version
+        [event] = [e for e in deployer.get_history("iris") if e["service_uuid"] == serving.uuid]
+        assert event["action"] == action
+        assert (
+            event["actor"].startswith(f"task {DAG_ID}/") and f"(alias champion of iris moved {words})" in event["actor"]
+        )
+
+    # Three moves, three deploys: no event fired twice (the watcher keeps polling meanwhile).
+    time.sleep(4)
+    assert len(airflow.runs()) == 3
+    assert len(deployer.find_model_server(endpoint="iris")) == 1  # one server: replaced, never added
+    events = airflow_db(airflow.home, "SELECT extra FROM asset_event ORDER BY id")
+    payloads = [json.loads(extra)["payload"] for (extra,) in events]
+    assert [(p["previous_version"], p["version"]) for p in payloads] == [(None, "1"), ("1", "2"), ("2", "1")]
+    assert {p["tracking_uri"] for p in payloads} == {tracking.url} and payloads[0]["run_id"]
+
+    # A restarted triggerer compares with the served version (the registry): nothing fires again.
+    before = airflow.watcher_owner()
+    airflow.stop("triggerer")
+    airflow.start("triggerer")
+    wait_for(lambda: airflow.watcher_owner() not in (None, before), 180, "the restarted triggerer", airflow.logs)
+    time.sleep(5)
+    assert len(airflow.runs()) == 3 and len(airflow_db(airflow.home, "SELECT id FROM asset_event")) == 3
+
+    # The tracking credentials never show: not in the trigger's stored kwargs, the events, or a log.
+    stored = " ".join(str(row) for row in airflow_db(airflow.home, "SELECT kwargs FROM trigger"))
+    task_logs = " ".join(p.read_text(errors="replace") for p in (airflow.home / "logs").rglob("*") if p.is_file())
+    shown = stored + json.dumps(payloads) + " ".join(airflow.log(c) for c in airflow.procs) + task_logs
+    assert PASSWORD not in shown
+
+
+def test_unreachable_tracking_server_is_retried_with_one_line_per_failure(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], airflow_home: Path
+) -> None:
+    """Nothing listens at the tracking URI: each poll fails, is logged once, and the next waits longer."""
+    closed = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AIRFLOW_CONN_MD_UNREACHABLE", connection(closed))
+    trigger = MlflowAliasTrigger(
+        "models:/iris@champion", conn_id="md_unreachable", poll_interval=0.25, max_backoff=1, request_timeout=2
+    )
+
+    async def collect() -> list[Any]:
+        events: list[Any] = []
+
+        async def consume() -> None:
+            async for event in trigger.run():
+                events.append(event)
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(consume(), timeout=6)
+        return events
+
+    assert asyncio.run(collect()) == []
+    output = "\n".join(capfd.readouterr())  # the triggerer's structlog lines
+    assert PASSWORD not in output
+    lines = [line[line.index("Alias watcher") :] for line in output.splitlines() if "Alias watcher" in line]
+    assert len(lines) >= 3, output[-3000:]
+    for number, line in enumerate(lines[:3], start=1):
+        expected = f"Alias watcher: cannot read models:/iris@champion from {closed}: connection failed ("
+        assert line.startswith(expected), line
+        assert f"; retrying in {'0.5s' if number == 1 else '1s'} (failure {number})" in line, line
+        assert len(line) < 400, line
+
+
+def test_trigger_serializes_without_secrets_and_round_trips() -> None:
+    from airflow.sdk._shared.module_loading import import_string
+    from airflow.sdk.serde import deserialize, serialize
+
+    trigger = MlflowAliasTrigger(["models:/iris@champion"], conn_id=CONN_ID, endpoint="iris-prod", poll_interval=5)
+    classpath, kwargs = trigger.serialize()
+    assert classpath == "airflow_provider_modeldeploy.triggers.alias_watcher.MlflowAliasTrigger"
+    again = import_string(classpath)(**deserialize(serialize(kwargs)))
+    assert again.serialize() == (classpath, kwargs)
+    assert [t.endpoint for t in again.targets] == ["iris-prod"]
+    assert MlflowAliasTrigger.hash(classpath, kwargs) == MlflowAliasTrigger.hash(*again.serialize())
+    assert "password" not in json.dumps(kwargs)
+    for bad, match in [
+        ({"model_uris": "models:/iris/1"}, "use models:/<name>@<alias>"),
+        ({"model_uris": ["models:/a@x", "models:/b@y"], "endpoint": "e"}, "one trigger per alias"),
+        ({"model_uris": "models:/my model@x"}, "pass endpoint="),
+        ({"model_uris": "models:/iris@x", "poll_interval": 0}, "positive number"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            MlflowAliasTrigger(**bad)
