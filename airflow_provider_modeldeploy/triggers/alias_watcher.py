@@ -39,11 +39,16 @@ class AliasMoved(TypedDict):
 class MlflowAliasTrigger(BaseEventTrigger):
     """Polls ``models:/<name>@<alias>`` URIs; yields one :class:`AliasMoved` event per move.
 
-    An alias "moved" when it names a version the endpoint does not serve. The served version comes
-    from the served-models registry, so a triggerer restarted after the deployment does not fire
-    again; a move whose deployment is still running is remembered in memory and in Airflow's asset
-    state store (when the triggerer provides one), so it fires once. Moving an alias back to the
-    served version fires nothing; moving it back after a deployment (a rollback in MLflow) fires.
+    A move is a change of the version the alias names, to a version the endpoint does not serve
+    (an alias moved to the served version, e.g. by a DAG that deployed first, needs no deployment).
+    Moving an alias back to an earlier version (a rollback in MLflow) is a move. A version served
+    by other means (``airflow served-models rollback``) while the alias stays put is not undone.
+
+    What the alias named at the last poll is kept in memory and in Airflow's asset state store
+    (Airflow >= 3.3), so a restarted triggerer does not fire a move twice, even while its
+    deployment runs. Without that state (the first poll ever, or no state store), the alias is
+    compared with the version the endpoint serves, from the served-models registry: a move made
+    while no triggerer watched is deployed, and one already deployed is not fired again.
 
     :param model_uris: one or more ``models:/<name>@<alias>``.
     :param conn_id: the deployer connection (``modeldeploy_mlflow``, ...): the tracking URI and basic
@@ -83,7 +88,7 @@ class MlflowAliasTrigger(BaseEventTrigger):
         self.max_backoff = max(float(max_backoff), self.poll_interval)
         self.request_timeout = float(request_timeout)
         self._seen: dict[str, str | None] = {}  # uri -> the version the alias named at the last poll
-        self._fired: dict[str, str] = {}  # uri -> the version an event was fired for (not yet served)
+        self._stored: dict[str, str | None] = {}  # uri -> what the asset state store holds of _seen
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         # No credentials: the connection is named, and read in the triggerer. The kwargs are also what
@@ -104,7 +109,7 @@ class MlflowAliasTrigger(BaseEventTrigger):
         watched = ", ".join(self.model_uris)
         failures = 0
         source: tuple[Any, str] | None = None  # (settings, backend), read once the connection is found
-        await self._load_fired()
+        await self._load_seen()
         while True:
             failed = False
             try:
@@ -136,7 +141,9 @@ class MlflowAliasTrigger(BaseEventTrigger):
                         move["previous_version"] or "-", move["version"], target.endpoint, move["served_version"] or "nothing",
                     )  # fmt: skip
                     yield TriggerEvent(dict(move))
-                    await self._store_fired(target.uri, move["version"])
+                # Kept after the event is handed over: a crash in between fires the move again at
+                # restart (the deploy DAG skips a version already served), never loses it.
+                await self._store_seen(target.uri)
             if not failed and failures:
                 self.log.info("Alias watcher (%s): the tracking server answers again", watched)
                 failures = 0
@@ -172,29 +179,26 @@ class MlflowAliasTrigger(BaseEventTrigger):
 
         named = read_alias(settings, target, self.request_timeout)
         served = _served_version(backend, target.endpoint)
+        version = named.version if named else None
+        # The first look (no state kept): what the endpoint serves is what the alias named last.
         before = self._seen.get(target.uri, served)
-        self._seen[target.uri] = named.version if named else None
-        if named is None:
-            return None  # no such alias (yet): nothing to deploy
-        if named.version == served:
-            self._fired.pop(target.uri, None)  # served: a later move to another version fires again
-            return None
-        if self._fired.get(target.uri) == named.version:
-            return None  # fired already; its deployment has not finished (or failed: no retry loop)
-        self._fired[target.uri] = named.version
+        self._seen[target.uri] = version
+        if named is None or version == before:
+            return None  # no alias (yet), or it did not move
+        if version == served:
+            return None  # moved to the version already served: nothing to deploy
         return AliasMoved(
             event="alias_moved", model_uri=target.uri, model_name=target.name, alias=target.alias,
             endpoint=target.endpoint, version=named.version,
-            previous_version=before if before != named.version else served, served_version=served,
+            previous_version=before, served_version=served,
             run_id=named.run_id, moved_by=None, version_created_by=named.created_by,
             observed_at=datetime.now(UTC).isoformat(), conn_id=self.conn_id,
             tracking_uri=_shown(strip_credentials(settings.registry_uri or settings.tracking_uri)),
         )  # fmt: skip
 
-    # The asset state store (Airflow >= 3.3) keeps "fired, not yet served" across triggerer restarts, so
-    # a restart during a deployment does not fire the same move again. Best effort: without it (older
-    # Airflow, several watched assets) the registry check still prevents refiring once served.
-    async def _load_fired(self) -> None:
+    # Best effort: without a state store (Airflow < 3.3, a trigger shared by several assets) the
+    # registry comparison above still keeps a restart from firing a move that was deployed.
+    async def _load_seen(self) -> None:
         store = getattr(self, "asset_state_store", None)
         if store is None:
             return
@@ -205,20 +209,25 @@ class MlflowAliasTrigger(BaseEventTrigger):
                 self.log.debug("No asset state for %s: %s", target.uri, exc)
                 return
             if isinstance(version, str):
-                self._fired[target.uri] = version
+                self._seen[target.uri] = self._stored[target.uri] = version
 
-    async def _store_fired(self, uri: str, version: str) -> None:
+    async def _store_seen(self, uri: str) -> None:
         store = getattr(self, "asset_state_store", None)
-        if store is None:
+        version = self._seen.get(uri)
+        if store is None or uri not in self._seen or self._stored.get(uri, "") == version:
             return
         try:
-            await store.aset(_state_key(uri), version)
+            if version is None:
+                await store.adelete(_state_key(uri))
+            else:
+                await store.aset(_state_key(uri), version)
+            self._stored[uri] = version
         except Exception as exc:
-            self.log.debug("Could not keep the fired version of %s in the asset state: %s", uri, exc)
+            self.log.debug("Could not keep the alias version of %s in the asset state: %s", uri, exc)
 
 
 def _state_key(uri: str) -> str:
-    return f"modeldeploy.fired:{uri}"
+    return f"modeldeploy.alias_version:{uri}"
 
 
 def _served_version(backend: str, endpoint: str) -> str | None:
