@@ -116,7 +116,7 @@ def _read_over_rest(uri: str, settings: MlflowServingSettings, target: AliasURI,
         body = response.json()
     except ValueError:
         body = {}
-    if response.status_code == 404 and body.get("error_code") == "RESOURCE_DOES_NOT_EXIST":
+    if _is_missing(body.get("error_code"), body.get("message")):
         return None
     if response.status_code in (401, 403):
         raise AliasReadError(f"the tracking server refused the connection's credentials (HTTP {response.status_code})")
@@ -133,10 +133,17 @@ def _read_with_client(settings: MlflowServingSettings, target: AliasURI) -> Alia
     try:
         version = client.get_model_version_by_alias(target.name, target.alias)
     except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+        if _is_missing(exc.error_code, exc.message):
             return None
         raise
     return AliasTarget(str(version.version), version.run_id or None, getattr(version, "user_id", None) or None)
+
+
+def _is_missing(error_code: Any, message: Any) -> bool:
+    """No such model, or no such alias (which MLflow's SQL store reports as an invalid parameter)."""
+    if error_code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    return error_code == "INVALID_PARAMETER_VALUE" and bool(re.search(r"alias .* not found", str(message or "")))
 
 
 def describe_move(move: dict[str, Any]) -> str:

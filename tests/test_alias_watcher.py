@@ -6,13 +6,16 @@ moved from other processes, as a person in the MLflow UI or a notebook would."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import http.server
 import json
 import os
 import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -292,19 +295,29 @@ def test_unreachable_tracking_server_is_retried_with_one_line_per_failure(
         "models:/iris@champion", conn_id="md_unreachable", poll_interval=0.25, max_backoff=1, request_timeout=2
     )
 
-    async def collect() -> list[Any]:
-        events: list[Any] = []
+    output = ""
+    events: list[Any] = []
+
+    async def collect() -> None:
+        """Run the trigger until it logged three failures (or 60 s passed)."""
+        nonlocal output
 
         async def consume() -> None:
             async for event in trigger.run():
                 events.append(event)
 
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(consume(), timeout=6)
-        return events
+        running = asyncio.ensure_future(consume())
+        deadline = time.monotonic() + 60
+        while output.count("Alias watcher") < 3 and time.monotonic() < deadline and not running.done():
+            await asyncio.sleep(0.2)
+            output += "\n".join(capfd.readouterr())  # the triggerer's structlog lines
+        assert not running.done(), running.exception()  # still polling: a failure never ends the trigger
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
 
-    assert asyncio.run(collect()) == []
-    output = "\n".join(capfd.readouterr())  # the triggerer's structlog lines
+    asyncio.run(collect())
+    assert events == []
     assert PASSWORD not in output
     lines = [line[line.index("Alias watcher") :] for line in output.splitlines() if "Alias watcher" in line]
     assert len(lines) >= 3, output[-3000:]
@@ -335,3 +348,62 @@ def test_trigger_serializes_without_secrets_and_round_trips() -> None:
     ]:
         with pytest.raises(ValueError, match=match):
             MlflowAliasTrigger(**bad)
+
+
+class _RegistryStub(http.server.BaseHTTPRequestHandler):
+    """The one MLflow REST route the watcher reads, behind basic auth (alice / PASSWORD)."""
+
+    def do_GET(self) -> None:
+        expected = "Basic " + base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
+        if self.headers.get("Authorization") != expected:
+            self._answer(401, {"error_code": "UNAUTHENTICATED", "message": "You are not authenticated."})
+        elif self.path.startswith("/api/2.0/mlflow/registered-models/alias?name=iris&alias=champion"):
+            self._answer(200, {"model_version": {"name": "iris", "version": "7", "run_id": "r7", "user_id": "bob"}})
+        else:
+            self._answer(404, {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no such alias"})
+
+    def _answer(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_read_alias_sends_the_connections_basic_auth() -> None:
+    from airflow_provider_modeldeploy.hooks.mlflow_local import MlflowServingSettings
+    from airflow_provider_modeldeploy.mlflow_aliases import AliasReadError, AliasTarget, AliasURI, read_alias
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RegistryStub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        champion = AliasURI.parse("models:/iris@champion")
+        settings = MlflowServingSettings(tracking_uri=url, username="alice", password=PASSWORD)
+        assert read_alias(settings, champion) == AliasTarget("7", "r7", "bob")
+        assert read_alias(settings, AliasURI.parse("models:/iris@nope")) is None
+        wrong = MlflowServingSettings(tracking_uri=url, username="alice", password="not-it")
+        with pytest.raises(AliasReadError, match=r"refused the connection's credentials \(HTTP 401\)"):
+            read_alias(wrong, champion)
+        # credentials in the URI itself are used too, and never shown
+        inline = MlflowServingSettings(tracking_uri=f"http://alice:{PASSWORD}@127.0.0.1:{server.server_address[1]}")
+        assert read_alias(inline, champion) == AliasTarget("7", "r7", "bob")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_read_alias_through_mlflows_client_for_a_local_store(mlflow_models: dict[str, Any]) -> None:
+    """A SQLite (or file) store has no REST API: MLflow's client reads it."""
+    from airflow_provider_modeldeploy.hooks.mlflow_local import MlflowServingSettings
+    from airflow_provider_modeldeploy.mlflow_aliases import AliasURI, read_alias
+
+    settings = MlflowServingSettings(tracking_uri=mlflow_models["tracking_uri"])
+    named = read_alias(settings, AliasURI.parse("models:/iris@champion"))
+    assert named is not None and named.version == "1" and named.run_id == mlflow_models["iris_runs"][0]
+    assert read_alias(settings, AliasURI.parse("models:/iris@no_such_alias")) is None
+    assert read_alias(settings, AliasURI.parse("models:/no-such-model@champion")) is None

@@ -155,21 +155,26 @@ class MlflowAliasTrigger(BaseEventTrigger):
     async def _source(self) -> tuple[Any, str]:
         """The connection's MLflow settings and the backend whose registry rows say what is served."""
         from airflow_provider_modeldeploy import config
-        from airflow_provider_modeldeploy.hooks.mlflow_local import MlflowDeployerHook
 
         conn_id = self.conn_id or config.default_conn_id()
         connection = await _aconnection(conn_id)
+        # Imports and settings parsing in a thread: the triggerer's event loop runs every trigger.
+        return await asyncio.to_thread(self._settings, conn_id, connection)
+
+    def _settings(self, conn_id: str, connection: Any | None) -> tuple[Any, str]:
+        from airflow_provider_modeldeploy import config
+        from airflow_provider_modeldeploy.deployers import DEPLOYERS, _load
+        from airflow_provider_modeldeploy.hooks.mlflow_local import MlflowDeployerHook
+
         if connection is None:
             if self.conn_id is not None and self.conn_id != config.default_conn_id():
                 raise InvalidParameterError("conn_id", self.conn_id, "no Airflow connection has this id")
             return MlflowDeployerHook(None).get_settings(), "mlflow"  # the zero-configuration defaults
-        from airflow_provider_modeldeploy.deployers import DEPLOYERS, _load
-
         if connection.conn_type not in DEPLOYERS:
             raise InvalidParameterError(
                 "conn_id", conn_id, f"is a '{connection.conn_type}' connection, not a model deployer connection"
             )
-        backend = (await asyncio.to_thread(_load, DEPLOYERS[connection.conn_type])).backend
+        backend = _load(DEPLOYERS[connection.conn_type]).backend
         return MlflowDeployerHook(conn_id, connection=connection).get_settings(), backend
 
     def _check(self, target: AliasURI, settings: Any, backend: str) -> AliasMoved | None:
