@@ -407,3 +407,44 @@ def test_read_alias_through_mlflows_client_for_a_local_store(mlflow_models: dict
     assert named is not None and named.version == "1" and named.run_id == mlflow_models["iris_runs"][0]
     assert read_alias(settings, AliasURI.parse("models:/iris@no_such_alias")) is None
     assert read_alias(settings, AliasURI.parse("models:/no-such-model@champion")) is None
+
+
+def test_what_counts_as_a_move(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decision of one poll, given what the alias names and what the endpoint serves."""
+    from airflow_provider_modeldeploy.hooks.mlflow_local import MlflowServingSettings
+    from airflow_provider_modeldeploy.mlflow_aliases import AliasTarget
+    from airflow_provider_modeldeploy.triggers import alias_watcher
+
+    state = {"alias": "1", "served": "1"}
+    monkeypatch.setattr(
+        "airflow_provider_modeldeploy.mlflow_aliases.read_alias",
+        lambda settings, target, timeout: (
+            AliasTarget(state["alias"], f"run{state['alias']}") if state["alias"] else None
+        ),
+    )
+    monkeypatch.setattr(alias_watcher, "_served_version", lambda backend, endpoint: state["served"])
+    trigger = MlflowAliasTrigger("models:/iris@champion", conn_id=CONN_ID)
+    settings = MlflowServingSettings(tracking_uri=f"http://alice:{PASSWORD}@mlflow:5000")
+
+    def poll(alias: str | None, served: str | None) -> tuple[str | None, str] | None:
+        state.update(alias=alias, served=served)
+        move = trigger._check(trigger.targets[0], settings, "mlflow")
+        if move is not None:
+            assert move["tracking_uri"] == "http://mlflow:5000" and PASSWORD not in json.dumps(move)
+            assert move["run_id"] == f"run{alias}" and move["endpoint"] == "iris"
+        return (move["previous_version"], move["version"]) if move else None
+
+    assert poll("1", "1") is None  # first look: the alias names what is served
+    assert poll("2", "1") == ("1", "2")  # a move
+    assert poll("2", "1") is None  # the same move, its deployment still running: once
+    assert poll("2", "2") is None  # deployed
+    assert poll("2", "1") is None  # rolled back in Airflow: the alias did not move, not undone
+    assert poll("1", "1") is None  # moved to the version served: nothing to deploy
+    assert poll("3", "1") == ("1", "3")
+    assert poll(None, "3") is None  # alias deleted: nothing to deploy
+    assert poll("1", "3") == (None, "1")  # set again: a move
+    # A fresh trigger (a restart without state) compares with the served version.
+    trigger = MlflowAliasTrigger("models:/iris@champion", conn_id=CONN_ID)
+    assert poll("1", "1") is None
+    trigger = MlflowAliasTrigger("models:/iris@champion", conn_id=CONN_ID)
+    assert poll("4", "1") == ("1", "4")  # moved while no triggerer watched
