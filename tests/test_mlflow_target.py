@@ -146,3 +146,18 @@ def target_help_text() -> str:
     from mlflow.deployments import interface
 
     return interface._target_help("modeldeploy")
+
+
+def test_run_local_serves_on_this_machine(
+    airflow_home: Path, mlflow_models: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`mlflow deployments run-local -t modeldeploy`: the local backend, whatever the connection."""
+    from airflow_provider_modeldeploy import mlflow_target
+
+    mlflow_target.run_local("modeldeploy:/md_not_used", "iris-local", "models:/iris/1")
+    printed = capsys.readouterr().out
+    [service] = get_model_deployer().find_model_server(endpoint="iris-local", running=True)
+    assert f"at {service.prediction_url}" in printed and "(version 1)" in printed
+    assert predict_version(service.prediction_url) == "1"
+    get_deploy_client("modeldeploy").delete_deployment("iris-local")
+    assert get_model_deployer().find_model_server(endpoint="iris-local") == []
