@@ -27,7 +27,12 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": [f"{_PKG}.hooks.mlflow_local", f"{_PKG}.hooks.seldon"],
             }
         ],
-        "triggers": [{"integration-name": "Model Deploy", "python-modules": [f"{_PKG}.triggers.health"]}],
+        "triggers": [
+            {
+                "integration-name": "Model Deploy",
+                "python-modules": [f"{_PKG}.triggers.health", f"{_PKG}.triggers.alias_watcher"],
+            }
+        ],
         "connection-types": [
             {
                 "hook-class-name": f"{_PKG}.hooks.mlflow_local.MlflowDeployerHook",

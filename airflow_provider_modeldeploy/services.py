@@ -126,6 +126,9 @@ class Lineage:
     map_index: int = -1
     try_number: int | None = None
     actor: str | None = None
+    #: why it was asked for, when something else than a person or a schedule caused it
+    #: (e.g. ``alias champion of iris moved 2 -> 1``): the history shows it after the actor
+    reason: str | None = None
 
     @property
     def is_task(self) -> bool:
@@ -136,8 +139,10 @@ class Lineage:
             where = f"{self.dag_id}/{self.run_id}/{self.task_id}"
             if self.map_index >= 0:
                 where += f"[{self.map_index}]"
-            return f"task {where} try {self.try_number}"
-        return self.actor or "unknown"
+            who = f"task {where} try {self.try_number}"
+        else:
+            who = self.actor or "unknown"
+        return f"{who} ({self.reason})" if self.reason else who
 
 
 @dataclass

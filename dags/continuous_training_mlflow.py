@@ -11,6 +11,10 @@ Every day, and whenever new training data is announced (the ``wine_training_data
    smoke-tests a prediction, moves the MLflow alias ``champion`` to the served version and emits an
    asset event for the served model.
 
+With the param ``deploy_through_alias``, step 4 is only "move ``champion`` to the accepted version":
+``deploy_on_alias_move`` (whose watcher sees the move) deploys it, as it deploys a move made by hand
+in the MLflow UI. See the README, "Deploying when an alias moves", for when to pick which.
+
 Copy it and change the training task: the deploy part works for any MLflow model.
 """
 
@@ -57,6 +61,11 @@ with DAG(
         "C": Param(1.0, type="number", exclusiveMinimum=0, description="Inverse regularisation strength"),
         "test_size": Param(0.3, type="number", exclusiveMinimum=0, exclusiveMaximum=1),
         "seed": Param(None, type=["null", "integer"], description="Data split seed; empty: new per run"),
+        "deploy_through_alias": Param(
+            False,
+            type="boolean",
+            description="Only move the alias 'champion' to an accepted version; deploy_on_alias_move deploys it",
+        ),
     },
 ) as dag:
 
@@ -130,13 +139,23 @@ with DAG(
             print(f"Refused: accuracy {accuracy:.4f} is worse than the served champion's {champion:.4f}")
             return "keep_serving"
         print(f"Accepted: accuracy {accuracy:.4f} (threshold {params['accuracy_threshold']}, champion {champion})")
-        return "deploy"
+        return "hand_over_to_alias" if params["deploy_through_alias"] else "deploy"
 
     @task
     def keep_serving(trained: dict[str, Any]) -> None:
         print(
             f"Version {trained['version']} was not deployed; service {trained['champion_uuid']} keeps serving "
             f"(challenger accuracy {trained['accuracy']:.4f}, champion {trained['champion_accuracy']})"
+        )
+
+    @task
+    def hand_over_to_alias(trained: dict[str, Any], params: dict[str, Any]) -> None:
+        """Move ``champion`` to the accepted version; the alias watcher's DAG deploys it."""
+        client = _mlflow_client(CONN_ID)
+        client.set_registered_model_alias(params["model_name"], "champion", trained["version"])
+        print(
+            f"Alias 'champion' of {params['model_name']} now points to version {trained['version']}: "
+            "deploy_on_alias_move deploys it once its watcher sees the move"
         )
 
     deploy = DeployModelOperator(
@@ -187,5 +206,5 @@ with DAG(
     trained = train()
     decision = gate(trained)
     refused = keep_serving(trained)
-    chain(trained, decision, [deploy, refused])
+    chain(trained, decision, [deploy, refused, hand_over_to_alias(trained)])
     chain(deploy, wait_healthy, smoke_predict(deploy.output, trained), promote_champion(deploy.output))

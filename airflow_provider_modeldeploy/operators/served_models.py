@@ -65,10 +65,12 @@ class DeployModelOperator(BaseOperator):
     :param wait_for_healthy: after deploying, check the public health URL answers.
     :param endpoint: logical endpoint name (default: ``model_name``). Templated.
     :param backend_options: backend options, e.g. ``{"workers": 2}`` for MLflow. Templated.
+    :param reason: why this deployment happens, recorded with the task in the endpoint history (e.g.
+        ``alias champion of iris moved 2 -> 1``). Templated.
     :return: (XCom) a JSON record: uuid, model_name, model_uri, model_version, prediction_url, state, backend, ...
     """
 
-    template_fields: Sequence[str] = ("model_uri", "model_name", "endpoint", "conn_id", "backend_options")
+    template_fields: Sequence[str] = ("model_uri", "model_name", "endpoint", "conn_id", "backend_options", "reason")
     ui_color = "#d5f5e3"
 
     def __init__(
@@ -82,9 +84,11 @@ class DeployModelOperator(BaseOperator):
         wait_for_healthy: bool = True,
         endpoint: str | None = None,
         backend_options: dict[str, Any] | None = None,
+        reason: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.reason = reason
         self.model_uri = model_uri
         self.model_name = model_name
         self.conn_id = conn_id
@@ -104,9 +108,9 @@ class DeployModelOperator(BaseOperator):
         self.log.info(
             "Deploying %s as %s with the %s backend", _shown(self.model_uri), config.endpoint_name, deployer.backend
         )
-        service = deployer.deploy_model(
-            config, replace=self.replace, timeout=self.timeout, lineage=lineage_from_context(context)
-        )
+        lineage = lineage_from_context(context)
+        lineage.reason = self.reason or None
+        service = deployer.deploy_model(config, replace=self.replace, timeout=self.timeout, lineage=lineage)
         if self.wait_for_healthy:
             deployer.wait_until_healthy(service, timeout=self.timeout)
         self.log.info(
