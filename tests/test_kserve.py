@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import IRIS_ROWS
+from conftest import IRIS_ROWS, run_airflow
 from seldon_env import Cluster, open_cluster
 
 from airflow_provider_modeldeploy.exceptions import DeploymentFailedError, InvalidParameterError
@@ -311,3 +311,196 @@ def test_connection_settings_and_test_connection(cluster: Cluster) -> None:
         _hook(cluster, runtime="mlserver", protocol="v1").get_settings()
     ok, message = _hook(cluster, kube_config_path=str(cluster.kubeconfig) + ".missing").test_connection()
     assert not ok and message
+
+
+def v2_columns(rows: list[list[float]]) -> dict[str, Any]:
+    """A v2 request as MLServer's MLflow runtime takes it for a model with a column signature."""
+    from conftest import IRIS_COLUMNS
+
+    return {"inputs": [{"name": c, "shape": [len(rows)], "datatype": "FP64", "data": [r[i] for r in rows]}
+                       for i, c in enumerate(IRIS_COLUMNS)]}  # fmt: skip
+
+
+def test_canary_dark_launch_promote_rollback(kserve: Any, cluster: Cluster, mlflow_models: dict[str, Any]) -> None:
+    """Standard mode canaries (v0.20 ``spec.canary[]``); the serving predictor is never restarted."""
+    first = kserve.deploy_model(cfg(mlflow_models["iris_v1"], "iris-canary"), timeout=cluster.timeout)
+    url = first.prediction_url
+    main = isvc(cluster, "iris-canary")["spec"]["predictor"]
+    main_pods = {p.metadata.name for p in isvc_pods(cluster, "iris-canary")}
+
+    if cluster.emulated:  # a concurrent writer changes the object between our read and our patch: 409, re-applied
+        httpx.post(f"{cluster.emulator_url}/emulator/conflicts", json={"count": 1}, timeout=10).raise_for_status()
+    canary = kserve.deploy_model(
+        cfg(mlflow_models["iris_v2"], "iris-canary", canary_traffic_percent=50), timeout=cluster.timeout
+    )
+    obj = isvc(cluster, "iris-canary")
+    if cluster.emulated:
+        assert "emulator/concurrent-writer" in obj["metadata"]["annotations"]
+    assert obj["spec"]["predictor"] == main  # the serving predictor, untouched
+    [entry] = obj["spec"]["canary"]
+    assert entry["trafficPercent"] == 50 and entry["predictor"]["model"]["storageUri"] != main["model"]["storageUri"]
+    assert canary.prediction_url == url and versions(url, 40) == {"v1", "v2"}
+    assert kserve.get_history(canary.uuid)[0]["action"] == "canary"
+    pods = {p.metadata.name for p in isvc_pods(cluster, "iris-canary")}
+    assert main_pods < pods and len(pods) == 2
+    logs = list(kserve.get_model_server_logs(canary.uuid, tail=2))
+    assert {line[1 : line.index("] ")] for line in logs} == pods
+
+    # Rollback of a canary: the serving predictor alone again, the same pods.
+    back = canary.rollback(timeout=cluster.timeout)
+    assert back.is_running and back.record.served_uri == first.record.served_uri
+    obj = isvc(cluster, "iris-canary")
+    assert obj["spec"]["predictor"] == main and "canary" not in obj["spec"]
+    cluster.eventually(lambda: {p.metadata.name for p in isvc_pods(cluster, "iris-canary")} == main_pods, "main only")
+    assert versions(url, 10) == {"v1"}
+
+    # A dark launch (0 %): its pods run, it gets no traffic; promoted, it takes all, without a restart.
+    dark = kserve.deploy_model(
+        cfg(mlflow_models["iris_v2"], "iris-canary", canary_traffic_percent=0), timeout=cluster.timeout
+    )
+    assert isvc(cluster, "iris-canary")["spec"]["canary"][0]["trafficPercent"] == 0
+    dark_pods = {p.metadata.name for p in isvc_pods(cluster, "iris-canary")} - main_pods
+    assert len(dark_pods) == 1 and versions(url, 20) == {"v1"}
+    promoted = dark.promote(timeout=cluster.timeout)
+    assert "canary_of" not in promoted.record.config
+    obj = isvc(cluster, "iris-canary")
+    assert "canary" not in obj["spec"] and obj["spec"]["predictor"]["name"] != main["name"]
+    cluster.eventually(
+        lambda: {p.metadata.name for p in isvc_pods(cluster, "iris-canary")} == dark_pods, "the canary's pods serve"
+    )
+    assert versions(url, 10) == {"v2"}
+    assert kserve.get_history(dark.uuid)[0]["action"] == "promote"
+    with pytest.raises(InvalidParameterError, match="has no canary to promote"):
+        promoted.promote()
+    kserve.delete_model_server(promoted.uuid)
+
+
+def test_mlserver_v2_health_sensor_failed_load_and_log_follow(
+    airflow_home: Path, mlflow_models: dict[str, Any], cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The MLServer runtime: the MLflow directory itself, protocol v2 only, MLServer's shapes."""
+    from airflow_provider_modeldeploy.deployers import get_model_deployer
+    from airflow_provider_modeldeploy.sensors import ServedModelHealthSensor
+
+    monkeypatch.setenv("AIRFLOW_CONN_KSERVE_V2", kserve_conn(cluster, runtime="mlserver"))
+    mls = get_model_deployer("kserve_v2")
+
+    def config(uri: str) -> ServiceConfig:
+        return ServiceConfig(model_uri=uri, model_name="iris-mls", smoke_input=v2_columns(IRIS_ROWS))
+
+    first = mls.deploy_model(config(mlflow_models["iris_v1"]), timeout=cluster.timeout)
+    base = first.prediction_url.split("/v2/models/")[0]
+    assert (first.prediction_url, first.health_url) == (
+        f"{base}/v2/models/iris-mls/infer",
+        f"{base}/v2/models/iris-mls/ready",
+    )
+    model = isvc(cluster, "iris-mls")["spec"]["predictor"]["model"]
+    assert (model["modelFormat"], model["runtime"], model["protocolVersion"]) == (
+        {"name": "mlflow"},
+        "kserve-mlserver",
+        "v2",
+    )
+    assert not model["storageUri"].endswith("kserve-sklearn")
+    sensor = ServedModelHealthSensor(task_id="wait", model_name="iris-mls", sample_input=v2_columns(IRIS_ROWS))
+    assert sensor.poke({}) is True
+    answer = httpx.post(first.prediction_url, json=v2_columns([PROBE]), timeout=30).json()
+    assert answer["model_name"] == "iris-mls" and VERSION_OF_CLASS[answer["outputs"][0]["data"][0]] == "v1"
+    assert httpx.post(f"{base}/v1/models/iris-mls:predict", json=V1_PAYLOAD, timeout=30).status_code == 404
+
+    # Following the log streams new lines as they come.
+    following = mls.get_model_server_logs(first.uuid, tail=1, follow=True)
+    next(following)
+    if cluster.emulated:
+        httpx.post(first.prediction_url, json=v2_columns(IRIS_ROWS), timeout=30)
+        while "POST /v2/models/iris-mls/infer" not in next(following):
+            pass
+    following.close()
+
+    # A model MLServer cannot load: KServe's reason, the previous spec restored, v1 keeps serving.
+    before = unowned(isvc(cluster, "iris-mls"))
+    failure = (
+        r"BlockedByFailedLoad: ModelLoadFailed: .*model weights are corrupted"
+        if cluster.emulated
+        else "did not roll out"
+    )
+    with pytest.raises(DeploymentFailedError, match=failure):
+        mls.deploy_model(config("models:/broken/1"), timeout=min(cluster.timeout, 300))
+    after = unowned(isvc(cluster, "iris-mls"))
+    after["metadata"].pop("generation"), before["metadata"].pop("generation")
+    assert after == before
+    [current] = mls.find_model_server(endpoint="iris-mls")
+    assert current.uuid == first.uuid and current.status.state == ServiceState.ACTIVE
+    assert sensor.poke({}) is True
+    mls.delete_model_server(first.uuid)
+
+
+def test_secrets_never_leak_cli_sync_and_cleanup(
+    airflow_home: Path, mlflow_models: dict[str, Any], cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubernetes import client
+
+    from airflow_provider_modeldeploy.deployers import get_model_deployer
+    from airflow_provider_modeldeploy.registry import get_registry
+
+    storage = cluster.storage
+    minio = {"conn_type": "aws", "login": storage.access_key, "password": storage.secret_key,
+             "extra": {"endpoint_url": storage.endpoint}}  # fmt: skip
+    env = {"AIRFLOW_CONN_KSERVE": kserve_conn(cluster, storage_conn_id="minio", storage_secret="md-e2e-storage"),
+           "AIRFLOW_CONN_MINIO": json.dumps(minio)}  # fmt: skip
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    kserve = get_model_deployer("kserve")
+
+    # A Secret of that name which is not ours is neither used nor changed.
+    theirs = client.V1Secret(metadata=client.V1ObjectMeta(name="md-e2e-storage"), string_data={"k": "v"})
+    cluster.core.create_namespaced_secret(cluster.namespace, theirs)
+    with pytest.raises(InvalidParameterError, match=r"^storage_secret='md-e2e-storage': a Secret of this name exists"):
+        kserve.deploy_model(cfg(mlflow_models["iris_v1"], "iris-sec"), timeout=cluster.timeout)
+    assert cluster.secret("md-e2e-storage") == {"labels": {}, "values": {"k": "v"}}
+    assert isvc(cluster, "iris-sec") is None
+    cluster.core.delete_namespaced_secret("md-e2e-storage", cluster.namespace)
+
+    lineage = Lineage(dag_id="ct_dag", run_id="run-1", task_id="deploy")
+    first = kserve.deploy_model(cfg(mlflow_models["iris_v1"], "iris-sec"), timeout=cluster.timeout, lineage=lineage)
+    other = kserve.deploy_model(cfg(mlflow_models["iris_v2"], "iris-sec2"), timeout=cluster.timeout)
+    # The KServe way: the keys in a Secret with the s3 annotations, listed by a ServiceAccount the predictor names.
+    secret = cluster.core.read_namespaced_secret("md-e2e-storage", cluster.namespace)
+    assert secret.metadata.annotations["serving.kserve.io/s3-endpoint"] == "minio.emulated:9000"
+    assert cluster.secret("md-e2e-storage")["values"]["AWS_SECRET_ACCESS_KEY"] == storage.secret_key
+    account = cluster.core.read_namespaced_service_account("modeldeploy-storage", cluster.namespace)
+    assert [s.name for s in account.secrets] == ["md-e2e-storage"]
+    assert isvc(cluster, "iris-sec")["spec"]["predictor"]["serviceAccountName"] == "modeldeploy-storage"
+
+    outputs = []
+    for args in (("served-models", "list", "-o", "json"), ("served-models", "describe", first.uuid, "-o", "json")):
+        done = run_airflow(airflow_home, *args, timeout=300, **env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs.append(done.stdout + done.stderr)
+    rows = {r["uuid"]: r for r in json.loads(outputs[0])}
+    assert set(rows) == {first.uuid, other.uuid} and {r["backend"] for r in rows.values()} == {"kserve"}
+
+    registry_db = airflow_home / "modeldeploy" / "registry.db"
+    texts = [*outputs, registry_db.read_bytes().decode(errors="replace"), json.dumps(isvc(cluster, "iris-sec")),
+             "\n".join(kserve.get_model_server_logs(first.uuid))]  # fmt: skip
+    for text in texts:
+        assert storage.secret_key not in text and storage.access_key not in text
+
+    # The registry is lost: sync rebuilds it from the labels and the lineage annotation.
+    get_registry().dispose()
+    registry_db.unlink()
+    done = run_airflow(airflow_home, "served-models", "sync", "--conn-id", "kserve", "-o", "json", timeout=300, **env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [report] = [r for r in json.loads(done.stdout) if r["backend"] == "kserve"]
+    assert sorted(report["adopted"]) == sorted([first.uuid, other.uuid])
+    for text in (done.stdout, done.stderr):
+        assert storage.secret_key not in text
+    kserve = get_model_deployer("kserve")
+    [restored] = kserve.find_model_server(endpoint="iris-sec")
+    assert (restored.record.dag_id, restored.record.task_id, restored.record.model_version) == ("ct_dag", "deploy", "1")
+    assert restored.prediction_url == first.prediction_url and restored.is_running
+
+    # Our Secret and ServiceAccount go with the last InferenceService that uses them.
+    kserve.delete_model_server(first.uuid)
+    assert isvc(cluster, "iris-sec") is None and cluster.secret("md-e2e-storage") is not None
+    kserve.delete_model_server(other.uuid)
+    assert cluster.secret("md-e2e-storage") is None

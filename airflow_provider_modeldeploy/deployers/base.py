@@ -260,7 +260,7 @@ class BaseModelDeployer(ABC):
             log.warning("Service %s serves, but: %s", record.uuid, warning)
         if action is None:
             # A canary (backends that support one) shares the endpoint with the version it is tried against.
-            canary = retire and record.config.get("canary_traffic_percent")
+            canary = retire and record.config.get("canary_of")  # a dark launch has 0 percent
             action = EventAction.CANARY if canary else EventAction.REPLACE if retire else EventAction.DEPLOY
         self.registry.add_event(
             self.backend, record.endpoint, action, service_uuid=record.uuid, actor=lineage.describe(),

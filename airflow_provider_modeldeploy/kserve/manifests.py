@@ -99,6 +99,8 @@ class Predictor:
 
     def to_dict(self) -> dict[str, Any]:
         model: dict[str, Any] = {
+            # The model's container: KServe's default name, which the canary schema requires spelled out.
+            "name": MODEL_CONTAINER,
             "modelFormat": {"name": self.runtime.model_format},
             "runtime": self.runtime_name or self.runtime.name,
             "protocolVersion": self.protocol,
