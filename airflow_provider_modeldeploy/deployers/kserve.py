@@ -28,6 +28,7 @@ from airflow_provider_modeldeploy.deployers.kserve_support import (
     pod_ready,
     pod_storage_uri,
 )
+from airflow_provider_modeldeploy.deployers.kubernetes_common import check_ours, owner, restore_patch
 from airflow_provider_modeldeploy.exceptions import DeploymentFailedError, InvalidParameterError
 from airflow_provider_modeldeploy.hooks.kserve import KServeDeployerHook, KServeSettings
 from airflow_provider_modeldeploy.hooks.kubernetes_cluster import api_message
@@ -101,8 +102,8 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
         runtime = clean.get("runtime", s.runtime)
         if runtime not in m.RUNTIMES:
             raise InvalidParameterError("runtime", runtime, f"use one of {', '.join(m.RUNTIMES)}")
-        protocol = clean.get("protocol") or (s.protocol if "runtime" not in clean else None)
-        protocol = protocol or m.RUNTIMES[runtime].protocols[0]
+        supported = m.RUNTIMES[runtime].protocols
+        protocol = clean.get("protocol") or (s.protocol if s.protocol in supported else None) or supported[0]
         m.check_runtime_protocol(m.RUNTIMES[runtime], protocol)
         pct = clean.get("canary_traffic_percent")
         low = 0 if s.deployment_mode == "Standard" else 1
@@ -158,18 +159,7 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
 
     def _check_ours(self, obj: dict[str, Any] | None, owners: set[str]) -> None:
         """Never take over an InferenceService this provider did not create for this endpoint."""
-        if obj is None:
-            return
-        labels = (obj.get("metadata") or {}).get("labels") or {}
-        if labels.get(m.MANAGED_LABEL) != "true" or labels.get(m.SERVICE_LABEL) not in owners:
-            owner = labels.get(m.SERVICE_LABEL)
-            raise InvalidParameterError(
-                "endpoint", obj["metadata"]["name"],
-                f"InferenceService {self.settings.namespace}/{obj['metadata']['name']} exists and is not this "
-                f"endpoint's (" + (f"its service uuid {owner} is not in the registry; 'airflow served-models sync' "
-                "adopts it" if labels.get(m.MANAGED_LABEL) == "true" else "not created by this provider")
-                + "); it was left as it is: choose another endpoint name",
-            )  # fmt: skip
+        check_ours(obj, owners, "InferenceService", self.settings.namespace)
 
     def _apply(self, manifest: dict[str, Any], owners: set[str]) -> dict[str, Any]:
         """Create the InferenceService, or merge-patch it into exactly ``manifest``'s spec (our
@@ -212,25 +202,22 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
         try:
             if before is None:
                 current = self._read(record.endpoint)
-                if current is not None and _owner(current) == record.uuid:
+                if current is not None and owner(current) == record.uuid:
                     self.hook.delete_inference_service(record.endpoint)
                 return
             for _ in range(5):
                 current = self._read(record.endpoint)
+                if current is not None and owner(current) is None:
+                    log.warning("InferenceService %s is no longer ours: left as it is", record.endpoint)
+                    return
                 if current is None:
                     body = {k: v for k, v in copy.deepcopy(before).items() if k != "status"}
                     for key in ("resourceVersion", "uid", "creationTimestamp", "generation", "managedFields"):
                         body["metadata"].pop(key, None)
                     self.hook.create_inference_service(body)
                     return
-                patch = {"metadata": {"resourceVersion": current["metadata"]["resourceVersion"]}}
-                for key in ("labels", "annotations"):
-                    patch["metadata"][key] = merge_diff(
-                        current["metadata"].get(key) or {}, before["metadata"].get(key) or {}
-                    )
-                patch["spec"] = merge_diff(current.get("spec") or {}, before.get("spec") or {})
                 try:
-                    self.hook.patch_inference_service(record.endpoint, patch)
+                    self.hook.patch_inference_service(record.endpoint, restore_patch(current, before))
                     return
                 except Exception as exc:
                     if getattr(exc, "status", None) != 409:
@@ -352,7 +339,7 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
             annotations={m.LINEAGE_ANNOTATION: json.dumps(self._lineage(record), sort_keys=True)},
         ).build()  # fmt: skip
 
-    def render(self, config: ServiceConfig, previous_uuid: str | None = None) -> dict[str, Any]:
+    def render(self, config: ServiceConfig) -> dict[str, Any]:
         """The InferenceService a deploy of ``config`` would send, validated; nothing is sent or written."""
         import uuid as uuidlib
 
@@ -363,7 +350,11 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
             model_name=config.model_name, model_uri=config.model_uri,
             config=self._validate_options(config.backend_options), state=ServiceState.PENDING,
         )  # fmt: skip
+        current = self._current(record.endpoint)
         self._resolve_storage(record, write=False)
+        self._prepare_canary(
+            record, current if current and current.state == ServiceState.ACTIVE else None, persist=False
+        )
         return self._manifest(record)
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -371,16 +362,17 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
     def _resolve_storage(self, record: ServiceRecord, write: bool = True) -> None:
         """Resolve the model URI, check the runtime can load it (writing the joblib export the sklearn
         server needs when ``write``) and that pods can reach it: all before anything is sent."""
-        location, version, run_id = storage.resolve(record.model_uri, self.settings.tracking_uri)
+        if record.served_uri and record.model_version:  # a start: the version it served, not what an alias names now
+            location, version, run_id = record.served_uri, record.model_version, record.model_run_id
+        else:
+            location, version, run_id = storage.resolve(record.model_uri, self.settings.tracking_uri)
         runtime = m.RUNTIMES[record.config.get("runtime", self.settings.runtime)]
-        export = record.config.get("export_joblib", True) and write
-        served = storage.loadable_location(location, runtime, record.model_uri, export_joblib=export)
-        if runtime.loads == "joblib" and not write and served == location and record.config.get("export_joblib", True):
-            served = f"{location.rstrip('/')}/{storage.EXPORT_DIR}"  # what a deploy would write and serve
+        export = record.config.get("export_joblib", True)
+        served = storage.loadable_location(location, runtime, record.model_uri, export_joblib=export, write=write)
         storage.pod_uri(served, self.settings.local_artifact_map, record.model_uri)  # reachable by pods?
         record.served_uri, record.model_version, record.model_run_id = served, version or record.model_version, run_id
 
-    def _prepare_canary(self, record: ServiceRecord, previous: ServiceRecord | None) -> None:
+    def _prepare_canary(self, record: ServiceRecord, previous: ServiceRecord | None, persist: bool = True) -> None:
         cfg = dict(record.config)
         canary = cfg.get("canary_of")
         if canary and canary.get("canary_uuid") != record.uuid:
@@ -412,7 +404,8 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
             cfg.setdefault("predictor_name", previous.config.get("predictor_name") or _predictor_name(previous.uuid))
         if cfg != record.config:
             record.config = cfg
-            self.registry.update_service(record.uuid, config=cfg)
+            if persist:
+                self.registry.update_service(record.uuid, config=cfg)
 
     def _launch(
         self, record: ServiceRecord, lease: EndpointLease, previous: ServiceRecord | None, timeout: float
@@ -471,7 +464,7 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
         if record.uuid in self._restored:
             return
         obj = self._read(record.endpoint)
-        if obj is not None and _owner(obj) == record.uuid:
+        if obj is not None and owner(obj) == record.uuid:
             self.hook.delete_inference_service(record.endpoint)
 
     def _stop(self, record: ServiceRecord, timeout: float, force: bool) -> None:
@@ -479,7 +472,7 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
         from kubernetes.client.exceptions import ApiException
 
         obj = self._read(record.endpoint)
-        if obj is None or _owner(obj) != record.uuid:
+        if obj is None or owner(obj) != record.uuid:
             return
         patch = {"metadata": {"annotations": {m.STOP_ANNOTATION: "true"}}}
         try:
@@ -495,7 +488,7 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
 
     def _forget(self, record: ServiceRecord) -> None:
         obj = self._read(record.endpoint)
-        if obj is not None and _owner(obj) == record.uuid:
+        if obj is not None and owner(obj) == record.uuid:
             self.hook.delete_inference_service(record.endpoint)
         self._delete_credentials_if_unused(record.endpoint)
 
@@ -505,7 +498,7 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
         obj = self._read(record.endpoint)
         if obj is None:
             return ServiceState.ERROR, f"InferenceService {self.settings.namespace}/{record.endpoint} is gone"
-        if _owner(obj) != record.uuid:
+        if owner(obj) != record.uuid:
             return None
         state, error = _state_of(obj)
         return (state, error) if state != ServiceState.PENDING else None
@@ -538,7 +531,7 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
                 lin = json.loads((obj["metadata"].get("annotations") or {})[m.LINEAGE_ANNOTATION])
             except (KeyError, ValueError):
                 continue
-            if lin.get("uuid") != _owner(obj) or lin.get("endpoint") != obj["metadata"]["name"]:
+            if lin.get("uuid") != owner(obj) or lin.get("endpoint") != obj["metadata"]["name"]:
                 continue  # labels and lineage disagree: not an object we wrote as it is
             state, error = _state_of(obj)
             record = ServiceRecord(
@@ -589,11 +582,6 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
 def _predictor_name(uuid: str) -> str:
     """A predictor is named after the service that first served its version (DNS label, a letter first)."""
     return f"p-{uuid.replace('-', '')[:10]}"
-
-
-def _owner(obj: dict[str, Any]) -> str | None:
-    labels = (obj.get("metadata") or {}).get("labels") or {}
-    return labels.get(m.SERVICE_LABEL) if labels.get(m.MANAGED_LABEL) == "true" else None
 
 
 def _condition(obj: dict[str, Any], kind: str) -> str | None:

@@ -1,17 +1,27 @@
 """Pieces of the KServe deployer that are not its lifecycle: storage credentials the KServe way,
-merge-patch diffs, pod inspection and log following."""
+pod inspection and log following."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
+from airflow_provider_modeldeploy.deployers.kubernetes_common import label_value, merge_diff, pod_ready
 from airflow_provider_modeldeploy.exceptions import InvalidParameterError
 from airflow_provider_modeldeploy.kserve import manifests as m
+
+__all__ = [
+    "CANARY_KEYS",
+    "CredentialsMixin",
+    "follow_logs",
+    "label_value",
+    "merge_diff",
+    "pod_ready",
+    "pod_storage_uri",
+]
 
 log = logging.getLogger(__name__)
 CANARY_KEYS = ("canary_traffic_percent", "canary_of")
@@ -20,38 +30,12 @@ CREATED_BY = "airflow-provider-modeldeploy"
 DEFAULT_SERVICE_ACCOUNT = "modeldeploy-storage"
 
 
-def merge_diff(old: Any, new: Any) -> Any:
-    """The JSON merge patch (RFC 7386) that turns ``old`` into exactly ``new``: keys only ``old``
-    has are removed (null), changed objects are diffed, anything else is replaced whole."""
-    if not isinstance(old, dict) or not isinstance(new, dict):
-        return new
-    patch: dict[str, Any] = {key: None for key in old if key not in new}
-    for key, value in new.items():
-        if key not in old:
-            patch[key] = value
-        elif old[key] != value:
-            patch[key] = (
-                merge_diff(old[key], value) if isinstance(value, dict) and isinstance(old[key], dict) else value
-            )
-    return patch
-
-
-def label_value(value: str) -> str:
-    """A label value (63 chars of [-A-Za-z0-9_.], alphanumeric at both ends); the annotation keeps
-    the exact value."""
-    return re.sub(r"[^-A-Za-z0-9_.]", "_", value)[:63].strip("-_.")
-
-
 def pod_storage_uri(pod: Any) -> str | None:
     """The storageUri a predictor pod serves: KServe's storage initializer downloads it (first argument)."""
     for container in pod.spec.init_containers or []:
         if container.name == "storage-initializer" and container.args:
             return container.args[0]
     return None
-
-
-def pod_ready(pod: Any) -> bool:
-    return any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or []))
 
 
 def follow_logs(hook: Any, pods: list[str], tail: int, prefix: bool) -> Iterator[str]:

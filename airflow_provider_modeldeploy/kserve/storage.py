@@ -71,9 +71,11 @@ def _flavors(location: str) -> list[str]:
         return sorted((yaml.safe_load(Path(path).read_text()) or {}).get("flavors") or {})
 
 
-def loadable_location(location: str, runtime: Runtime, model_uri: str, export_joblib: bool = True) -> str:
+def loadable_location(
+    location: str, runtime: Runtime, model_uri: str, export_joblib: bool = True, write: bool = True
+) -> str:
     """The artifact location ``runtime`` can load ``location``'s model from (a joblib export for the
-    sklearn server, written when missing); an error naming the files when it cannot."""
+    sklearn server, written when missing unless not ``write``); an error naming the files when it cannot."""
     files = _top_files(location)
     if runtime.loads == "mlflow":
         if "MLmodel" not in files:
@@ -107,6 +109,8 @@ def loadable_location(location: str, runtime: Runtime, model_uri: str, export_jo
             f"holds {', '.join(files)} (MLflow 3 saves scikit-learn models as model.skops): leave "
             "export_joblib on, or use the runtime 'mlserver'",
         )  # fmt: skip
+    if not write:
+        return f"{location.rstrip('/')}/{EXPORT_DIR}"  # what a deploy would write and serve
     return export_for_sklearn_server(location)
 
 
