@@ -453,6 +453,11 @@ class BaseModelDeployer(ABC):
             previous = current if current is not None and current.state == ServiceState.ACTIVE else None
             return self._bring_up(restored, lease, previous, timeout, lineage, action=EventAction.ROLLBACK)
 
+    def render(self, config: ServiceConfig) -> dict[str, Any]:
+        """The manifest a deploy of ``config`` would send, validated, sending and recording nothing
+        (backends that send manifests override this)."""
+        raise InvalidParameterError("conn_id", self.conn_id, f"the {self.backend} backend sends no manifest to render")
+
     def promote_model_server(self, service_uuid: str, timeout: float = 300, *, actor: str | None = None) -> Service:
         """Give a canary all of its endpoint's traffic (backends with canaries override this).
 
