@@ -38,8 +38,9 @@ def kserve_conn(cluster: Cluster, **extra: object) -> str:
     base: dict[str, Any] = {"kube_config_path": str(cluster.kubeconfig), "namespace": cluster.namespace}
     if cluster.emulated:
         base["local_artifact_map"] = {"/": "file:///"}
-    elif os.environ.get("MODELDEPLOY_E2E_KSERVE_URL_TEMPLATE"):
+    else:  # docker/kind/kserve-e2e.sh: path routes on the ingress, MinIO's keys through an account
         base["url_template"] = os.environ["MODELDEPLOY_E2E_KSERVE_URL_TEMPLATE"]
+        base["service_account"] = os.environ.get("MODELDEPLOY_E2E_KSERVE_SERVICE_ACCOUNT", "")
     return json.dumps({"conn_type": "modeldeploy_kserve", "extra": {**base, **extra}})
 
 
@@ -176,13 +177,18 @@ def test_failed_load_restores_the_previous_object_exactly(
 
     # A directory the sklearn server accepts by its look (one .joblib file) but cannot load: the pod
     # fails, KServe reports BlockedByFailedLoad, the task fails with its reason, the spec is restored.
-    if not cluster.emulated:
-        pytest.skip("needs a corrupt model in the cluster's artifact store")
-    corrupt = tmp_path / "corrupt"
-    corrupt.mkdir()
-    (corrupt / "model.joblib").write_bytes(b"not a pickle at all")
-    with pytest.raises(DeploymentFailedError, match=r"BlockedByFailedLoad: ModelLoadFailed: .*"):
-        kserve.deploy_model(cfg(corrupt.as_uri(), "iris-fail"), timeout=cluster.timeout)
+    # Written where the session's models are (MinIO on a real cluster), through MLflow.
+    import mlflow
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    corrupt = f"{mlflow.get_experiment_by_name('tests').artifact_location}/corrupt-{first.uuid[:8]}"
+    (tmp_path / "model.joblib").write_bytes(b"not a pickle at all")
+    get_artifact_repository(corrupt).log_artifact(str(tmp_path / "model.joblib"))
+    failure = (
+        r"BlockedByFailedLoad: ModelLoadFailed: .*" if cluster.emulated else "BlockedByFailedLoad|did not roll out"
+    )
+    with pytest.raises(DeploymentFailedError, match=failure):
+        kserve.deploy_model(cfg(corrupt, "iris-fail"), timeout=min(cluster.timeout, 300))
     after = unowned(isvc(cluster, "iris-fail"))
     after["metadata"].pop("generation"), before["metadata"].pop("generation")
     assert after == before
@@ -445,7 +451,7 @@ def test_secrets_never_leak_cli_sync_and_cleanup(
     storage = cluster.storage
     minio = {"conn_type": "aws", "login": storage.access_key, "password": storage.secret_key,
              "extra": {"endpoint_url": storage.endpoint}}  # fmt: skip
-    env = {"AIRFLOW_CONN_KSERVE": kserve_conn(cluster, storage_conn_id="minio", storage_secret="md-e2e-storage"),
+    env = {"AIRFLOW_CONN_KSERVE": kserve_conn(cluster, storage_conn_id="minio", storage_secret="md-e2e-storage", service_account=""),
            "AIRFLOW_CONN_MINIO": json.dumps(minio)}  # fmt: skip
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -504,3 +510,93 @@ def test_secrets_never_leak_cli_sync_and_cleanup(
     assert isvc(cluster, "iris-sec") is None and cluster.secret("md-e2e-storage") is not None
     kserve.delete_model_server(other.uuid)
     assert cluster.secret("md-e2e-storage") is None
+
+
+def test_render_prints_the_validated_manifest_and_sends_nothing(
+    airflow_home: Path, mlflow_models: dict[str, Any], cluster: Cluster
+) -> None:
+    import yaml
+
+    from airflow_provider_modeldeploy.registry import get_registry
+
+    env = {"AIRFLOW_CONN_KSERVE": kserve_conn(cluster)}
+    done = run_airflow(
+        airflow_home, "served-models", "render", mlflow_models["iris_v1"], "--model-name", "iris-render",
+        "--conn-id", "kserve", "--option", "replicas=2", timeout=300, **env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = yaml.safe_load(done.stdout)
+    assert (manifest["kind"], manifest["metadata"]["name"]) == ("InferenceService", "iris-render")
+    predictor = manifest["spec"]["predictor"]
+    assert predictor["minReplicas"] == 2 and predictor["model"]["storageUri"].endswith("/kserve-sklearn")
+    assert (
+        json.loads(manifest["metadata"]["annotations"]["modeldeploy.airflow.apache.org/lineage"])["model_version"]
+        == "1"
+    )
+    assert isvc(cluster, "iris-render") is None and get_registry().find_services() == []
+
+    bad = run_airflow(
+        airflow_home, "served-models", "render", mlflow_models["iris_v1"], "--model-name", "iris-render",
+        "--conn-id", "kserve", "--option", 'resources={"requests": "lots"}', timeout=300, **env,
+    )  # fmt: skip
+    assert bad.returncode == 1 and "spec.predictor.model.resources.requests" in bad.stderr, bad.stderr[-2000:]
+    assert "Traceback" not in bad.stderr
+
+
+def test_knative_mode_revisions_and_canary(
+    airflow_home: Path, mlflow_models: dict[str, Any], cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Knative mode: the deploy waits for latestReadyRevision == latestCreatedRevision; a canary is
+    ``canaryTrafficPercent`` (the previous ready revision keeps the rest), promoted by removing it."""
+    if not cluster.emulated:
+        pytest.skip("docker/kind runs KServe in Standard mode")
+    from airflow_provider_modeldeploy.deployers import get_model_deployer
+
+    monkeypatch.setenv("AIRFLOW_CONN_KSERVE_KN", kserve_conn(cluster, deployment_mode="Knative"))
+    kn = get_model_deployer("kserve_kn")
+    first = kn.deploy_model(cfg(mlflow_models["iris_v1"], "iris-kn"), timeout=cluster.timeout)
+    obj = isvc(cluster, "iris-kn")
+    assert obj["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Knative"
+    predictor = obj["status"]["components"]["predictor"]
+    assert predictor["latestReadyRevision"] == predictor["latestCreatedRevision"] == "iris-kn-predictor-00001"
+    with pytest.raises(InvalidParameterError, match="canary_traffic_percent=0: must be between 1 and 99"):
+        kn.deploy_model(cfg(mlflow_models["iris_v2"], "iris-kn", canary_traffic_percent=0))
+
+    canary = kn.deploy_model(
+        cfg(mlflow_models["iris_v2"], "iris-kn", canary_traffic_percent=30), timeout=cluster.timeout
+    )
+    obj = isvc(cluster, "iris-kn")
+    assert obj["spec"]["predictor"]["canaryTrafficPercent"] == 30 and "canary" not in obj["spec"]
+    assert obj["status"]["components"]["predictor"]["latestReadyRevision"] == "iris-kn-predictor-00002"
+    assert versions(first.prediction_url, 40) == {"v1", "v2"}
+    promoted = canary.promote(timeout=cluster.timeout)
+    assert "canaryTrafficPercent" not in isvc(cluster, "iris-kn")["spec"]["predictor"]
+    cluster.eventually(lambda: versions(first.prediction_url, 10) == {"v2"}, "only v2 answers")
+    kn.delete_model_server(promoted.uuid)
+
+
+def test_example_dag_parses_without_backend_imports() -> None:
+    """The example DAG loads (no kubernetes/mlflow import at parse time) and wires the canary loop."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    path = ROOT / "dags" / "continuous_deployment_kserve.py"
+    code = (
+        "import sys, runpy; runpy.run_path(sys.argv[1]);"
+        "heavy = [m for m in ('kubernetes', 'mlflow', 'sklearn') if m in sys.modules]; print(heavy)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(path))
+    assert not bag.import_errors
+    dag = bag.dags["continuous_deployment_kserve"]
+    assert dag.get_task("deploy_canary").conn_id == "modeldeploy_kserve"
+    assert dag.get_task("promote").upstream_task_ids == {"smoke_predict"}
+    assert dag.get_task("rollback_canary").upstream_task_ids == {"wait_canary", "smoke_predict"}

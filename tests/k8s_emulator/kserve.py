@@ -161,12 +161,18 @@ class PredictorPod:
 @dataclass
 class IsvcState:
     serving: dict[str, tuple[PredictorPod, int]] = field(default_factory=dict)
+    #: Knative mode: the previous ready revision's pods, which keep the traffic a canary does not get
+    stable: dict[str, tuple[PredictorPod, int]] = field(default_factory=dict)
     revision: int = 0
     revision_spec: str | None = None
     ready_revision: str | None = None
 
 
 STATES: dict[tuple[str, str], IsvcState] = {}
+#: Pods a rollout replaced: out of the routes at once, stopped after a grace period, as Kubernetes
+#: takes a terminating pod out of the Service's endpoints before it signals it (in-flight requests end).
+RETIRING: list[tuple[float, PredictorPod]] = []
+GRACE_SECONDS = 3.0
 
 
 def _key(ns: str, name: str) -> tuple[str, str]:
@@ -191,6 +197,10 @@ def _conditions(old: list[dict[str, Any]], wanted: dict[str, tuple[str, str | No
 def reconcile(cluster: Any, lock: Any) -> None:
     with lock:
         isvcs = [(k, v) for k, v in cluster.objects.items() if k[0] == PLURAL]
+        due = [pod for deadline, pod in RETIRING if deadline <= time.monotonic()]
+        RETIRING[:] = [(d, pod) for d, pod in RETIRING if pod not in due]
+    for pod in due:
+        pod.stop()
     for (_, ns, name), obj in isvcs:
         with lock:
             if cluster.objects.get((PLURAL, ns, name)) is not obj:
@@ -252,11 +262,21 @@ def _reconcile_one(cluster: Any, ns: str, name: str, obj: dict[str, Any]) -> Non
             "IngressReady": (ready, None), "PredictorReady": (ready, None if serving else "ModelLoadFailed"),
             "Ready": (ready, None if serving else "ModelLoadFailed")})  # fmt: skip
     elif all(ph == "ready" for ph, _ in phases.values()):
-        st.serving, st.ready_revision = wanted, created
-        keep = {id(s) for s, _ in wanted.values()}
+        new = {id(s) for s, _ in wanted.values()}
+        if mode == "Knative" and st.ready_revision not in (None, created):
+            st.stable = {k: v for k, v in st.serving.items() if id(v[0]) not in new} or st.stable
+        pct = spec["predictor"].get("canaryTrafficPercent") if mode == "Knative" else None
+        serving = wanted
+        if pct is not None and st.stable:  # the latest revision gets pct, the previous ready one the rest
+            serving = {f"stable-{k}": (s, 100 - int(pct)) for k, (s, _) in st.stable.items()}
+            serving.update({k: (s, int(pct)) for k, (s, _) in wanted.items()})
+        else:
+            st.stable = {}
+        st.serving, st.ready_revision = serving, created
+        keep = {id(s) for s, _ in serving.values()}
         for k in mine:
             if id(cluster.servers[k]) not in keep:
-                cluster.servers.pop(k).stop()
+                RETIRING.append((time.monotonic() + GRACE_SECONDS, cluster.servers.pop(k)))
         status["modelStatus"] = {"transitionStatus": "UpToDate",
                                  "states": {"activeModelState": "Loaded", "targetModelState": ""}}  # fmt: skip
         status["conditions"] = _conditions(old.get("conditions"), {
@@ -271,11 +291,13 @@ def _reconcile_one(cluster: Any, ns: str, name: str, obj: dict[str, Any]) -> Non
             "IngressReady": (ready, None), "PredictorReady": (ready, None), "Ready": (ready, None)})  # fmt: skip
     predictor_status: dict[str, Any] = {"url": status["address"]["url"]}
     if mode == "Knative":
-        predictor_status.update(
-            latestCreatedRevision=created,
-            latestReadyRevision=st.ready_revision,
-            traffic=[{"revisionName": st.ready_revision, "percent": 100, "latestRevision": True}],
-        )
+        traffic = [{"revisionName": st.ready_revision, "percent": 100, "latestRevision": True}]
+        pct = spec["predictor"].get("canaryTrafficPercent")
+        if pct is not None and st.stable and st.ready_revision == created:
+            traffic = [{"revisionName": created, "percent": int(pct), "latestRevision": True, "tag": "latest"},
+                       {"revisionName": f"{name}-predictor-{st.revision - 1:05d}", "percent": 100 - int(pct),
+                        "latestRevision": False, "tag": "prev"}]  # fmt: skip
+        predictor_status.update(latestCreatedRevision=created, latestReadyRevision=st.ready_revision, traffic=traffic)
     status["components"] = {"predictor": predictor_status}
     if spec.get("canary"):
         status["canaryStatuses"] = [
@@ -290,6 +312,12 @@ def _write(cluster: Any, obj: dict[str, Any], old: dict[str, Any], status: dict[
     if status != old:
         obj["status"] = status
         obj["metadata"]["resourceVersion"] = cluster.next_rv()
+
+
+def shutdown() -> None:
+    for _, pod in RETIRING:
+        pod.stop()
+    RETIRING.clear()
 
 
 def forget(cluster: Any, ns: str, name: str) -> None:

@@ -434,6 +434,7 @@ class Cluster:
             for server in self.servers.values():
                 server.stop()
             self.servers.clear()
+            kserve.shutdown()
 
     def route(self, ns: str, name: str) -> ModelServer | None:
         with LOCK:
