@@ -264,6 +264,18 @@ def test_unmanaged_objects_are_never_taken_over(
     for name in originals:
         cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, name)
 
+    # Ours once, replaced behind our back by someone else's: stop and delete leave theirs alone.
+    ours = kserve.deploy_model(cfg(mlflow_models["iris_v1"], "iris-swap"), timeout=cluster.timeout)
+    cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, "iris-swap")
+    cluster.eventually(lambda: isvc(cluster, "iris-swap") is None, "ours is gone")
+    swapped = {**json.loads(json.dumps(foreign)), "metadata": {"name": "iris-swap", "labels": {"team": "fraud"}}}
+    cluster.custom.create_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, swapped)
+    theirs = unowned(isvc(cluster, "iris-swap"))
+    kserve.stop_model_server(ours.uuid)
+    kserve.delete_model_server(ours.uuid)
+    assert unowned(isvc(cluster, "iris-swap")) == theirs
+    cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace, PLURAL, "iris-swap")
+
 
 def test_bad_names_and_manifests_leave_nothing(kserve: Any, cluster: Cluster, mlflow_models: dict[str, Any]) -> None:
     from kubernetes.client.exceptions import ApiException
@@ -411,6 +423,8 @@ def test_mlserver_v2_health_sensor_failed_load_and_log_follow(
     assert sensor.poke({}) is True
     answer = httpx.post(first.prediction_url, json=v2_columns([PROBE]), timeout=30).json()
     assert answer["model_name"] == "iris-mls" and VERSION_OF_CLASS[answer["outputs"][0]["data"][0]] == "v1"
+    # MLServer names the registered version in its answers: the deploy waits until it is the new one.
+    assert model["env"] == [{"name": "MLSERVER_MODEL_VERSION", "value": "1"}] and answer["model_version"] == "1"
     assert httpx.post(f"{base}/v1/models/iris-mls:predict", json=V1_PAYLOAD, timeout=30).status_code == 404
 
     # Following the log streams new lines as they come.
@@ -422,7 +436,11 @@ def test_mlserver_v2_health_sensor_failed_load_and_log_follow(
             pass
     following.close()
 
-    # A model MLServer cannot load: KServe's reason, the previous spec restored, v1 keeps serving.
+    second = mls.deploy_model(config(mlflow_models["iris_v2"]), timeout=cluster.timeout)
+    answer = httpx.post(first.prediction_url, json=v2_columns([PROBE]), timeout=30).json()
+    assert answer["model_version"] == "2" and VERSION_OF_CLASS[answer["outputs"][0]["data"][0]] == "v2"
+
+    # A model MLServer cannot load: KServe's reason, the previous spec restored, v2 keeps serving.
     before = unowned(isvc(cluster, "iris-mls"))
     failure = (
         r"BlockedByFailedLoad: ModelLoadFailed: .*model weights are corrupted"
@@ -435,9 +453,9 @@ def test_mlserver_v2_health_sensor_failed_load_and_log_follow(
     after["metadata"].pop("generation"), before["metadata"].pop("generation")
     assert after == before
     [current] = mls.find_model_server(endpoint="iris-mls")
-    assert current.uuid == first.uuid and current.status.state == ServiceState.ACTIVE
+    assert current.uuid == second.uuid and current.status.state == ServiceState.ACTIVE
     assert sensor.poke({}) is True
-    mls.delete_model_server(first.uuid)
+    mls.delete_model_server(second.uuid)
 
 
 def test_secrets_never_leak_cli_sync_and_cleanup(

@@ -305,11 +305,17 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
             "config": {k: v for k, v in record.config.items() if k != "smoke_input"},
         }  # fmt: skip
 
-    def _predictor(self, cfg: dict[str, Any], name: str, served_uri: str, model_uri: str) -> m.Predictor:
+    def _predictor(
+        self, cfg: dict[str, Any], name: str, served_uri: str, model_uri: str, version: str | None
+    ) -> m.Predictor:
         s = self.settings
+        runtime = m.RUNTIMES[cfg.get("runtime", s.runtime)]
+        # MLServer registers the model under this version and names it in every v2 answer
+        # (``model_version``): the deploy checks that the new version is what answers.
+        env = {"MLSERVER_MODEL_VERSION": version} if runtime.loads == "mlflow" and version else {}
         return m.Predictor(
             name=name, storage_uri=storage.pod_uri(served_uri, s.local_artifact_map, model_uri),
-            runtime=m.RUNTIMES[cfg.get("runtime", s.runtime)], protocol=cfg.get("protocol", "v1"),
+            runtime=runtime, protocol=cfg.get("protocol", "v1"), env=env,
             runtime_name=cfg.get("serving_runtime") or s.serving_runtime,
             min_replicas=cfg.get("replicas", s.replicas), max_replicas=cfg.get("max_replicas", s.max_replicas),
             service_account_name=cfg.get("service_account") or self._service_account_name(),
@@ -319,11 +325,19 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
     def _manifest(self, record: ServiceRecord) -> dict[str, Any]:
         cfg, s = record.config, self.settings
         served = record.served_uri or record.model_uri
-        own = self._predictor(cfg, cfg.get("predictor_name") or _predictor_name(record.uuid), served, record.model_uri)
+        own = self._predictor(
+            cfg,
+            cfg.get("predictor_name") or _predictor_name(record.uuid),
+            served,
+            record.model_uri,
+            record.model_version,
+        )
         canaries: list[m.Canary] = []
         canary = cfg.get("canary_of")
         if canary and s.deployment_mode == "Standard":
-            main = self._predictor(cfg, canary["predictor_name"], canary["served_uri"], canary["model_uri"])
+            main = self._predictor(
+                cfg, canary["predictor_name"], canary["served_uri"], canary["model_uri"], canary.get("model_version")
+            )
             canaries, own = [m.Canary(own, int(cfg["canary_traffic_percent"]))], main
         elif canary:
             own.canary_traffic_percent = int(cfg["canary_traffic_percent"])
@@ -448,14 +462,25 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
         body = record.config.get("smoke_input")
         if body is None:
             return
-        answer = httpx.post(
-            prediction_url, content=body if isinstance(body, str) else json.dumps(body),
-            headers={"content-type": "application/json"}, timeout=60,
-        )  # fmt: skip
-        if answer.status_code != 200:
-            raise DeploymentFailedError(
-                f"model_uri={record.model_uri!r}: smoke prediction answered {answer.status_code}: {answer.text[:300]}"
-            )
+        runtime = m.RUNTIMES[record.config.get("runtime", self.settings.runtime)]
+        wanted = record.model_version if runtime.loads == "mlflow" and not record.config.get("canary_of") else None
+        while True:
+            answer = httpx.post(
+                prediction_url, content=body if isinstance(body, str) else json.dumps(body),
+                headers={"content-type": "application/json"}, timeout=60,
+            )  # fmt: skip
+            if answer.status_code != 200:
+                raise DeploymentFailedError(
+                    f"model_uri={record.model_uri!r}: smoke prediction answered {answer.status_code}: {answer.text[:300]}"
+                )
+            served = _answer_version(answer)
+            if wanted is None or served == wanted:
+                return
+            if time.monotonic() > deadline:  # the ingress still routes to the previous version's pods
+                raise DeploymentFailedError(
+                    f"endpoint={record.endpoint!r}: answers model version {served!r}, not the new {wanted!r}"
+                )
+            time.sleep(0.2)
 
     def _promote(self, record: ServiceRecord, launch: Launch, previous: ServiceRecord | None, timeout: float) -> None:
         """Nothing to do: KServe already serves the new spec behind the same URL."""
@@ -577,6 +602,15 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
                          "model_version": record.model_version, "previous_uuid": stable.get("uuid")},
             )  # fmt: skip
         return self._service(promoted)
+
+
+def _answer_version(answer: Any) -> str | None:
+    """The model version a v2 answer names (``model_version``), if any."""
+    try:
+        data = answer.json()
+    except ValueError:
+        return None
+    return str(data["model_version"]) if isinstance(data, dict) and data.get("model_version") is not None else None
 
 
 def _predictor_name(uuid: str) -> str:

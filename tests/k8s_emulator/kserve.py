@@ -54,6 +54,8 @@ class PredictorPod:
         self.key = str(uuidlib.uuid4())
         self.ns, self.isvc, self.predictor = ns, isvc, predictor
         self.storage_uri = model.get("storageUri", "")
+        env = {e.get("name"): e.get("value") for e in model.get("env") or []}
+        self.model_version = env.get("MLSERVER_MODEL_VERSION")  # MLServer names it in its v2 answers
         self.runtime = model.get("runtime") or (
             "kserve-mlserver" if (model.get("modelFormat") or {}).get("name") == "mlflow" else "kserve-sklearnserver"
         )
@@ -362,6 +364,8 @@ def ingress(cluster: Any, lock: Any, method: str, path: str, body: Any) -> tuple
         if not route.startswith("v2/"):
             return 404, {"detail": "Not Found"}
         code, answer = v2_route(SimpleNamespace(node=name, port=server.port), method, route, body)
+        if isinstance(answer, dict) and "model_version" in answer:
+            answer["model_version"] = server.model_version
         server.access_log(method, route, code)
         return code, answer if answer is not None else {"detail": "Not Found"}
     answer = httpx.request(
