@@ -347,7 +347,9 @@ def test_dag_file_parses_without_heavy_imports(tmp_path: Path) -> None:
         tmp_path,
     )
     assert found["import_errors"] == {}
-    assert found["dag_ids"] == ["continuous_deployment_seldon", "continuous_training_mlflow"]
+    assert found["dag_ids"] == [
+        "continuous_deployment_kserve", "continuous_deployment_seldon", "continuous_training_mlflow"
+    ]  # fmt: skip
     assert {"train", "gate", "keep_serving", "deploy", "wait_healthy", "smoke_predict", "promote_champion"} <= set(
         found["tasks"]
     )
