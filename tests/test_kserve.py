@@ -367,6 +367,7 @@ def test_canary_dark_launch_promote_rollback(kserve: Any, cluster: Cluster, mlfl
     # Rollback of a canary: the serving predictor alone again, the same pods.
     back = canary.rollback(timeout=cluster.timeout)
     assert back.is_running and back.record.served_uri == first.record.served_uri
+    assert back.record.model_version == "1"  # recorded from the history: a storage URI does not say it
     obj = isvc(cluster, "iris-canary")
     assert obj["spec"]["predictor"] == main and "canary" not in obj["spec"]
     cluster.eventually(lambda: {p.metadata.name for p in isvc_pods(cluster, "iris-canary")} == main_pods, "main only")

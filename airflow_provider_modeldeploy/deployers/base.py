@@ -445,6 +445,7 @@ class BaseModelDeployer(ABC):
                     uuid=str(uuidlib.uuid4()), backend=self.backend, endpoint=record.endpoint,
                     conn_id=self.conn_id, model_name=target.get("model_name") or record.model_name,
                     model_uri=target["served_uri"] or target["model_uri"],
+                    model_version=target.get("model_version"),  # a storage URI does not say it
                     config=(current or record).config, state=ServiceState.PENDING, host=HOSTNAME,
                     # lineage back to the DAG run that deployed this version first
                     dag_id=target.get("dag_id"), run_id=target.get("run_id"), task_id=target.get("task_id"),
