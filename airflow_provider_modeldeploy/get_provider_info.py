@@ -14,7 +14,7 @@ def get_provider_info() -> dict[str, Any]:
         "package-name": "airflow-provider-modeldeploy",
         "name": "Model Deploy",
         "description": "Continuous training and deployment of ML models: tracked model servers "
-        "(MLflow served locally, Seldon Core on Kubernetes) replaced in place.",
+        "(MLflow served locally, KServe or Seldon Core on Kubernetes) replaced in place.",
         "versions": [__version__],
         "integrations": [
             {"integration-name": "Model Deploy", "external-doc-url": "https://mlflow.org/", "tags": ["ml"]}
@@ -24,7 +24,7 @@ def get_provider_info() -> dict[str, Any]:
         "hooks": [
             {
                 "integration-name": "Model Deploy",
-                "python-modules": [f"{_PKG}.hooks.mlflow_local", f"{_PKG}.hooks.seldon"],
+                "python-modules": [f"{_PKG}.hooks.mlflow_local", f"{_PKG}.hooks.seldon", f"{_PKG}.hooks.kserve"],
             }
         ],
         "triggers": [
@@ -145,6 +145,103 @@ def get_provider_info() -> dict[str, Any]:
                         "namespace": "seldon",
                         "ingress_base_url": "http://istio-ingressgateway.istio-system",
                         "implementation": "MLFLOW_SERVER",
+                    },
+                },
+            },
+            {
+                "hook-class-name": f"{_PKG}.hooks.kserve.KServeDeployerHook",
+                "hook-name": "Model Deploy: KServe (Kubernetes)",
+                "connection-type": "modeldeploy_kserve",
+                "conn-fields": {
+                    "kube_config_path": {
+                        "label": "Kube config path",
+                        "description": "As the Kubernetes connection understands it; empty: in_cluster, "
+                        "kube_config or the default kubeconfig.",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "kube_config": {
+                        "label": "Kube config (JSON format)",
+                        "description": "A whole kubeconfig; it holds credentials, so it is a password field.",
+                        "schema": {"type": ["string", "null"], "format": "password"},
+                    },
+                    "cluster_context": {"label": "Cluster context", "schema": {"type": ["string", "null"]}},
+                    "in_cluster": {
+                        "label": "In cluster configuration",
+                        "schema": {"type": ["boolean", "null"], "default": False},
+                    },
+                    "namespace": {
+                        "label": "Namespace",
+                        "description": "Where InferenceServices are created.",
+                        "schema": {"type": ["string", "null"], "default": "default"},
+                    },
+                    "deployment_mode": {
+                        "label": "Deployment mode",
+                        "schema": {
+                            "type": ["string", "null"],
+                            "enum": ["Standard", "Knative", None],
+                            "default": "Standard",
+                        },
+                    },
+                    "protocol": {
+                        "label": "Protocol",
+                        "description": "v1 or v2 (Open Inference Protocol). Empty: the runtime's first "
+                        "(sklearn: v1, mlserver: v2).",
+                        "schema": {"type": ["string", "null"], "enum": ["v1", "v2", None]},
+                    },
+                    "runtime": {
+                        "label": "Runtime",
+                        "description": "sklearn: KServe's sklearn server, fed a joblib export written next to "
+                        "the MLflow model; mlserver: MLServer loading the MLflow model directory (v2 only).",
+                        "schema": {
+                            "type": ["string", "null"],
+                            "enum": ["sklearn", "mlserver", None],
+                            "default": "sklearn",
+                        },
+                    },
+                    "serving_runtime": {
+                        "label": "ServingRuntime name",
+                        "description": "Use this (Cluster)ServingRuntime instead of the runtime's default one.",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "url_template": {
+                        "label": "Ingress / URL override",
+                        "description": "The endpoint's base URL when status.url is not reachable from Airflow, "
+                        "with {namespace} and {name}.",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "service_account": {
+                        "label": "Service account",
+                        "description": "Of the predictor pods (with storage credentials attached).",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "storage_conn_id": {
+                        "label": "Storage connection id",
+                        "description": "An S3/MinIO connection; its keys go into a Secret of ours, attached "
+                        "through a ServiceAccount of ours.",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "storage_secret": {
+                        "label": "Storage credentials Secret",
+                        "schema": {"type": ["string", "null"], "default": "modeldeploy-storage"},
+                    },
+                    "replicas": {
+                        "label": "Min replicas",
+                        "schema": {"type": ["integer", "null"], "default": 1, "minimum": 0},
+                    },
+                    "max_replicas": {"label": "Max replicas", "schema": {"type": ["integer", "null"], "minimum": 1}},
+                    "tracking_uri": {
+                        "label": "MLflow tracking URI",
+                        "description": "To resolve models:/ and runs:/ URIs into the storage URIs KServe downloads.",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                },
+                "ui-field-behaviour": {
+                    "hidden-fields": ["host", "schema", "port", "login", "password"],
+                    "relabeling": {},
+                    "placeholders": {
+                        "namespace": "models",
+                        "url_template": "http://istio-ingressgateway.istio-system/serving/{namespace}/{name}",
+                        "extra": '{"resources": {"requests": {"cpu": "1"}}, "local_artifact_map": {}}',
                     },
                 },
             },

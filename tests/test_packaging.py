@@ -38,11 +38,13 @@ def test_every_file_of_the_source_tree_is_in_the_wheel() -> None:
 
 
 def test_the_files_the_code_opens_exist_where_it_opens_them() -> None:
+    from airflow_provider_modeldeploy.kserve import manifests as kserve_manifests
     from airflow_provider_modeldeploy.plugins import app
     from airflow_provider_modeldeploy.registry import store
     from airflow_provider_modeldeploy.seldon import manifests
 
     assert manifests.CRD_PATH.is_file() and "openAPIV3Schema" in manifests.CRD_PATH.read_text()
+    assert kserve_manifests.CRD_PATH.is_file() and kserve_manifests.crd_schema()["properties"]["spec"]
     installed = Path(airflow_provider_modeldeploy.__file__).parent
     assert (installed / "plugins" / "templates" / "served_models.html").is_file(), app.__file__
     versions = sorted(p.name for p in (installed / "registry" / "migrations" / "versions").glob("*.py"))

@@ -121,6 +121,29 @@ def test_providers_manager_lists_the_provider_and_its_connection_type() -> None:
     assert widgets[f"extra__{CONN_TYPE}__timeout"].field["value"] == 60
 
 
+def test_kserve_connection_type_and_its_widgets() -> None:
+    """modeldeploy_kserve: its hook, the kube config as a password field, the deployer it picks."""
+    from airflow_provider_modeldeploy.deployers import DEPLOYERS
+    from airflow_provider_modeldeploy.hooks.kserve import KServeDeployerHook
+
+    manager = providers_manager()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hook = manager.hooks["modeldeploy_kserve"]
+    assert hook is not None and hook.hook_class_name == "airflow_provider_modeldeploy.hooks.kserve.KServeDeployerHook"
+    assert hook.connection_testable and KServeDeployerHook.conn_type == "modeldeploy_kserve"
+    widgets = {
+        k.split("__")[-1]: v
+        for k, v in manager.connection_form_widgets.items()
+        if k.startswith("extra__modeldeploy_kserve__")
+    }
+    for name in ("kube_config_path", "kube_config", "cluster_context", "in_cluster", "namespace", "deployment_mode",
+                 "protocol", "runtime", "url_template", "service_account", "storage_conn_id", "replicas"):  # fmt: skip
+        assert name in widgets, name
+    assert widgets["kube_config"].is_sensitive and not widgets["kube_config_path"].is_sensitive
+    assert DEPLOYERS["modeldeploy_kserve"].endswith("deployers.kserve:KServeDeployer")
+
+
 def test_cli_entry_resolves_to_commands() -> None:
     from airflow_provider_modeldeploy.cli.definition import get_served_models_cli_commands
 
@@ -132,7 +155,7 @@ def test_cli_entry_resolves_to_commands() -> None:
     names = {cmd.name: cmd for cmd in group.subcommands}
     assert set(names) == {
         "list", "describe", "get-url", "logs", "start", "stop", "delete", "sync", "promote", "rollback", "agent",
-        "db-upgrade",
+        "db-upgrade", "render",
     }  # fmt: skip
     for cmd in group.subcommands:
         # Commands are lazy; each names a function that exists.
@@ -324,7 +347,10 @@ def test_dag_file_parses_without_heavy_imports(tmp_path: Path) -> None:
         tmp_path,
     )
     assert found["import_errors"] == {}
-    assert found["dag_ids"] == ["continuous_deployment_seldon", "continuous_training_mlflow", "deploy_on_alias_move"]
+    assert found["dag_ids"] == [
+        "continuous_deployment_kserve", "continuous_deployment_seldon", "continuous_training_mlflow",
+        "deploy_on_alias_move",
+    ]  # fmt: skip
     assert {"train", "gate", "keep_serving", "deploy", "wait_healthy", "smoke_predict", "promote_champion"} <= set(
         found["tasks"]
     )

@@ -512,3 +512,44 @@ def test_connection_settings_urls_and_test_connection(cluster: Cluster) -> None:
     assert v2.urls(record) == (f"{base}/v2/models/model/infer", f"{base}/v2/models/model/ready")
     seldon = SeldonDeployer(conn_id="seldon_test", hook=hook())
     assert seldon.urls(record) == (f"{base}/api/v1.0/predictions", f"{base}/api/v1.0/health/status")
+
+
+def test_unmanaged_seldon_deployment_is_never_taken_over_and_restores_are_exact(
+    seldon: Any, cluster: Cluster, mlflow_models: dict[str, Any]
+) -> None:
+    """A SeldonDeployment of the endpoint's name that we did not create is an error naming it, left
+    byte for byte, never adopted by sync; a failed rollout of ours puts back exactly what was there."""
+    from airflow_provider_modeldeploy.registry import get_registry
+
+    foreign = {"apiVersion": "machinelearning.seldon.io/v1", "kind": "SeldonDeployment",
+               "metadata": {"name": "iris-theirs", "labels": {"team": "fraud"}},
+               "spec": {"predictors": [{"name": "p", "replicas": 0, "graph": {"name": "m", "type": "MODEL",
+                        "implementation": "SKLEARN_SERVER", "modelUri": "gs://their/model"}}]}}  # fmt: skip
+    created = seldon.api.create_namespaced_custom_object(
+        "machinelearning.seldon.io", "v1", cluster.namespace, "seldondeployments", foreign
+    )
+
+    def as_written(obj: dict[str, Any]) -> dict[str, Any]:
+        return {"metadata": {k: v for k, v in obj["metadata"].items() if k != "resourceVersion"}, "spec": obj["spec"]}
+
+    with pytest.raises(
+        InvalidParameterError, match=r"SeldonDeployment models/iris-theirs exists .*not created by this provider"
+    ):
+        seldon.deploy_model(cfg(mlflow_models["iris_v1"], "iris-theirs"), timeout=cluster.timeout)
+    assert seldon.sync_services().adopted == [] and get_registry().find_services() == []
+    assert as_written(cluster.sdep("iris-theirs")) == as_written(created)
+    seldon.api.delete_namespaced_custom_object(
+        "machinelearning.seldon.io", "v1", cluster.namespace, "seldondeployments", "iris-theirs"
+    )
+
+    first = seldon.deploy_model(cfg(mlflow_models["iris_v1"], "iris-exact"), timeout=cluster.timeout)
+    before = as_written(cluster.sdep("iris-exact"))
+    with pytest.raises(DeploymentFailedError):
+        seldon.deploy_model(
+            cfg("models:/broken/1", "iris-exact", resources={"requests": {"cpu": "100m"}}),
+            timeout=min(cluster.timeout, 300),
+        )
+    after = as_written(cluster.sdep("iris-exact"))
+    after["metadata"].pop("generation", None), before["metadata"].pop("generation", None)
+    assert after == before  # the resources the failed spec added are gone too
+    first.delete()

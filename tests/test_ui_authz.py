@@ -160,6 +160,8 @@ def test_writes_need_edit_on_the_dag(authz: dict[str, Any]) -> None:
     with server.client("bob") as bob:  # a viewer of team_b
         resp = bob.post(f"/api/services/{rows['b_train']}/start", json={"wait": 0})
         assert resp.status_code == 403 and "edit permission" in resp.json()["detail"], resp.text
+        resp = bob.post(f"/api/services/{rows['b_train']}/promote", json={"wait": 0})
+        assert resp.status_code == 403 and "edit permission" in resp.json()["detail"], resp.text
     with server.client("alice") as alice:  # a user of team_a: may edit team_a's DAGs only
         for name in ("b_train",):
             resp = alice.post(f"/api/services/{rows[name]}/stop", json={})

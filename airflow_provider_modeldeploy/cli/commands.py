@@ -167,6 +167,31 @@ def delete_service(args: Any) -> None:
 
 
 @cli_errors
+def render_manifest(args: Any) -> None:
+    """The manifest a deploy would send to the cluster, validated; nothing is sent or recorded."""
+    import json
+
+    import yaml
+
+    from airflow_provider_modeldeploy.deployers import ServiceConfig, get_model_deployer
+    from airflow_provider_modeldeploy.exceptions import InvalidParameterError
+
+    options: dict[str, Any] = {}
+    for item in args.options or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidParameterError("option", item, "use KEY=VALUE (VALUE as JSON, or a string)")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    deployer = get_model_deployer(args.deploy_conn_id)
+    config = ServiceConfig(model_uri=args.model_uri, model_name=args.model_name, endpoint=args.endpoint, **options)
+    manifest = mask(deployer.render(config))
+    print(json.dumps(manifest, indent=2) if args.format == "json" else yaml.safe_dump(manifest, sort_keys=False))
+
+
+@cli_errors
 def sync_services(args: Any) -> None:
     from airflow_provider_modeldeploy.deployers import sync_all
 

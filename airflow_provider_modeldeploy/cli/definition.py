@@ -75,6 +75,16 @@ ARG_CHECK = Arg(
     action="store_true",
 )
 
+ARG_MODEL_URI = Arg(("model_uri",), help="MLflow model URI (models:/name/3, models:/name@alias, runs:/...)")
+ARG_MODEL_NAME = Arg(("--model-name",), help="The model's name (also the endpoint's, unless --endpoint)", required=True)
+ARG_ENDPOINT = Arg(("--endpoint",), help="The endpoint (default: the model name)", default=None)
+ARG_DEPLOY_CONN = Arg(("--conn-id",), dest="deploy_conn_id", help="The deployer connection (default: the default one)")
+ARG_OPTION = Arg(
+    ("--option",), dest="options", action="append", metavar="KEY=VALUE",
+    help="A backend option, as a deploy's backend_options has it (VALUE is JSON, else a string); repeatable",
+)  # fmt: skip
+ARG_FORMAT = Arg(("--format",), help="yaml (default) or json", choices=("yaml", "json"), default="yaml")
+
 SERVED_MODELS_COMMANDS = (
     ActionCommand(
         name="list",
@@ -129,6 +139,12 @@ SERVED_MODELS_COMMANDS = (
         help="Serve an earlier version of the endpoint again (a canary in progress is removed)",
         func=lazy_load_command(_COMMANDS + "rollback_service"),
         args=(ARG_UUID, ARG_ROLLBACK_TO, ARG_TIMEOUT, ARG_OUTPUT, ARG_VERBOSE),
+    ),
+    ActionCommand(
+        name="render",
+        help="Print the manifest a deploy would send (validated against the CRD), sending nothing",
+        func=lazy_load_command(_COMMANDS + "render_manifest"),
+        args=(ARG_MODEL_URI, ARG_MODEL_NAME, ARG_ENDPOINT, ARG_DEPLOY_CONN, ARG_OPTION, ARG_FORMAT, ARG_VERBOSE),
     ),
     ActionCommand(
         name="sync",

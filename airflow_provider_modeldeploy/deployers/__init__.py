@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 DEPLOYERS: dict[str, str] = {
     "modeldeploy_mlflow": "airflow_provider_modeldeploy.deployers.mlflow_local:MLflowLocalDeployer",
     "modeldeploy_seldon": "airflow_provider_modeldeploy.deployers.seldon:SeldonDeployer",
+    "modeldeploy_kserve": "airflow_provider_modeldeploy.deployers.kserve:KServeDeployer",
 }
 
 

@@ -260,7 +260,7 @@ class BaseModelDeployer(ABC):
             log.warning("Service %s serves, but: %s", record.uuid, warning)
         if action is None:
             # A canary (backends that support one) shares the endpoint with the version it is tried against.
-            canary = retire and record.config.get("canary_traffic_percent")
+            canary = retire and record.config.get("canary_of")  # a dark launch has 0 percent
             action = EventAction.CANARY if canary else EventAction.REPLACE if retire else EventAction.DEPLOY
         self.registry.add_event(
             self.backend, record.endpoint, action, service_uuid=record.uuid, actor=lineage.describe(),
@@ -445,6 +445,7 @@ class BaseModelDeployer(ABC):
                     uuid=str(uuidlib.uuid4()), backend=self.backend, endpoint=record.endpoint,
                     conn_id=self.conn_id, model_name=target.get("model_name") or record.model_name,
                     model_uri=target["served_uri"] or target["model_uri"],
+                    model_version=target.get("model_version"),  # a storage URI does not say it
                     config=(current or record).config, state=ServiceState.PENDING, host=HOSTNAME,
                     # lineage back to the DAG run that deployed this version first
                     dag_id=target.get("dag_id"), run_id=target.get("run_id"), task_id=target.get("task_id"),
@@ -452,6 +453,11 @@ class BaseModelDeployer(ABC):
             )  # fmt: skip
             previous = current if current is not None and current.state == ServiceState.ACTIVE else None
             return self._bring_up(restored, lease, previous, timeout, lineage, action=EventAction.ROLLBACK)
+
+    def render(self, config: ServiceConfig) -> dict[str, Any]:
+        """The manifest a deploy of ``config`` would send, validated, sending and recording nothing
+        (backends that send manifests override this)."""
+        raise InvalidParameterError("conn_id", self.conn_id, f"the {self.backend} backend sends no manifest to render")
 
     def promote_model_server(self, service_uuid: str, timeout: float = 300, *, actor: str | None = None) -> Service:
         """Give a canary all of its endpoint's traffic (backends with canaries override this).

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from airflow_provider_modeldeploy.deployers.base import BaseModelDeployer, Launch, default_actor
+from airflow_provider_modeldeploy.deployers.kubernetes_common import check_ours, owner, restore_patch
 from airflow_provider_modeldeploy.exceptions import DeploymentFailedError, InvalidParameterError
 from airflow_provider_modeldeploy.hooks.seldon import (
     IMPLEMENTATIONS,
@@ -139,7 +140,9 @@ class SeldonDeployer(BaseModelDeployer):
         from kubernetes.client.exceptions import ApiException
 
         try:
-            return self.api.get_namespaced_custom_object(m.GROUP, m.VERSION, self.settings.namespace, m.PLURAL, name)
+            return self.hook.call(
+                self.api.get_namespaced_custom_object, m.GROUP, m.VERSION, self.settings.namespace, m.PLURAL, name
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -151,7 +154,12 @@ class SeldonDeployer(BaseModelDeployer):
             return InvalidParameterError("manifest", name, f"the cluster rejected the SeldonDeployment: {message}")
         return DeploymentFailedError(f"endpoint={name!r}: Kubernetes API answered {exc.status}: {message}")
 
-    def _apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+    def _owners(self, record: ServiceRecord, previous: ServiceRecord | None) -> set[str]:
+        """Service uuids whose SeldonDeployment this deployment may change: this endpoint's services."""
+        known = {r.uuid for r in self.registry.find_services(backend=self.backend, endpoint=record.endpoint)}
+        return known | {record.uuid} | ({previous.uuid} if previous else set())
+
+    def _apply(self, manifest: dict[str, Any], owners: set[str]) -> dict[str, Any]:
         """Create the SeldonDeployment, or merge-patch the existing one with our resourceVersion; on a
         409 conflict (someone wrote in between) re-read and re-apply, a few times."""
         from kubernetes.client.exceptions import ApiException
@@ -167,7 +175,10 @@ class SeldonDeployer(BaseModelDeployer):
         def attempt() -> dict[str, Any]:
             current = self._read(name)
             if current is None:
-                return self.api.create_namespaced_custom_object(m.GROUP, m.VERSION, ns, m.PLURAL, manifest)
+                return self.hook.call(
+                    self.api.create_namespaced_custom_object, m.GROUP, m.VERSION, ns, m.PLURAL, manifest
+                )
+            check_ours(current, owners, "SeldonDeployment", ns)
             patch = {
                 "metadata": {
                     "labels": manifest["metadata"]["labels"], "annotations": manifest["metadata"]["annotations"],
@@ -175,7 +186,9 @@ class SeldonDeployer(BaseModelDeployer):
                 },
                 "spec": manifest["spec"],
             }  # fmt: skip
-            return self.api.patch_namespaced_custom_object(m.GROUP, m.VERSION, ns, m.PLURAL, name, patch)
+            return self.hook.call(
+                self.api.patch_namespaced_custom_object, m.GROUP, m.VERSION, ns, m.PLURAL, name, patch
+            )
 
         try:
             return attempt()
@@ -216,7 +229,9 @@ class SeldonDeployer(BaseModelDeployer):
     def _pods(self, name: str) -> list[Any]:
         """The model pods of a SeldonDeployment (Seldon labels them with its name), by name."""
         core = self.hook.core_v1()
-        pods = core.list_namespaced_pod(self.settings.namespace, label_selector=f"seldon-deployment-id={name}")
+        pods = self.hook.call(
+            core.list_namespaced_pod, self.settings.namespace, label_selector=f"seldon-deployment-id={name}"
+        )
         return sorted(pods.items, key=lambda pod: pod.metadata.name)
 
     def _rolled_out(self, obj: dict[str, Any]) -> tuple[bool, str]:
@@ -303,6 +318,24 @@ class SeldonDeployer(BaseModelDeployer):
             return manifest
         return spec.build()
 
+    def render(self, config: ServiceConfig) -> dict[str, Any]:
+        """The SeldonDeployment a deploy of ``config`` would send, validated; nothing is sent or recorded."""
+        import uuid as uuidlib
+
+        config.validate()
+        check_dns1123("endpoint", config.endpoint_name)
+        record = ServiceRecord(
+            uuid=str(uuidlib.uuid4()), backend=self.backend, endpoint=config.endpoint_name, conn_id=self.conn_id,
+            model_name=config.model_name, model_uri=config.model_uri,
+            config=self._validate_options(config.backend_options), state=ServiceState.PENDING,
+        )  # fmt: skip
+        record.served_uri, record.model_version, record.model_run_id = self._resolve(record.model_uri)
+        current = self._current(record.endpoint)
+        self._prepare_canary(
+            record, current if current and current.state == ServiceState.ACTIVE else None, persist=False
+        )
+        return self._manifest(record)
+
     def _resolve(self, model_uri: str) -> tuple[str, str | None, str | None]:
         """(storage URI Seldon downloads, registered version, run id) of an MLflow model URI."""
         if not model_uri.startswith(("models:/", "runs:/")):
@@ -329,7 +362,7 @@ class SeldonDeployer(BaseModelDeployer):
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def _prepare_canary(self, record: ServiceRecord, previous: ServiceRecord | None) -> None:
+    def _prepare_canary(self, record: ServiceRecord, previous: ServiceRecord | None, persist: bool = True) -> None:
         cfg = dict(record.config)
         canary = cfg.get("canary_of")
         if canary and canary.get("canary_uuid") != record.uuid:
@@ -352,19 +385,22 @@ class SeldonDeployer(BaseModelDeployer):
             }  # fmt: skip
         if cfg != record.config:
             record.config = cfg
-            self.registry.update_service(record.uuid, config=cfg)
+            if persist:
+                self.registry.update_service(record.uuid, config=cfg)
 
     def _launch(
         self, record: ServiceRecord, lease: EndpointLease, previous: ServiceRecord | None, timeout: float
     ) -> Launch:
+        owners = self._owners(record, previous)
+        before = self._read(record.endpoint)
+        check_ours(before, owners, "SeldonDeployment", self.settings.namespace)  # before anything is written
         storage, version, run_id = self._resolve(record.model_uri)
         record.served_uri, record.model_version, record.model_run_id = storage, version or record.model_version, run_id
         self._prepare_canary(record, previous)
         manifest = self._manifest(record)
-        before = self._read(record.endpoint)
         self._ensure_secret(record)
         try:
-            self._wait_available(record.endpoint, timeout, self._apply(manifest))
+            self._wait_available(record.endpoint, timeout, self._apply(manifest, owners))
             prediction_url, health_url = self.urls(record)
             self._smoke(record, prediction_url, health_url, timeout)
         except BaseException:
@@ -380,15 +416,30 @@ class SeldonDeployer(BaseModelDeployer):
         self._restored.add(record.uuid)
         try:
             if before is None:
-                self._delete_resource(record.endpoint)
-            else:
-                restore = {
-                    "metadata": {"labels": before["metadata"].get("labels") or {},
-                                 "annotations": before["metadata"].get("annotations") or {}},
-                    "spec": before["spec"],
-                }  # fmt: skip
-                written = self._apply({**restore, "metadata": {**restore["metadata"], "name": record.endpoint}})
+                current = self._read(record.endpoint)
+                if current is not None and _owner(current) == record.uuid:
+                    self._delete_resource(record.endpoint)
+                return
+            # Labels, annotations and spec exactly as they were (a merge patch of the old spec would
+            # keep what the failed one added), guarded by the resourceVersion, re-read on a 409.
+            from kubernetes.client.exceptions import ApiException
+
+            for _ in range(5):
+                current = self._read(record.endpoint)
+                if current is None or _owner(current) is None:
+                    return  # gone, or no longer ours: left as it is
+                try:
+                    written = self.hook.call(
+                        self.api.patch_namespaced_custom_object,
+                        m.GROUP, m.VERSION, self.settings.namespace, m.PLURAL, record.endpoint,
+                        restore_patch(current, before),
+                    )  # fmt: skip
+                except ApiException as exc:
+                    if exc.status == 409:
+                        continue
+                    raise
                 self._settle(record.endpoint, written)
+                return
         except Exception:
             log.exception("Could not restore SeldonDeployment %s after a failed rollout", record.endpoint)
 
@@ -456,7 +507,8 @@ class SeldonDeployer(BaseModelDeployer):
             ops += [{"op": "test", "path": f"/spec/predictors/{i}/name", "value": predictor["name"]},
                     {"op": "replace", "path": f"/spec/predictors/{i}/replicas", "value": 0}]  # fmt: skip
         try:
-            self.api.patch_namespaced_custom_object(
+            self.hook.call(
+                self.api.patch_namespaced_custom_object,
                 m.GROUP,
                 m.VERSION,
                 self.settings.namespace,
@@ -472,7 +524,9 @@ class SeldonDeployer(BaseModelDeployer):
         from kubernetes.client.exceptions import ApiException
 
         try:
-            self.api.delete_namespaced_custom_object(m.GROUP, m.VERSION, self.settings.namespace, m.PLURAL, name)
+            self.hook.call(
+                self.api.delete_namespaced_custom_object, m.GROUP, m.VERSION, self.settings.namespace, m.PLURAL, name
+            )
         except ApiException as exc:
             if exc.status != 404:
                 raise self._api_error(exc, name) from None
@@ -513,7 +567,7 @@ class SeldonDeployer(BaseModelDeployer):
         for pod in pods:
             kwargs = {"tail_lines": tail} if tail is not None else {}
             try:
-                text = core.read_namespaced_pod_log(pod, ns, container=m.MODEL_NODE, **kwargs)
+                text = self.hook.call(core.read_namespaced_pod_log, pod, ns, container=m.MODEL_NODE, **kwargs)
             except ApiException as exc:  # e.g. still initialising: the other pods' logs are worth showing
                 log.warning("No log from pod %s: HTTP %s: %s", pod, exc.status, _api_message(exc))
                 continue
@@ -534,9 +588,10 @@ class SeldonDeployer(BaseModelDeployer):
         streams = []
         for pod in pods:
             try:
-                stream = core.read_namespaced_pod_log(
-                    pod, ns, container=m.MODEL_NODE, follow=True, tail_lines=tail, _preload_content=False
-                )
+                stream = self.hook.call(
+                    core.read_namespaced_pod_log, pod, ns, container=m.MODEL_NODE, follow=True, tail_lines=tail,
+                    _preload_content=False, stream=True,
+                )  # fmt: skip
             except ApiException as exc:
                 log.warning("No log from pod %s: HTTP %s: %s", pod, exc.status, _api_message(exc))
                 continue
@@ -571,8 +626,13 @@ class SeldonDeployer(BaseModelDeployer):
                     stream.release_conn()
 
     def _discover(self) -> list[ServiceRecord] | None:
-        listing = self.api.list_namespaced_custom_object(
-            m.GROUP, m.VERSION, self.settings.namespace, m.PLURAL, label_selector=f"{m.MANAGED_LABEL}=true"
+        listing = self.hook.call(
+            self.api.list_namespaced_custom_object,
+            m.GROUP,
+            m.VERSION,
+            self.settings.namespace,
+            m.PLURAL,
+            label_selector=f"{m.MANAGED_LABEL}=true",
         )
         found = []
         for obj in listing.get("items", []):
@@ -580,6 +640,8 @@ class SeldonDeployer(BaseModelDeployer):
                 lin = json.loads((obj["metadata"].get("annotations") or {})[LINEAGE_ANNOTATION])
             except (KeyError, ValueError):
                 continue
+            if lin.get("uuid") != _owner(obj) or lin.get("endpoint") != obj["metadata"]["name"]:
+                continue  # labels and lineage disagree: not an object we wrote as it is
             status = obj.get("status") or {}
             scaled_down = all(int(p.get("replicas", 1)) == 0 for p in obj["spec"].get("predictors", []))
             if status.get("state") == "Failed":
@@ -616,7 +678,7 @@ class SeldonDeployer(BaseModelDeployer):
             before = self._read(record.endpoint)
             record.config = {k: v for k, v in record.config.items() if k not in CANARY_KEYS}
             try:
-                self._wait_available(record.endpoint, timeout, self._apply(self._manifest(record)))
+                self._wait_available(record.endpoint, timeout, self._apply(self._manifest(record), {record.uuid}))
             except BaseException:
                 self._restore(record, before)
                 raise
@@ -647,11 +709,19 @@ class SeldonDeployer(BaseModelDeployer):
 
         core = self.hook.core_v1()
         try:
-            core.read_namespaced_secret(name, self.settings.namespace)
-            return  # exists (ours from an earlier deployment, or the cluster admin's): leave it
+            existing = self.hook.call(core.read_namespaced_secret, name, self.settings.namespace)
         except ApiException as exc:
             if exc.status != 404:
                 raise self._api_error(exc, name) from None
+            existing = None
+        if existing is not None:
+            if (existing.metadata.labels or {}).get(CREATED_SECRET_LABEL) == "airflow-provider-modeldeploy":
+                return  # ours, from an earlier deployment
+            raise InvalidParameterError(
+                "storage_secret", name,
+                f"a Secret of this name exists in namespace {self.settings.namespace} and was not created by this "
+                "provider; it is left as it is: name another storage_secret (or drop storage_conn_id to use it)",
+            )  # fmt: skip
         conn = self.hook.get_connection(source)
         extra = conn.extra_dejson
         endpoint = extra.get("endpoint_url") or (extra.get("service_config") or {}).get("s3", {}).get("endpoint_url")
@@ -669,7 +739,7 @@ class SeldonDeployer(BaseModelDeployer):
             string_data=data, type="Opaque",
         )  # fmt: skip
         try:
-            core.create_namespaced_secret(self.settings.namespace, body)
+            self.hook.call(core.create_namespaced_secret, self.settings.namespace, body)
         except ApiException as exc:
             if exc.status != 409:  # created meanwhile by a parallel deployment: fine
                 raise self._api_error(exc, name) from None
@@ -683,17 +753,19 @@ class SeldonDeployer(BaseModelDeployer):
 
         core = self.hook.core_v1()
         try:
-            secret = core.read_namespaced_secret(name, self.settings.namespace)
+            secret = self.hook.call(core.read_namespaced_secret, name, self.settings.namespace)
         except ApiException:
             return
         if (secret.metadata.labels or {}).get(CREATED_SECRET_LABEL) != "airflow-provider-modeldeploy":
             return  # not ours: never delete a Secret the cluster admin made
-        listing = self.api.list_namespaced_custom_object(m.GROUP, m.VERSION, self.settings.namespace, m.PLURAL)
+        listing = self.hook.call(
+            self.api.list_namespaced_custom_object, m.GROUP, m.VERSION, self.settings.namespace, m.PLURAL
+        )
         for obj in listing.get("items", []):
             for p in obj["spec"].get("predictors", []):
                 if (p.get("graph") or {}).get("envSecretRefName") == name:
                     return  # still used by another deployment
-        core.delete_namespaced_secret(name, self.settings.namespace)
+        self.hook.call(core.delete_namespaced_secret, name, self.settings.namespace)
 
 
 def _api_message(exc: Any) -> str:
@@ -717,7 +789,7 @@ def _pod_ready(pod: Any) -> bool:
 
 
 def _owner(obj: dict[str, Any]) -> str | None:
-    return ((obj.get("metadata") or {}).get("labels") or {}).get(m.SERVICE_LABEL)
+    return owner(obj)
 
 
 def _label_value(value: str) -> str:

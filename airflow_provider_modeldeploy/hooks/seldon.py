@@ -17,9 +17,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from airflow.sdk import BaseHook
-
 from airflow_provider_modeldeploy.exceptions import InvalidParameterError
+from airflow_provider_modeldeploy.hooks.kubernetes_cluster import KubernetesClusterHook
 
 IMPLEMENTATIONS = (
     "MLFLOW_SERVER",
@@ -67,40 +66,16 @@ class SeldonSettings:
         }  # fmt: skip
 
 
-def _get_kubernetes_hook_class() -> type:
-    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
-
-    return KubernetesHook
-
-
-class SeldonDeployerHook(BaseHook):
+class SeldonDeployerHook(KubernetesClusterHook):
     """Kubernetes API access and Seldon settings from a ``modeldeploy_seldon`` connection.
 
     :param conn_id: the Airflow connection id.
     :param connection: the connection when the caller already looked it up.
     """
 
-    conn_name_attr = "conn_id"
     default_conn_name = "modeldeploy_seldon_default"
     conn_type = "modeldeploy_seldon"
     hook_name = "Model Deploy: Seldon Core (Kubernetes)"
-
-    def __init__(self, conn_id: str | None = None, connection: Any = None) -> None:
-        super().__init__()
-        self.conn_id = conn_id
-        self._connection = connection
-        self._k8s: Any = None
-
-    @property
-    def connection(self) -> Any:
-        if self._connection is None:
-            self._connection = self.get_connection(self.conn_id)
-        return self._connection
-
-    @property
-    def extras(self) -> dict[str, Any]:
-        conn = self.connection
-        return dict(conn.extra_dejson) if hasattr(conn, "extra_dejson") else {}
 
     def get_settings(self) -> SeldonSettings:
         extra = self.extras
@@ -131,36 +106,13 @@ class SeldonDeployerHook(BaseHook):
             tracking_uri=extra.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"),
         )  # fmt: skip
 
-    def kubernetes_hook(self) -> Any:
-        """The cncf-kubernetes hook on the same connection (kubeconfig / context / in-cluster)."""
-        if self._k8s is None:
-            hook_cls = _get_kubernetes_hook_class()
-            hook = hook_cls(conn_id=None)
-            extras = self.extras
-            # KubernetesHook would look the connection up by id and insist on its own type; hand it
-            # this connection's extras instead, which it reads exactly as it reads its own.
-            hook.__dict__["conn_extras"] = extras
-            self._k8s = hook
-        return self._k8s
-
-    def get_conn(self) -> Any:
-        """The kubernetes ``ApiClient``."""
-        return self.kubernetes_hook().api_client
-
-    def core_v1(self) -> Any:
-        return self.kubernetes_hook().core_v1_client
-
-    def custom_objects(self) -> Any:
-        from kubernetes import client
-
-        return client.CustomObjectsApi(self.get_conn())
-
     def test_connection(self) -> tuple[bool, str]:
         try:
             settings = self.get_settings()
-            self.custom_objects().list_namespaced_custom_object(
-                "machinelearning.seldon.io", "v1", settings.namespace, "seldondeployments", limit=1
-            )
+            self.call(
+                self.custom_objects().list_namespaced_custom_object,
+                "machinelearning.seldon.io", "v1", settings.namespace, "seldondeployments", limit=1,
+            )  # fmt: skip
         except Exception as exc:
             return False, f"{type(exc).__name__}: {exc}"[:500]
         return True, f"SeldonDeployments readable in namespace {settings.namespace}"

@@ -389,6 +389,17 @@ def create_app() -> FastAPI:
 
         return await _run(request, user, uuid, "rollback", "POST", body.wait, work, target_dag)
 
+    @app.post("/api/services/{uuid}/promote", response_model=ActionResult, summary="Give a canary all the traffic")
+    async def promote(request: Request, user: Writer, uuid: _UUID, body: ActionBody) -> Response:
+        def work(service: Any) -> tuple[str, dict[str, Any] | None]:
+            promoted = service.promote(timeout=body.timeout, actor=actor_of(user))
+            return (
+                f"{promoted.record.endpoint}: canary {promoted.uuid} takes all the traffic",
+                service_json(promoted.record, airflow_base(request)),
+            )
+
+        return await _run(request, user, uuid, "promote", "POST", body.wait, work)
+
     @app.delete("/api/services/{uuid}", response_model=ActionResult, summary="Stop and remove a service")
     async def delete(request: Request, user: Writer, uuid: _UUID, wait: Annotated[float, Query(ge=0, le=30)] = 10):
         def work(service: Any) -> tuple[str, dict[str, Any] | None]:

@@ -18,6 +18,10 @@ update while the last Available predictors serve until the new ones are ready. A
 model servers split by the predictors' ``traffic`` weights, and logs each request in the model's pod
 log as the model container's web server would.
 
+The KServe controller stand-in (``kserve.py``) does the same for InferenceServices
+(``serving.kserve.io/v1beta1``, 422s from the shipped KServe CRD), with predictor pods running the
+chosen runtime for real and an ingress at ``/serving/<ns>/<name>/...``; ServiceAccounts are stored.
+
 Test control: ``POST /emulator/conflicts {"count": n}`` makes the next n writes that carry a
 resourceVersion lose a race to a (simulated) concurrent writer: the object changes and they get 409.
 """
@@ -45,9 +49,18 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
+from k8s_emulator import kserve
+
 SERVER_MODULE = "airflow_provider_modeldeploy.serving.mlflow_server"
 SD = ("apis/machinelearning.seldon.io/v1", "seldondeployments", "SeldonDeployment")
-KINDS = {"seldondeployments": "SeldonDeployment", "secrets": "Secret", "pods": "Pod"}
+KINDS = {
+    "seldondeployments": "SeldonDeployment",
+    "inferenceservices": "InferenceService",
+    "secrets": "Secret",
+    "serviceaccounts": "ServiceAccount",
+    "pods": "Pod",
+}
+GROUPS = {"seldondeployments": "machinelearning.seldon.io", "inferenceservices": "serving.kserve.io"}
 LOCK = threading.RLock()
 
 
@@ -236,6 +249,7 @@ class Cluster:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
+        self.url = ""  # where this emulator answers (InferenceServices' status.url is under it)
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.rv = 0
         self.conflicts = 0
@@ -255,9 +269,7 @@ class Cluster:
             raise ApiError(
                 404,
                 "NotFound",
-                f'{plural}.{"machinelearning.seldon.io" if plural == SD[1] else ""} "{name}" not found'.replace(
-                    ". ", " "
-                ),
+                f'{plural}.{GROUPS.get(plural, "")} "{name}" not found'.replace(". ", " "),
             )
         return obj
 
@@ -271,6 +283,14 @@ class Cluster:
                     "Invalid",
                     f'SeldonDeployment.machinelearning.seldon.io "{obj.get("metadata", {}).get("name")}" is invalid: {detail}',
                 )
+        if plural == kserve.PLURAL:
+            errors = kserve.schema_errors(obj)
+            if errors:
+                detail = "; ".join(f"{path}: {msg}" for path, msg in errors)
+                raise ApiError(
+                    422, "Invalid",
+                    f'InferenceService.serving.kserve.io "{obj.get("metadata", {}).get("name")}" is invalid: {detail}',
+                )  # fmt: skip
         name = obj.get("metadata", {}).get("name") or ""
         if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name) or len(name) > 253:
             raise ApiError(
@@ -293,6 +313,8 @@ class Cluster:
         )
         if plural == SD[1]:
             obj["status"] = {"state": "Creating"}
+        if plural == kserve.PLURAL:
+            obj["status"] = {}
         self.objects[key] = obj
         return obj
 
@@ -341,6 +363,8 @@ class Cluster:
             for key in [k for k in self.servers if k[:2] == (ns, name)]:
                 self.servers.pop(key).stop()
             self.serving.pop((ns, name), None)
+        if plural == kserve.PLURAL:
+            kserve.forget(self, ns, name)
         return {"kind": "Status", "apiVersion": "v1", "status": "Success", "details": {"name": name, "kind": plural}}
 
     def pods(self, ns: str) -> list[dict[str, Any]]:
@@ -399,6 +423,7 @@ class Cluster:
         while not self.stopping.is_set():
             try:
                 self.reconcile()
+                kserve.reconcile(self, LOCK)
             except Exception as exc:  # keep the loop alive; the test sees the state not moving
                 print(f"operator: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
             self.stopping.wait(0.1)
@@ -409,6 +434,7 @@ class Cluster:
             for server in self.servers.values():
                 server.stop()
             self.servers.clear()
+            kserve.shutdown()
 
     def route(self, ns: str, name: str) -> ModelServer | None:
         with LOCK:
@@ -504,12 +530,15 @@ class Handler(BaseHTTPRequestHandler):
             body = self._body()
             if parts.path.startswith("/seldon/"):
                 return self._ingress(method, parts.path, body)
+            if parts.path.startswith("/serving/"):
+                return self._send(*kserve.ingress(self.cluster, LOCK, method, parts.path, body))
             if parts.path == "/emulator/conflicts":
                 with LOCK:
                     self.cluster.conflicts = int((body or {}).get("count", 1))
                 return self._send(200, {"conflicts": self.cluster.conflicts})
             m = re.fullmatch(
-                r"/(api/v1|apis/machinelearning\.seldon\.io/v1)/namespaces/([^/]+)/(seldondeployments|secrets|pods)"
+                r"/(api/v1|apis/machinelearning\.seldon\.io/v1|apis/serving\.kserve\.io/v1beta1)/namespaces/([^/]+)/"
+                r"(seldondeployments|inferenceservices|secrets|serviceaccounts|pods)"
                 r"(?:/([^/]+))?(?:/(status|log))?",
                 parts.path,
             )
@@ -611,7 +640,7 @@ class Handler(BaseHTTPRequestHandler):
             )
         if server is None:
             raise ApiError(404, "NotFound", f'pods "{name}" not found')
-        containers = [server.node, "seldon-container-engine"]
+        containers = getattr(server, "containers", None) or [server.node, "seldon-container-engine"]
         container = query.get("container")
         if not container:
             raise ApiError(
@@ -815,6 +844,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster = Cluster(Path(args.workdir))
     Handler.cluster = cluster
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    cluster.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.daemon_threads = True
     operator = threading.Thread(target=cluster.run_operator, daemon=True)
     operator.start()
