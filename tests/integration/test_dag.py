@@ -27,7 +27,7 @@ from airflow_provider_modeldeploy.triggers.health import HealthOutcome, ServedMo
 CT_DAG = "continuous_training_mlflow"
 WINE = "wine-classifier"
 SEED = 1  # a fixed data split: a retrained model scores exactly like the served one
-TEST_DAGS = ROOT / "tests" / "dags"
+TEST_DAGS = ROOT / "tests" / "integration" / "dags"
 SENSOR_DAG = "modeldeploy_health_sensor"
 SENSOR_MODEL = "iris-sensor"
 
