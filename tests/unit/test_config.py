@@ -58,11 +58,12 @@ def test_a_private_dir_is_created_0700_and_accepted_again(tmp_path: Path) -> Non
     assert config.private_dir(path, "runtime_dir") == path
 
 
-def test_a_directory_others_can_use_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", [0o755, 0o750, 0o701, 0o710])
+def test_a_directory_others_can_use_is_refused(tmp_path: Path, mode: int) -> None:
     shared = tmp_path / "shared"
-    shared.mkdir(mode=0o755)
-    shared.chmod(0o755)
-    with pytest.raises(config.UnsafeDirectoryError, match="has mode 0755; it must be 0700") as info:
+    shared.mkdir()
+    shared.chmod(mode)
+    with pytest.raises(config.UnsafeDirectoryError, match=f"has mode {mode:04o}; it must be 0700") as info:
         config.private_dir(shared, "runtime_dir")
     assert str(info.value).startswith(f"runtime_dir={str(shared)!r}: ")
 

@@ -62,8 +62,10 @@ def test_a_unique_uuid_prefix_of_four_characters_finds_the_service(registry: Reg
     with pytest.raises(ServiceNotFoundError) as info:
         registry.get_service("abcd")  # two services start so
     assert "abcd1111-0000" in str(info.value) and "abcd2222-0000" in str(info.value)
-    with pytest.raises(ServiceNotFoundError):
-        registry.get_service("abc")  # shorter than 4: never a prefix
+    registry.add_service(record("fff01111-0000", endpoint="beer"))
+    assert registry.get_service("fff0").uuid == "fff01111-0000"
+    with pytest.raises(ServiceNotFoundError, match="no served model has this uuid"):
+        registry.get_service("fff")  # shorter than 4: never a prefix, even of one service only
     with pytest.raises(ServiceNotFoundError):
         registry.get_service("abcd_")  # '_' is not a LIKE wildcard here
 
