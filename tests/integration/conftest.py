@@ -88,11 +88,14 @@ def kill_pids(pids: set[int]) -> None:
 
 
 def servers_under(base: str) -> set[int]:
-    """Model servers whose working directory (their agent's state dir) is under ``base``."""
+    """Model servers whose working directory (their agent's state dir) is under ``base``.
+
+    Under it as a path, not as a string: ``/tmp/pytest-of-root/pytest-3`` is a string prefix of another
+    session's ``pytest-32``, and ``popen-gw1`` of its worker ``popen-gw10``; their servers are not ours."""
     pids = set()
     for pid in server_pids():
         with contextlib.suppress(psutil.Error):
-            if psutil.Process(pid).cwd().startswith(base):
+            if Path(psutil.Process(pid).cwd()).is_relative_to(base):
                 pids.add(pid)
     return pids
 
