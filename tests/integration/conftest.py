@@ -34,6 +34,28 @@ def iris_payload(rows: list[list[float]] | None = None) -> dict[str, Any]:
 SERVING_MODULES = (SERVER_MODULE, "airflow_provider_modeldeploy.serving.forkserver")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run in parallel (scripts/test.sh: pytest-xdist, ``--dist loadgroup``), the tests that share a
+    module-scoped fixture (a deployed service, an api-server, a cluster) go to one worker: the fixture
+    is set up once, not once per worker. Any other test may run on any worker."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info and any(d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs):
+            _xdist_group(config, item, item.module.__name__)
+
+
+def _xdist_group(config: pytest.Config, item: pytest.Item, name: str) -> None:
+    """Mark ``item`` as of the xdist group ``name``. The scheduler groups by a ``@name`` suffix of the
+    node id, which pytest-xdist (3.8) writes to ``item._nodeid``; pytest 9.2 reads node ids from
+    ``item._id``, so the suffix is written there too (else every group is silently ignored)."""
+    item.add_marker(pytest.mark.xdist_group(name))
+    if getattr(config.option, "loadgroup", False) and "@" not in item.nodeid and hasattr(item, "_id"):
+        from _pytest.nodeid import coerce_node_id
+
+        item._id = coerce_node_id(f"{item.nodeid}@{name}")
+
+
 def server_pids() -> set[int]:
     """Model server processes (masters and workers), started by an agent's fork server or exec'd.
     The fork server itself (cwd /) shares their command line and is not one of them."""
