@@ -122,6 +122,15 @@ def servers_under(base: str) -> set[int]:
     return pids
 
 
+def _describe(pid: int) -> str:
+    """A model server for a message: pid, working directory (which agent) and command line (which service)."""
+    try:
+        proc = psutil.Process(pid)
+        return f"{pid} in {proc.cwd()}: {' '.join(proc.cmdline())[:300]}"
+    except psutil.Error:
+        return f"{pid} (gone)"
+
+
 def agent_servers() -> set[int]:
     """Model-server processes of the session's serving agent (they run in its state directory)."""
     return servers_under(os.environ["AIRFLOW__MODELDEPLOY__AGENT_STATE_DIR"])
@@ -159,6 +168,7 @@ def no_server_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     yield
     stop_agents(run_dir)
     left = servers_under(str(base))
+    described = sorted(_describe(pid) for pid in left)  # which server, before it is killed
     kill_pids(left)
     shutil.rmtree(run_dir, ignore_errors=True)
     for key, value in saved.items():
@@ -166,7 +176,7 @@ def no_server_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    assert not left, f"model server processes left running after the suite: {sorted(left)}"
+    assert not left, "model server processes left running after the suite:\n" + "\n".join(described)
 
 
 @pytest.fixture(scope="session")
