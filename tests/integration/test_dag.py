@@ -185,7 +185,12 @@ def test_tasks_test_deploy_then_deferrable_sensor(
     airflow_home: Path, mlflow_models: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(TEST_DAGS))
-    env = {"AIRFLOW__CORE__DAGS_FOLDER": str(TEST_DAGS), "PYTHONUNBUFFERED": "1"}
+    # The service is stopped, then started again at its URL: on a port no other deployment tries.
+    env = {
+        "AIRFLOW__CORE__DAGS_FOLDER": str(TEST_DAGS),
+        "PYTHONUNBUFFERED": "1",
+        "MODELDEPLOY_TEST_PORT": str(free_port()),
+    }
     ok(run_airflow(airflow_home, "db", "migrate"))
     ok(run_airflow(airflow_home, "dags", "reserialize", **env))  # `tasks test` reads the DAG from the database
 
