@@ -708,8 +708,8 @@ print(get_model_deployer().deploy_model(ServiceConfig(model_uri=sys.argv[1], mod
 
 def bench_remote_stop(b: Bench) -> dict[str, Any]:
     """``stop_model_server`` timed in one process on the serving host and in one on another host
-    (Linux namespaces, tests/multihost.py), both acting through the serving host's agent."""
-    sys.path.insert(0, str(ROOT / "tests"))
+    (Linux namespaces, tests/integration/multihost.py), both acting through the serving host's agent."""
+    sys.path.insert(0, str(ROOT / "tests" / "integration"))
     from multihost import Network, available
 
     if available() is not None:

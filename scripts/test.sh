@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One command for the tests: set up (venv, dependencies), lint, then run the whole suite against
-# real Airflow, real MLflow, real model-server processes and the PostgreSQL on 127.0.0.1:5432.
-# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k cli`.
+# One command for the tests: set up (venv, dependencies), lint, then the unit tests (tests/unit: in-process,
+# mocked clients, under a minute), then the integration tests (tests/integration: real Airflow, MLflow,
+# model-server processes, Chromium, the Kubernetes emulator and the PostgreSQL on 127.0.0.1:5432), these
+# in parallel with pytest-xdist. Extra arguments go to both pytest runs, e.g. `bash scripts/test.sh -k cli`;
+# MODELDEPLOY_TEST_WORKERS sets the number of integration workers (0: no xdist, one process).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -20,8 +22,37 @@ fi
 echo ">> ruff"
 ruff check .
 ruff format --check .
-echo ">> pytest"
+
 # Never the checkout's package: neither pytest (-P) nor any Python it starts puts the current
-# directory first on sys.path, so every process imports the installed wheel (conftest.py checks).
+# directory first on sys.path, so every process imports the installed wheel (tests/installed_wheel.py checks).
 export PYTHONSAFEPATH=1
-exec python -P -m pytest -p no:cacheprovider -rs "$@"
+# Integration workers: one per CPU, at least 2 (most of a test's time is other processes starting and
+# answering). Each worker has its own serving agent, MLflow store,
+# directories and PostgreSQL schemas; tests sharing a module fixture stay on one worker (--dist loadgroup).
+WORKERS="${MODELDEPLOY_TEST_WORKERS:-$(python -c 'import os; print(max(2, len(os.sched_getaffinity(0))))')}"
+XDIST=(-n "$WORKERS" --dist loadgroup)
+[ "$WORKERS" = 0 ] && XDIST=(-p no:xdist)
+
+collected=0
+run() {  # pytest; "no tests collected" (5, e.g. -k matching none of one part) is not a failure
+  local rc=0
+  python -P -m pytest -p no:cacheprovider -rs "$@" || rc=$?
+  if [ "$rc" = 5 ]; then return 0; fi
+  [ "$rc" = 0 ] && collected=1
+  return "$rc"
+}
+for arg in "$@"; do
+  if [ -e "${arg%%::*}" ]; then  # paths given (a file, a directory, a test id): one run of those
+    echo ">> pytest"
+    run "${XDIST[@]}" "$@"
+    exit
+  fi
+done
+echo ">> pytest: unit tests"
+run tests/unit "$@"
+echo ">> pytest: integration tests (${WORKERS} workers)"
+run "${XDIST[@]}" tests/integration "$@"
+if [ "$collected" = 0 ]; then
+  echo "!! no test matched: $*" >&2
+  exit 5
+fi

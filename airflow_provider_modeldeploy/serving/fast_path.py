@@ -20,7 +20,7 @@ A request is answered here only when all of this holds (else :meth:`FastPath.ans
 
 The estimator then gets the rows as one NumPy array in the signature's column order, with the dtype
 the DataFrame would have been converted to, and the answer is formatted by MLflow's own
-``predictions_to_json``. ``tests/test_fast_path.py`` checks byte-equal answers against MLflow's app.
+``predictions_to_json``. ``tests/integration/test_fast_path.py`` checks byte-equal answers against MLflow's app.
 
 Two guards cover estimators that treat a DataFrame differently from an array (a ColumnTransformer
 selecting columns by name, a custom step using pandas): the server compares both paths on the

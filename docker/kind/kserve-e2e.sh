@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Run the KServe end-to-end tests (tests/test_kserve.py) against a REAL kind cluster with KServe
+# Run the KServe end-to-end tests (tests/integration/test_kserve.py) against a REAL kind cluster with KServe
 # v0.20.0 in Standard mode (Deployments + Services, no Knative), ingress-nginx and MinIO, instead of
 # the Kubernetes API emulator. The provider acts as the ServiceAccount of modeldeploy-rbac.yaml, so
 # the documented RBAC is what is tested. Needs docker, kind, kubectl and helm, and network access to
 # the container registries: it cannot run on the project's CI machines and has not been run (see
 # README.md); expect to fix details on its first run.
 #
-#   docker/kind/kserve-e2e.sh            # create the cluster, install, run tests/test_kserve.py
+#   docker/kind/kserve-e2e.sh            # create the cluster, install, run tests/integration/test_kserve.py
 #   KEEP_CLUSTER=1 docker/kind/kserve-e2e.sh
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -87,4 +87,4 @@ cd "$root"
 source scripts/setup.sh
 .venv/bin/python -m uv pip install --quiet --python .venv/bin/python boto3  # MLflow's S3 artifact store
 .venv/bin/python -c 'import boto3, os; boto3.client("s3", endpoint_url=os.environ["MLFLOW_S3_ENDPOINT_URL"]).create_bucket(Bucket="mlflow")'
-.venv/bin/python -m pytest tests/test_kserve.py -v
+.venv/bin/python -m pytest tests/integration/test_kserve.py -v

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Run the Seldon end-to-end tests (tests/test_seldon.py) against a REAL kind cluster with Seldon
+# Run the Seldon end-to-end tests (tests/integration/test_seldon.py) against a REAL kind cluster with Seldon
 # Core 1.19 and Istio, instead of the Kubernetes API emulator. Needs docker, kind, kubectl, helm and
 # istioctl, and network access to the container registries: it cannot run on the project's CI
 # machines, and has not been run (see README.md).
 #
-#   docker/kind/run-e2e.sh            # create the cluster, install, run tests/test_seldon.py
+#   docker/kind/run-e2e.sh            # create the cluster, install, run tests/integration/test_seldon.py
 #   KEEP_CLUSTER=1 docker/kind/run-e2e.sh
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -40,9 +40,9 @@ kubectl -n models create secret generic e2e-model-storage \
   --from-literal=RCLONE_CONFIG_S3_SECRET_ACCESS_KEY="$minio_password" \
   --from-literal=RCLONE_CONFIG_S3_ENDPOINT=http://minio.models.svc.cluster.local:9000
 
-# tests/seldon_env.py reads these instead of starting the emulator: the cluster's kubeconfig,
+# tests/integration/seldon_env.py reads these instead of starting the emulator: the cluster's kubeconfig,
 # namespace and ingress, how long a rollout may take, the storage Secret and MinIO endpoint the
-# model pods use. tests/conftest.py stores the session's MLflow models under
+# model pods use. tests/integration/conftest.py stores the session's MLflow models under
 # MODELDEPLOY_E2E_ARTIFACT_ROOT (MinIO, reached from here on localhost:30900).
 export MODELDEPLOY_E2E_KUBECONFIG="$kubeconfig"
 export MODELDEPLOY_E2E_NAMESPACE=models
@@ -58,4 +58,4 @@ cd "$root"
 source scripts/setup.sh
 .venv/bin/python -m uv pip install --quiet --python .venv/bin/python boto3  # MLflow's S3 artifact store
 .venv/bin/python -c 'import boto3, os; boto3.client("s3", endpoint_url=os.environ["MLFLOW_S3_ENDPOINT_URL"]).create_bucket(Bucket="mlflow")'
-.venv/bin/python -m pytest tests/test_seldon.py -v
+.venv/bin/python -m pytest tests/integration/test_seldon.py -v

@@ -1,8 +1,8 @@
 """The Seldon Core backend end to end: the real hook and kubernetes client, real MLflow models.
 
-By default against the Kubernetes API *emulator* (tests/k8s_emulator), whose Seldon stand-in serves
+By default against the Kubernetes API *emulator* (tests/integration/k8s_emulator), whose Seldon stand-in serves
 the models with real model-server processes; with ``MODELDEPLOY_E2E_KUBECONFIG`` the same tests run
-against a real cluster with Seldon Core (docker/kind/run-e2e.sh, see tests/seldon_env.py). The tests
+against a real cluster with Seldon Core (docker/kind/run-e2e.sh, see tests/integration/seldon_env.py). The tests
 read the cluster only as a client can: the kubernetes API and the prediction URLs.
 """
 
@@ -356,7 +356,10 @@ def test_promote_and_rollback_operators(
     )
     url, v1, v2 = first.prediction_url, first.record.served_uri, canary.record.served_uri
     assert versions(url, 40) == {"v1", "v2"}
-    env = {"AIRFLOW_CONN_SELDON": cluster.conn_json(), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "tests" / "dags")}
+    env = {
+        "AIRFLOW_CONN_SELDON": cluster.conn_json(),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "tests" / "integration" / "dags"),
+    }
     airflow_ok(airflow_home, env, "db", "migrate")
     airflow_ok(airflow_home, env, "dags", "reserialize")
 
@@ -396,7 +399,7 @@ def test_secrets_never_leak_sensor_cli_and_sync(
     env = {
         "AIRFLOW_CONN_SELDON": cluster.conn_json(storage_secret="model-storage", storage_conn_id="minio"),
         "AIRFLOW_CONN_MINIO": json.dumps(minio),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "tests" / "dags"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "tests" / "integration" / "dags"),
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)

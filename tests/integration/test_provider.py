@@ -18,10 +18,8 @@ import pytest
 from conftest import ROOT
 
 from airflow_provider_modeldeploy import __version__
-from airflow_provider_modeldeploy.exceptions import InvalidParameterError
 from airflow_provider_modeldeploy.get_provider_info import get_provider_info
-from airflow_provider_modeldeploy.hooks.mlflow_local import MlflowDeployerHook, parse_port_range
-from airflow_provider_modeldeploy.services import ServiceConfig
+from airflow_provider_modeldeploy.hooks.mlflow_local import MlflowDeployerHook
 
 PACKAGE = "airflow-provider-modeldeploy"
 CONN_TYPE = "modeldeploy_mlflow"
@@ -204,119 +202,6 @@ def test_importing_operators_and_sensors_is_cheap(tmp_path: Path) -> None:
     )
     added = sorted(set(found["after"]) - set(found["baseline"]))
     assert added == [], f"importing the operators and sensors imports {added}"
-
-
-# -- validation helpers ------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "name", ["a", "iris", "Iris-2", "wine.classifier_v2", "a" * 63, "0", "x-y.z_9", "A1"], ids=lambda n: n[:12]
-)
-def test_service_config_accepts(name: str) -> None:
-    ServiceConfig(model_uri="models:/iris/1", model_name=name).validate()
-    ServiceConfig(model_uri="models:/iris/1", model_name="m", endpoint=name).validate()
-
-
-@pytest.mark.parametrize(
-    "name", ["", "-x", "x-", ".x", "x_", "Bad Name!", "a" * 64, "a/b", "é", "a b", None, 7], ids=repr
-)
-def test_service_config_refuses_names(name: Any) -> None:
-    with pytest.raises(InvalidParameterError) as info:
-        ServiceConfig(model_uri="models:/iris/1", model_name=name).validate()
-    assert info.value.field == "model_name" and info.value.value == name
-    assert str(info.value).startswith(f"model_name={name!r}: ")
-    if name is not None:  # endpoint=None means "the model name"
-        with pytest.raises(InvalidParameterError) as info:
-            ServiceConfig(model_uri="models:/iris/1", model_name="ok", endpoint=name).validate()
-        assert info.value.field == "endpoint" and info.value.value == name
-
-
-def test_service_config_endpoint_and_options() -> None:
-    config = ServiceConfig(model_uri="models:/iris/1", model_name="iris", workers=2)
-    assert config.endpoint_name == "iris" and config.backend_options == {"workers": 2}
-    assert ServiceConfig(model_uri="models:/iris/1", model_name="iris", endpoint="prod").endpoint_name == "prod"
-    assert "workers=2" in repr(config)
-
-
-@pytest.mark.parametrize(
-    "uri",
-    [
-        "runs:/0123456789abcdef/model",
-        "runs:/abc/nested/model",
-        "models:/iris/1",
-        "models:/iris/latest",
-        "models:/iris/Production",
-        "models:/iris@champion",
-        "models:/m-0123456789abcdef",
-        "/tmp/model",
-        "relative/model",
-        "file:///tmp/model",
-        "mlflow-artifacts:/1/abc/artifacts/model",
-        "s3://bucket/model",
-        "gs://bucket/model",
-        "https://example.com/model",
-        "C:/models/iris",
-    ],
-)
-def test_model_uri_accepts(uri: str) -> None:
-    ServiceConfig(model_uri=uri, model_name="m").validate()
-
-
-@pytest.mark.parametrize(
-    "uri",
-    [
-        "",
-        " ",
-        " models:/iris/1",
-        "models:/iris/1 ",
-        "models:/",
-        "models:/iris/1/extra",
-        "models:/iris@",
-        "models:/iris/",
-        "models:/@alias",
-        "runs:/",
-        "runs:/abc",
-        "runs:/abc/",
-        "foo://x",
-        "ftpx://x",
-        None,
-        42,
-    ],
-    ids=repr,
-)
-def test_model_uri_refuses(uri: Any) -> None:
-    with pytest.raises(InvalidParameterError) as info:
-        ServiceConfig(model_uri=uri, model_name="m").validate()
-    assert info.value.field == "model_uri" and info.value.value == uri
-    assert str(info.value).startswith(f"model_uri={uri!r}: ")
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        ("5200-5399", (5200, 5399)),
-        (" 5200 - 5399 ", (5200, 5399)),
-        ("5200", (5200, 5200)),
-        (5200, (5200, 5200)),
-        ("1-65535", (1, 65535)),
-        ("65535-65535", (65535, 65535)),
-        ("80-80", (80, 80)),
-    ],
-)
-def test_parse_port_range(value: Any, expected: tuple[int, int]) -> None:
-    assert parse_port_range(value) == expected
-
-
-@pytest.mark.parametrize(
-    "value",
-    ["5399-5200", "0-10", "0", "1-65536", "70000", "abc", "", None, "1-2-3", "-5", "5200-", "5200:5300", "1.5-2", True],
-    ids=repr,
-)
-def test_parse_port_range_refuses(value: Any) -> None:
-    with pytest.raises(InvalidParameterError) as info:
-        parse_port_range(value)
-    assert info.value.field == "port_range" and info.value.value == value
-    assert str(info.value).startswith(f"port_range={value!r}: ")
 
 
 # -- the example DAG ---------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """A real ``airflow api-server`` with SimpleAuthManager (admin + viewer) for the Served Models view.
 
-Used by tests/test_ui*.py and by bench/ui_latency.py. The server runs in its own AIRFLOW_HOME with
+Used by tests/integration/test_ui*.py and by bench/ui_latency.py. The server runs in its own AIRFLOW_HOME with
 the provider installed, so it loads the provider's plugin exactly as ``airflow standalone`` does.
 """
 
@@ -25,7 +25,7 @@ import httpx
 import psutil
 from conftest import airflow_env
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "/served-models"
 
 

@@ -1,6 +1,6 @@
 """The KServe backend end to end: the real hook and kubernetes client, real MLflow models.
 
-By default against the Kubernetes API *emulator* (tests/k8s_emulator), whose KServe stand-in runs
+By default against the Kubernetes API *emulator* (tests/integration/k8s_emulator), whose KServe stand-in runs
 each predictor with the runtime it names, loading models as that runtime does; with
 ``MODELDEPLOY_E2E_KUBECONFIG`` the same tests run against a real cluster with KServe in Standard
 mode (docker/kind/kserve-e2e.sh; ``MODELDEPLOY_E2E_KSERVE_URL_TEMPLATE`` tells where the

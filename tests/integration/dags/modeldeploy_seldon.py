@@ -22,7 +22,7 @@ from airflow_provider_modeldeploy.sensors import ServedModelHealthSensor
 
 MODEL_NAME = "iris-seldon"
 OPS_MODEL_NAME = "iris-ops"
-#: A real cluster pulls images and downloads models: tests/seldon_env.py passes its rollout timeout.
+#: A real cluster pulls images and downloads models: tests/integration/seldon_env.py passes its rollout timeout.
 TIMEOUT = int(float(os.environ.get("MODELDEPLOY_E2E_TIMEOUT", "240")))
 SAMPLE_INPUT = {
     "data": {

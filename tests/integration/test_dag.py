@@ -27,7 +27,7 @@ from airflow_provider_modeldeploy.triggers.health import HealthOutcome, ServedMo
 CT_DAG = "continuous_training_mlflow"
 WINE = "wine-classifier"
 SEED = 1  # a fixed data split: a retrained model scores exactly like the served one
-TEST_DAGS = ROOT / "tests" / "dags"
+TEST_DAGS = ROOT / "tests" / "integration" / "dags"
 SENSOR_DAG = "modeldeploy_health_sensor"
 SENSOR_MODEL = "iris-sensor"
 
@@ -185,7 +185,12 @@ def test_tasks_test_deploy_then_deferrable_sensor(
     airflow_home: Path, mlflow_models: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(TEST_DAGS))
-    env = {"AIRFLOW__CORE__DAGS_FOLDER": str(TEST_DAGS), "PYTHONUNBUFFERED": "1"}
+    # The service is stopped, then started again at its URL: on a port no other deployment tries.
+    env = {
+        "AIRFLOW__CORE__DAGS_FOLDER": str(TEST_DAGS),
+        "PYTHONUNBUFFERED": "1",
+        "MODELDEPLOY_TEST_PORT": str(free_port()),
+    }
     ok(run_airflow(airflow_home, "db", "migrate"))
     ok(run_airflow(airflow_home, "dags", "reserialize", **env))  # `tasks test` reads the DAG from the database
 

@@ -6,6 +6,8 @@ The sensor picks the service by model name, so ``airflow tasks test`` can run it
 
 from __future__ import annotations
 
+import os
+
 from airflow.sdk import DAG
 
 from airflow_provider_modeldeploy.operators import DeployModelOperator
@@ -19,8 +21,18 @@ SAMPLE_INPUT = {
     }
 }
 
+#: The test stops the service and starts it again at its URL: it passes a port of the kernel's ephemeral
+#: range, as the default range's first ports are what every other deployment (other test workers) tries.
+PORT = os.environ.get("MODELDEPLOY_TEST_PORT")
+
 with DAG(dag_id="modeldeploy_health_sensor", schedule=None, catchup=False, tags=["tests"]):
-    deploy = DeployModelOperator(task_id="deploy", model_uri="models:/iris/1", model_name=MODEL_NAME, timeout=300)
+    deploy = DeployModelOperator(
+        task_id="deploy",
+        model_uri="models:/iris/1",
+        model_name=MODEL_NAME,
+        timeout=300,
+        backend_options={"port": int(PORT)} if PORT else None,
+    )
     wait = ServedModelHealthSensor(
         task_id="wait",
         model_name=MODEL_NAME,

@@ -20,21 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _installed_package_only() -> None:
-    """The tests are of the installed wheel (scripts/test.sh builds and installs it): stop at once if
-    the package would come from this checkout, here or in any Python process the tests start."""
-    import airflow_provider_modeldeploy
-
-    where = Path(airflow_provider_modeldeploy.__file__).resolve()
-    if where.is_relative_to(ROOT / "airflow_provider_modeldeploy"):
-        pytest.exit(f"airflow_provider_modeldeploy is imported from the checkout ({where}); run scripts/test.sh", 2)
-    os.environ["PYTHONSAFEPATH"] = "1"  # no `python -c` started in ROOT imports the checkout either
-
-
-_installed_package_only()
+ROOT = Path(__file__).resolve().parents[2]
 SERVER_MODULE = "airflow_provider_modeldeploy.serving.mlflow_server"
 PG_BASE = os.environ.get("MODELDEPLOY_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 IRIS_COLUMNS = ["sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)"]
@@ -46,6 +32,28 @@ def iris_payload(rows: list[list[float]] | None = None) -> dict[str, Any]:
 
 
 SERVING_MODULES = (SERVER_MODULE, "airflow_provider_modeldeploy.serving.forkserver")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run in parallel (scripts/test.sh: pytest-xdist, ``--dist loadgroup``), the tests that share a
+    module-scoped fixture (a deployed service, an api-server, a cluster) go to one worker: the fixture
+    is set up once, not once per worker. Any other test may run on any worker."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info and any(d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs):
+            _xdist_group(config, item, item.module.__name__)
+
+
+def _xdist_group(config: pytest.Config, item: pytest.Item, name: str) -> None:
+    """Mark ``item`` as of the xdist group ``name``. The scheduler groups by a ``@name`` suffix of the
+    node id, which pytest-xdist (3.8) writes to ``item._nodeid``; pytest 9.2 reads node ids from
+    ``item._id``, so the suffix is written there too (else every group is silently ignored)."""
+    item.add_marker(pytest.mark.xdist_group(name))
+    if getattr(config.option, "loadgroup", False) and "@" not in item.nodeid and hasattr(item, "_id"):
+        from _pytest.nodeid import coerce_node_id
+
+        item._id = coerce_node_id(f"{item.nodeid}@{name}")
 
 
 def server_pids() -> set[int]:
@@ -102,13 +110,25 @@ def kill_pids(pids: set[int]) -> None:
 
 
 def servers_under(base: str) -> set[int]:
-    """Model servers whose working directory (their agent's state dir) is under ``base``."""
+    """Model servers whose working directory (their agent's state dir) is under ``base``.
+
+    Under it as a path, not as a string: ``/tmp/pytest-of-root/pytest-3`` is a string prefix of another
+    session's ``pytest-32``, and ``popen-gw1`` of its worker ``popen-gw10``; their servers are not ours."""
     pids = set()
     for pid in server_pids():
         with contextlib.suppress(psutil.Error):
-            if psutil.Process(pid).cwd().startswith(base):
+            if Path(psutil.Process(pid).cwd()).is_relative_to(base):
                 pids.add(pid)
     return pids
+
+
+def _describe(pid: int) -> str:
+    """A model server for a message: pid, working directory (which agent) and command line (which service)."""
+    try:
+        proc = psutil.Process(pid)
+        return f"{pid} in {proc.cwd()}: {' '.join(proc.cmdline())[:300]}"
+    except psutil.Error:
+        return f"{pid} (gone)"
 
 
 def agent_servers() -> set[int]:
@@ -148,6 +168,7 @@ def no_server_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     yield
     stop_agents(run_dir)
     left = servers_under(str(base))
+    described = sorted(_describe(pid) for pid in left)  # which server, before it is killed
     kill_pids(left)
     shutil.rmtree(run_dir, ignore_errors=True)
     for key, value in saved.items():
@@ -155,7 +176,7 @@ def no_server_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    assert not left, f"model server processes left running after the suite: {sorted(left)}"
+    assert not left, "model server processes left running after the suite:\n" + "\n".join(described)
 
 
 @pytest.fixture(scope="session")

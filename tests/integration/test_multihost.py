@@ -4,7 +4,7 @@ Four hosts made of Linux namespaces (``multihost.py``: own hostname, network and
 one registry on the machine's real PostgreSQL, reached by all of them:
 
 - ``serving`` runs ``airflow served-models agent --listen`` (TCP, with a shared token);
-- ``worker`` deploys with ``airflow tasks test`` (a real task of tests/dags);
+- ``worker`` deploys with ``airflow tasks test`` (a real task of tests/integration/dags);
 - ``api`` runs a real ``airflow api-server`` (SimpleAuthManager), the Served Models page's actions;
 - ``cli`` runs ``airflow served-models ...`` and predicts.
 
@@ -34,7 +34,7 @@ from multihost import Network, available
 
 AGENT_PORT = 7400
 API_PORT = 8080
-TEST_DAGS = ROOT / "tests" / "dags"
+TEST_DAGS = ROOT / "tests" / "integration" / "dags"
 DAG, MODEL = "modeldeploy_health_sensor", "iris-sensor"
 PREDICT = (
     "import httpx, json, sys; r = httpx.post(sys.argv[1], json=json.loads(sys.argv[2]), timeout=10); "
