@@ -36,7 +36,7 @@ def test_the_group_and_its_commands() -> None:
     assert group.name == "served-models"
     assert {c.name for c in group.subcommands} == {
         "list", "describe", "get-url", "logs", "start", "stop", "delete", "promote", "rollback", "sync",
-        "db-upgrade", "agent",
+        "db-upgrade", "agent", "render",
     }  # fmt: skip
 
 

@@ -8,7 +8,6 @@ from unittest import mock
 import pytest
 
 from airflow_provider_modeldeploy.exceptions import InvalidParameterError
-from airflow_provider_modeldeploy.hooks import seldon
 from airflow_provider_modeldeploy.hooks.seldon import SeldonDeployerHook, check_dns1123
 
 
@@ -75,7 +74,9 @@ def test_the_kubernetes_hook_reads_this_connections_extras(monkeypatch: pytest.M
         def __init__(self, conn_id: Any) -> None:
             made.append(conn_id)
 
-    monkeypatch.setattr(seldon, "_get_kubernetes_hook_class", lambda: FakeKubernetesHook)
+    from airflow.providers.cncf.kubernetes.hooks import kubernetes
+
+    monkeypatch.setattr(kubernetes, "KubernetesHook", FakeKubernetesHook)
     hook = SeldonDeployerHook(connection=Conn(namespace="models", kube_config_path="/k/config"))
     k8s = hook.kubernetes_hook()
     assert made == [None] and k8s.conn_extras == {"namespace": "models", "kube_config_path": "/k/config"}
@@ -88,7 +89,7 @@ def test_connection_test_lists_seldondeployments_in_the_namespace(monkeypatch: p
     monkeypatch.setattr(hook, "custom_objects", lambda: api)
     assert hook.test_connection() == (True, "SeldonDeployments readable in namespace models")
     api.list_namespaced_custom_object.assert_called_once_with(
-        "machinelearning.seldon.io", "v1", "models", "seldondeployments", limit=1
+        "machinelearning.seldon.io", "v1", "models", "seldondeployments", limit=1, _request_timeout=mock.ANY
     )
 
 

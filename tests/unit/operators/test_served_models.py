@@ -81,6 +81,7 @@ def test_templated_fields() -> None:
         "endpoint",
         "conn_id",
         "backend_options",
+        "reason",
     }
     for op in (
         StartServedModelOperator,
@@ -130,6 +131,7 @@ def test_stop_and_delete_act_on_every_match(found: dict[str, Any]) -> None:
     a, b = mock.Mock(wraps=None), mock.Mock(wraps=None)
     for m, uuid in ((a, "a" * 8), (b, "b" * 8)):
         m.to_dict.return_value = service(uuid=uuid).to_dict()
+        m.record = service(uuid=uuid).record
         m.stop.return_value = service(uuid=uuid, state=ServiceState.INACTIVE, prediction_url=None)
     found["services"] = [a, b]
     result = StopServedModelOperator(task_id="stop", filter_dag_id="ct", force=True, timeout=9).execute(context())
@@ -143,6 +145,7 @@ def test_stop_and_delete_act_on_every_match(found: dict[str, Any]) -> None:
 def test_start_promote_rollback_call_the_service(found: dict[str, Any]) -> None:
     svc = mock.Mock()
     svc.to_dict.return_value = service().to_dict()
+    svc.record = service().record
     for method in ("start", "promote", "rollback"):
         getattr(svc, method).return_value = service()
     found["services"] = [svc]
