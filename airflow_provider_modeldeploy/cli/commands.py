@@ -188,7 +188,10 @@ def render_manifest(args: Any) -> None:
     deployer = get_model_deployer(args.deploy_conn_id)
     config = ServiceConfig(model_uri=args.model_uri, model_name=args.model_name, endpoint=args.endpoint, **options)
     manifest = mask(deployer.render(config))
-    print(json.dumps(manifest, indent=2) if args.format == "json" else yaml.safe_dump(manifest, sort_keys=False))
+    print(
+        json.dumps(manifest, indent=2) if args.format == "json" else yaml.safe_dump(manifest, sort_keys=False),
+        file=_out(),
+    )
 
 
 @cli_errors
