@@ -22,13 +22,12 @@ from airflow_provider_modeldeploy.deployers.base import BaseModelDeployer, Launc
 from airflow_provider_modeldeploy.deployers.kserve_support import (
     CANARY_KEYS,
     CredentialsMixin,
-    follow_logs,
     label_value,
     merge_diff,
     pod_ready,
     pod_storage_uri,
 )
-from airflow_provider_modeldeploy.deployers.kubernetes_common import check_ours, owner, restore_patch
+from airflow_provider_modeldeploy.deployers.kubernetes_common import check_ours, follow_logs, owner, restore_patch
 from airflow_provider_modeldeploy.exceptions import DeploymentFailedError, InvalidParameterError
 from airflow_provider_modeldeploy.hooks.kserve import KServeDeployerHook, KServeSettings
 from airflow_provider_modeldeploy.hooks.kubernetes_cluster import api_message
@@ -537,7 +536,8 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
                 if not (follow and p.metadata.deletion_timestamp)]  # fmt: skip
         prefix = len(pods) > 1
         if follow:
-            yield from follow_logs(self.hook, pods, 10 if tail is None else tail, prefix)
+            lines = 10 if tail is None else tail
+            yield from follow_logs(lambda pod: self.hook.stream_pod_log(pod, lines), pods, prefix)
             return
         for pod in pods:
             try:

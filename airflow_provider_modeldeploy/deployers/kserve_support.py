@@ -3,9 +3,7 @@ pod inspection and log following."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -16,7 +14,6 @@ from airflow_provider_modeldeploy.kserve import manifests as m
 __all__ = [
     "CANARY_KEYS",
     "CredentialsMixin",
-    "follow_logs",
     "label_value",
     "merge_diff",
     "pod_ready",
@@ -36,56 +33,6 @@ def pod_storage_uri(pod: Any) -> str | None:
         if container.name == "storage-initializer" and container.args:
             return container.args[0]
     return None
-
-
-def follow_logs(hook: Any, pods: list[str], tail: int, prefix: bool) -> Iterator[str]:
-    """One streaming log request per pod, read by a thread each into one queue, so that a quiet pod
-    holds up no other; ends when every stream ends (the pods went away) or the caller stops."""
-    import queue
-    import threading
-
-    from kubernetes.client.exceptions import ApiException
-    from kubernetes.watch.watch import iter_resp_lines
-
-    from airflow_provider_modeldeploy.hooks.kubernetes_cluster import api_message
-
-    lines: queue.Queue[str | None] = queue.Queue()
-    streams = []
-    for pod in pods:
-        try:
-            stream = hook.stream_pod_log(pod, tail)
-        except ApiException as exc:
-            log.warning("No log from pod %s: HTTP %s: %s", pod, exc.status, api_message(exc))
-            continue
-        streams.append(stream)
-
-        def pump(stream: Any = stream, pod: str = pod) -> None:
-            try:
-                for line in iter_resp_lines(stream):
-                    lines.put(f"[{pod}] {line}" if prefix else line)
-            except Exception as exc:  # the connection shut down under us (we stopped) or broke
-                log.debug("Log stream of pod %s ended: %s", pod, exc)
-            finally:
-                lines.put(None)
-
-        threading.Thread(target=pump, name=f"log-{pod}", daemon=True).start()
-    try:
-        running = len(streams)
-        while running:
-            try:
-                line = lines.get(timeout=0.5)  # wakes up for Ctrl-C
-            except queue.Empty:
-                continue
-            if line is None:
-                running -= 1
-            else:
-                yield line
-    finally:
-        for stream in streams:  # unblocks the threads' reads: they end, the connections close
-            with contextlib.suppress(Exception):
-                stream.shutdown()
-            with contextlib.suppress(Exception):
-                stream.release_conn()
 
 
 def _ours(obj: Any) -> bool:

@@ -1,12 +1,17 @@
 """What both Kubernetes backends' deployers share: exact merge patches, label values, pod readiness,
-and the rule that an object this provider did not create for an endpoint is never changed."""
+following pods' logs, and the rule that an object this provider did not create for an endpoint is never changed."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from airflow_provider_modeldeploy.exceptions import InvalidParameterError
+
+log = logging.getLogger(__name__)
 
 LABEL_PREFIX = "modeldeploy.airflow.apache.org"
 MANAGED_LABEL = f"{LABEL_PREFIX}/managed"
@@ -72,3 +77,54 @@ def check_ours(obj: dict[str, Any] | None, owners: set[str], kind: str, namespac
         "endpoint", name, f"{kind} {namespace}/{name} exists and is not this endpoint's ({why}); it was left as it "
         "is: choose another endpoint name",
     )  # fmt: skip
+
+
+def follow_logs(open_stream: Callable[[str], Any], pods: list[str], prefix: bool) -> Iterator[str]:
+    """One streaming log request per pod (``open_stream(pod)``: the kubernetes client's ``follow=True``
+    response, not preloaded), read by a thread each into one queue, so that a quiet pod holds up no
+    other; ends when every stream ends (the pods went away) or the caller stops."""
+    import queue
+    import threading
+
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes.watch.watch import iter_resp_lines
+
+    from airflow_provider_modeldeploy.hooks.kubernetes_cluster import api_message
+
+    lines: queue.Queue[str | None] = queue.Queue()
+    streams = []
+    for pod in pods:
+        try:
+            stream = open_stream(pod)
+        except ApiException as exc:
+            log.warning("No log from pod %s: HTTP %s: %s", pod, exc.status, api_message(exc))
+            continue
+        streams.append(stream)
+
+        def pump(stream: Any = stream, pod: str = pod) -> None:
+            try:
+                for line in iter_resp_lines(stream):
+                    lines.put(f"[{pod}] {line}" if prefix else line)
+            except Exception as exc:  # the connection shut down under us (we stopped) or broke
+                log.debug("Log stream of pod %s ended: %s", pod, exc)
+            finally:
+                lines.put(None)
+
+        threading.Thread(target=pump, name=f"log-{pod}", daemon=True).start()
+    try:
+        running = len(streams)
+        while running:
+            try:
+                line = lines.get(timeout=0.5)  # wakes up for Ctrl-C
+            except queue.Empty:
+                continue
+            if line is None:
+                running -= 1
+            else:
+                yield line
+    finally:
+        for stream in streams:  # unblocks the threads' reads: they end, the connections close
+            with contextlib.suppress(Exception):
+                stream.shutdown()
+            with contextlib.suppress(Exception):
+                stream.release_conn()

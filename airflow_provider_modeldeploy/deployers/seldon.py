@@ -10,7 +10,6 @@ cncf-kubernetes ``KubernetesHook`` on the same connection; it is imported only w
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -18,8 +17,9 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from airflow_provider_modeldeploy.deployers.base import BaseModelDeployer, Launch, default_actor
-from airflow_provider_modeldeploy.deployers.kubernetes_common import check_ours, owner, restore_patch
+from airflow_provider_modeldeploy.deployers.kubernetes_common import check_ours, follow_logs, owner, restore_patch
 from airflow_provider_modeldeploy.exceptions import DeploymentFailedError, InvalidParameterError
+from airflow_provider_modeldeploy.hooks.kubernetes_cluster import api_message
 from airflow_provider_modeldeploy.hooks.seldon import (
     IMPLEMENTATIONS,
     SeldonDeployerHook,
@@ -149,7 +149,7 @@ class SeldonDeployer(BaseModelDeployer):
             raise self._api_error(exc, name) from None
 
     def _api_error(self, exc: Any, name: str) -> Exception:
-        message = _api_message(exc)
+        message = api_message(exc)
         if exc.status == 422:
             return InvalidParameterError("manifest", name, f"the cluster rejected the SeldonDeployment: {message}")
         return DeploymentFailedError(f"endpoint={name!r}: Kubernetes API answered {exc.status}: {message}")
@@ -562,68 +562,25 @@ class SeldonDeployer(BaseModelDeployer):
         pods = [p.metadata.name for p in self._pods(record.endpoint) if not (follow and p.metadata.deletion_timestamp)]
         prefix = len(pods) > 1
         if follow:
-            yield from self._follow_logs(pods, 10 if tail is None else tail, prefix)
+            lines = 10 if tail is None else tail
+
+            def open_stream(pod: str) -> Any:
+                return self.hook.call(
+                    core.read_namespaced_pod_log, pod, ns, container=m.MODEL_NODE, follow=True, tail_lines=lines,
+                    _preload_content=False, stream=True,
+                )  # fmt: skip
+
+            yield from follow_logs(open_stream, pods, prefix)
             return
         for pod in pods:
             kwargs = {"tail_lines": tail} if tail is not None else {}
             try:
                 text = self.hook.call(core.read_namespaced_pod_log, pod, ns, container=m.MODEL_NODE, **kwargs)
             except ApiException as exc:  # e.g. still initialising: the other pods' logs are worth showing
-                log.warning("No log from pod %s: HTTP %s: %s", pod, exc.status, _api_message(exc))
+                log.warning("No log from pod %s: HTTP %s: %s", pod, exc.status, api_message(exc))
                 continue
             for line in (text or "").splitlines():
                 yield f"[{pod}] {line}" if prefix else line
-
-    def _follow_logs(self, pods: list[str], tail: int, prefix: bool) -> Iterator[str]:
-        """One streaming log request per pod (the kubernetes client's ``follow=True`` without
-        preloading), read by a thread each into one queue, so that a quiet pod holds up no other."""
-        import queue
-        import threading
-
-        from kubernetes.client.exceptions import ApiException
-        from kubernetes.watch.watch import iter_resp_lines
-
-        core, ns = self.hook.core_v1(), self.settings.namespace
-        lines: queue.Queue[str | None] = queue.Queue()
-        streams = []
-        for pod in pods:
-            try:
-                stream = self.hook.call(
-                    core.read_namespaced_pod_log, pod, ns, container=m.MODEL_NODE, follow=True, tail_lines=tail,
-                    _preload_content=False, stream=True,
-                )  # fmt: skip
-            except ApiException as exc:
-                log.warning("No log from pod %s: HTTP %s: %s", pod, exc.status, _api_message(exc))
-                continue
-            streams.append(stream)
-
-            def pump(stream: Any = stream, pod: str = pod) -> None:
-                try:
-                    for line in iter_resp_lines(stream):
-                        lines.put(f"[{pod}] {line}" if prefix else line)
-                except Exception as exc:  # the connection shut down under us (we stopped) or broke
-                    log.debug("Log stream of pod %s ended: %s", pod, exc)
-                finally:
-                    lines.put(None)
-
-            threading.Thread(target=pump, name=f"log-{pod}", daemon=True).start()
-        try:
-            running = len(streams)
-            while running:
-                try:
-                    line = lines.get(timeout=0.5)  # wakes up for Ctrl-C
-                except queue.Empty:
-                    continue
-                if line is None:
-                    running -= 1
-                else:
-                    yield line
-        finally:
-            for stream in streams:  # unblocks the threads' reads: they end, the connections close
-                with contextlib.suppress(Exception):
-                    stream.shutdown()
-                with contextlib.suppress(Exception):
-                    stream.release_conn()
 
     def _discover(self) -> list[ServiceRecord] | None:
         listing = self.hook.call(
@@ -766,14 +723,6 @@ class SeldonDeployer(BaseModelDeployer):
                 if (p.get("graph") or {}).get("envSecretRefName") == name:
                     return  # still used by another deployment
         self.hook.call(core.delete_namespaced_secret, name, self.settings.namespace)
-
-
-def _api_message(exc: Any) -> str:
-    """The message of a Kubernetes ``Status`` answer (the reason phrase when there is none)."""
-    try:
-        return json.loads(exc.body).get("message") or exc.reason
-    except (TypeError, ValueError, AttributeError):
-        return exc.reason
 
 
 def _pod_model_uri(pod: Any) -> str | None:
