@@ -110,7 +110,14 @@ def visibility(user: BaseUser, registry_dag_ids: set[str]) -> Visibility:
     allowed = set(manager.get_authorized_dag_ids(user=user, method="GET"))
     with create_session() as session:
         known = set(session.scalars(select(DagModel.dag_id).where(DagModel.dag_id.in_(sorted(registry_dag_ids)))))
-    allowed |= {dag_id for dag_id in registry_dag_ids - known if may_read_dag(user, dag_id)}
+    # A DAG Airflow does not know has no team: no team lookup (one query each) for them.
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagDetails
+
+    allowed |= {
+        dag_id
+        for dag_id in registry_dag_ids - known
+        if manager.is_authorized_dag(method="GET", details=DagDetails(id=dag_id), user=user)
+    }
     return Visibility(dag_ids=frozenset(allowed & registry_dag_ids), no_dag=may_read_dag(user, None))
 
 
