@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from airflow_provider_modeldeploy.exceptions import ServiceNotFoundError
 from airflow_provider_modeldeploy.masking import mask_text
+from airflow_provider_modeldeploy.plugins.app import _UUID, _readable, _registry
 from airflow_provider_modeldeploy.plugins.authz import Reader, visibility
 
 MAX_SPARKLINES = 100
@@ -102,8 +103,7 @@ def service_metrics(uuid: str, window: str) -> dict:
 
 
 def add_routes(app: FastAPI) -> None:
-    from airflow_provider_modeldeploy.plugins.app import _UUID, _readable, _registry
-
+    """Called by ``app.create_app`` (this module imports it: it is loaded by then)."""
     @app.get(
         "/api/services/{uuid}/metrics", response_model=ServiceMetricsModel,
         summary="Requests, errors, latency and rows of one service over the last hour or day",

@@ -148,7 +148,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._logs(parts[2], query)
             elif route == ("GET", "services", "*", "metrics"):
                 self._send(200, self._metrics(parts[2], query))
-            elif route == ("POST", "metrics", "sample"):
+            elif route == ("POST", "metrics", "*") and parts[2] == "sample":
                 self._send(200, {"sampled": self.agent.sampler.sample_all()})
             elif route == ("POST", "shutdown"):
                 self._send(200, {"stopping": True})

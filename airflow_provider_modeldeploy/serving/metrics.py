@@ -60,11 +60,12 @@ def count_rows(predict: Any) -> Any:
     """``predict`` that also notes how many rows it was given, for the request being answered."""
 
     def counting(data: Any, params: Any = None) -> Any:
+        answer = predict(data, params=params)  # rows it refuses (schema enforcement raises) are not scored
         holder = _rows.get()
         if holder is not None:
             with contextlib.suppress(Exception):
                 holder[0] += _length(data)
-        return predict(data, params=params)
+        return answer
 
     return counting
 
