@@ -104,6 +104,7 @@ def service_metrics(uuid: str, window: str) -> dict:
 
 def add_routes(app: FastAPI) -> None:
     """Called by ``app.create_app`` (this module imports it: it is loaded by then)."""
+
     @app.get(
         "/api/services/{uuid}/metrics", response_model=ServiceMetricsModel,
         summary="Requests, errors, latency and rows of one service over the last hour or day",

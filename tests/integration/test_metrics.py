@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import IRIS_COLUMNS, ROOT, iris_payload, run_airflow
+from conftest import IRIS_COLUMNS, ROOT, iris_payload, run_airflow, wait_for
 from ui_helpers import running_api_server
 
 GOOD, BAD = 190, 10
@@ -61,7 +61,16 @@ def traffic(tmp_path_factory: pytest.TempPathFactory, mlflow_models: dict[str, A
                     else:
                         body = iris_payload()
                     statuses.append(client.post(service.prediction_url, json=body).status_code)
-                page = client.get(service.prediction_url.replace("/invocations", "/metrics"))
+                # A request is recorded once its answer is sent: the client may be quicker than the worker.
+                page = wait_for(
+                    lambda: (
+                        (p := client.get(service.prediction_url.replace("/invocations", "/metrics")))
+                        and f'_count{{model_version="1"}} {float(GOOD + BAD)}' in p.text
+                        and p
+                    ),
+                    10,
+                    "all 200 requests on /metrics",
+                )
             assert statuses.count(200) == GOOD and statuses.count(400) == BAD, statuses
             dirs = _metrics_dirs(service.uuid)
             assert local_agent(start=False).sample_metrics() >= 1
