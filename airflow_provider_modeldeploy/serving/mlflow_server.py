@@ -695,7 +695,11 @@ def _run_worker(app: Any, staging: socket.socket, listener: socket.socket, ack_f
         backlog=2048,
     )
     server = WorkerServer(config)
-    asyncio.run(server.serve(sockets=[staging]))
+    try:
+        asyncio.run(server.serve(sockets=[staging]))
+    finally:
+        if getattr(args, "server_metrics", None) is not None and args.server_metrics.started:
+            args.server_metrics.flush()  # the requests of its last second (drained, answered) count too
     return 0
 
 
