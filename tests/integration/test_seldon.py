@@ -231,7 +231,7 @@ def test_bad_names_and_manifests_leave_nothing(seldon: Any, cluster: Cluster, ml
     bad = {"apiVersion": "machinelearning.seldon.io/v1", "kind": "SeldonDeployment",
            "metadata": {"name": "raw"}, "spec": {"predictors": [{"name": "p", "replicas": "two", "graph": {}}]}}  # fmt: skip
     with pytest.raises(ApiException) as raw:
-        seldon.api.create_namespaced_custom_object(
+        cluster.custom.create_namespaced_custom_object(
             "machinelearning.seldon.io", "v1", cluster.namespace, "seldondeployments", bad
         )
     assert raw.value.status == 422 and "spec.predictors[0].replicas" in raw.value.body

@@ -41,12 +41,6 @@ STOP = "serving.kserve.io/stop"
 CONTAINER = "kserve-container"
 
 
-def schema_errors(obj: dict[str, Any]) -> list[tuple[str, str]]:
-    from airflow_provider_modeldeploy.kserve import manifests
-
-    return manifests.schema_errors(obj)
-
-
 class PredictorPod:
     """One predictor pod: the storage initializer's copy of the model, then the runtime serving it."""
 
