@@ -24,6 +24,7 @@ chosen runtime for real and an ingress at ``/serving/<ns>/<name>/...``; ServiceA
 
 Test control: ``POST /emulator/conflicts {"count": n}`` makes the next n writes that carry a
 resourceVersion lose a race to a (simulated) concurrent writer: the object changes and they get 409.
+``POST /emulator/scale-to-zero {"namespace": ns, "name": isvc}``: see kserve.py.
 """
 
 from __future__ import annotations
@@ -542,6 +543,9 @@ class Handler(BaseHTTPRequestHandler):
                 return self._ingress(method, parts.path, body)
             if parts.path.startswith("/serving/"):
                 return self._send(*kserve.ingress(self.cluster, LOCK, method, parts.path, body))
+            if parts.path == "/emulator/scale-to-zero":
+                code, answer = kserve.scale_to_zero(self.cluster, body["namespace"], body["name"], LOCK)
+                return self._send(code, answer)
             if parts.path == "/emulator/conflicts":
                 with LOCK:
                     self.cluster.conflicts = int((body or {}).get("count", 1))
