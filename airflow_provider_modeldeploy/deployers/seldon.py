@@ -82,6 +82,12 @@ class SeldonDeployer(BaseModelDeployer):
             self._settings = self.hook.get_settings()
         return self._settings
 
+    def _metrics(self, record: ServiceRecord, window: str) -> Any:
+        """From the connection's Prometheus (``prometheus_url``), else not available, saying why."""
+        from airflow_provider_modeldeploy.deployers.kubernetes_common import kubernetes_metrics
+
+        return kubernetes_metrics(self, record, window, self.settings.namespace)
+
     # -- options and names -----------------------------------------------------------------------
 
     def deploy_model(
