@@ -598,7 +598,9 @@ def bench_dag_cycle(b: Bench, time_to_serve_s: float | None) -> dict[str, Any]:
         return statistics.median(r[key] for r in runs)
 
     beyond = median(cycles, "beyond_training_s")
-    budget = (time_to_serve_s or float("nan")) + 1
+    if time_to_serve_s is None:  # main() runs item 1 before item 6; only an error of item 1 leaves it out
+        raise RuntimeError("item 6's budget is item 1's time to serve, which failed")
+    budget = time_to_serve_s + 1
     return {
         "cycles": cycles, "noop_cycles": noop, "median_wall_s": median(cycles, "wall_s"),
         "median_run_s": median(cycles, "run_s"), "median_cycle_s": median(cycles, "cycle_s"),
@@ -987,6 +989,9 @@ def main(argv: list[str] | None = None) -> int:
         print(table(results))
         return 0
     only = [n.strip() for n in args.only.split(",") if n.strip()]
+    if "6" in only and "1" not in only:
+        only.append("1")  # item 6's budget is item 1's time to serve, measured in the same run
+        log("item 6 is judged against item 1's time to serve: running item 1 too")
     started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M")
 
     def terminate(*_: Any) -> None:
