@@ -346,6 +346,38 @@ def airflow_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.fixture(scope="session")
+def airflow_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A metadata DB made by a real ``airflow db migrate``, once for the whole session: its xdist workers
+    share it (the first to get here migrates, under a lock; the others wait for it and reuse it).
+
+    Migrating costs an Airflow CLI start and hundreds of migrations each time, and the result does not
+    depend on the AIRFLOW_HOME it is made in (default pool, log templates). Tests whose subject is not
+    the migration copy it with ``migrated_airflow_db`` instead of migrating again."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: pytest-N/popen-gwK
+    home = shared / "airflow-db-template"
+    with open(shared / "airflow-db-template.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (home / "migrated").exists():
+            shutil.rmtree(home, ignore_errors=True)
+            home.mkdir()
+            url = f"sqlite:///{home / 'airflow.db'}"
+            done = run_airflow(home, "db", "migrate", timeout=900, AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=url)
+            assert done.returncode == 0, f"airflow db migrate: {done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+            (home / "migrated").touch()
+    return home / "airflow.db"
+
+
+def migrated_airflow_db(template: Path, home: Path) -> Path:
+    """Give ``home`` a migrated metadata DB (``airflow.db``, where Airflow's default SQLite URL points):
+    a copy of the session's ``airflow_db_template``, as if ``airflow db migrate`` had just run there."""
+    home.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copyfile(template, home / "airflow.db"))
+
+
 def run_airflow(home: Path, *args: str, timeout: float = 600, **extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(Path(sys.executable).parent / "airflow"), *args],

@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import IRIS_COLUMNS, IRIS_ROWS, ROOT, airflow_env, wait_for
+from conftest import IRIS_COLUMNS, IRIS_ROWS, ROOT, airflow_env, migrated_airflow_db, wait_for
 from ui_helpers import free_port, stop_process_tree
 
 from airflow_provider_modeldeploy.deployers import get_model_deployer
@@ -202,10 +202,12 @@ class Airflow:
 
 
 @pytest.fixture
-def airflow(airflow_home: Path, tracking: TrackingServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Airflow]:
+def airflow(
+    airflow_home: Path, airflow_db_template: Path, tracking: TrackingServer, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Airflow]:
     stack = Airflow(airflow_home, tracking.url)
     monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", connection(tracking.url))  # for this process's checks
-    stack.run("db", "migrate")
+    migrated_airflow_db(airflow_db_template, airflow_home)
     tracking.wait_up()
     tracking.set_alias(None)  # the watcher starts with nothing to deploy
     try:
