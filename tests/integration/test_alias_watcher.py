@@ -63,6 +63,9 @@ class TrackingServer:
     def start(self) -> None:
         """Start the server (``wait_up`` waits for it: Airflow's migration runs meanwhile)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "MLFLOW_"))}
+        # Without the job runner MLflow 3 starts by default (eight more Pythons importing MLflow, for
+        # server-side jobs: none here); the tracking and registry API the watcher polls is the same.
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
         self.proc = start(
             [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.db}", "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1", "--default-artifact-root", (self.workdir / "art").as_uri()],
