@@ -26,6 +26,8 @@ def save(tmp: Path, name: str, model: Any, example: Any, **kwargs: Any) -> Any:
     import mlflow.sklearn
 
     path = tmp / name
+    # The flavor's default requirements, given: inferring them loads the model again in a subprocess.
+    kwargs.setdefault("pip_requirements", mlflow.sklearn.get_default_pip_requirements())
     mlflow.sklearn.save_model(model, str(path), input_example=example, **kwargs)
     return mlflow.pyfunc.load_model(str(path))
 
