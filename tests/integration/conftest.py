@@ -4,6 +4,7 @@ on SQLite and on the machine's real PostgreSQL, and a guard that no model server
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -205,19 +206,20 @@ BROKEN_MODEL = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="session")
-def mlflow_models(session_dir: Path) -> Iterator[dict[str, Any]]:
-    """A real MLflow tracking store (SQLite) with registered models, trained once per session.
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    import fcntl
 
-    iris v1 and v2 (alias ``champion`` -> 1), and ``broken`` v1 whose loading always fails.
-    Artifacts are local files, or under ``MODELDEPLOY_E2E_ARTIFACT_ROOT`` (an ``s3://`` prefix in
-    the kind cluster's MinIO, set by docker/kind/run-e2e.sh) where a real Seldon Core can fetch them.
-    """
-    tracking = f"sqlite:///{session_dir / 'mlflow.db'}"
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _train_models(store: Path) -> dict[str, Any]:
+    """Train and log the session's models into ``store`` (its ``mlflow.db`` and artifacts)."""
+    tracking = f"sqlite:///{store / 'mlflow.db'}"
     remote = os.environ.get("MODELDEPLOY_E2E_ARTIFACT_ROOT", "").rstrip("/")
-    artifacts = f"{remote}/{session_dir.name}" if remote else (session_dir / "artifacts").as_uri()
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = tracking
+    artifacts = f"{remote}/{store.name}" if remote else (store / "artifacts").as_uri()
     script = textwrap.dedent(
         f"""
         import json, mlflow
@@ -228,33 +230,80 @@ def mlflow_models(session_dir: Path) -> Iterator[dict[str, Any]]:
         exp = mlflow.create_experiment("tests", artifact_location={artifacts!r})
         mlflow.set_experiment("tests")
         X, y = load_iris(return_X_y=True, as_frame=True)
+        # The flavors' default requirements, given: MLflow would otherwise infer them by loading each
+        # model again in a subprocess (seconds of CPU per model), for a requirements.txt nothing reads here.
+        sklearn_reqs = mlflow.sklearn.get_default_pip_requirements()
         out = {{}}
         for c in (1.0, 0.05):
             with mlflow.start_run() as run:
                 model = LogisticRegression(C=c, max_iter=500).fit(X, y)
                 info = mlflow.sklearn.log_model(model, name="model", input_example=X.head(2),
-                                                registered_model_name="iris")
+                                                registered_model_name="iris", pip_requirements=sklearn_reqs)
                 out.setdefault("iris_runs", []).append(run.info.run_id)
         with mlflow.start_run() as run:
-            mlflow.pyfunc.log_model(name="model", python_model={str(session_dir / "broken_model.py")!r},
-                                    registered_model_name="broken")
+            mlflow.pyfunc.log_model(name="model", python_model={str(store / "broken_model.py")!r},
+                                    registered_model_name="broken",
+                                    pip_requirements=mlflow.pyfunc.get_default_pip_requirements())
         MlflowClient().set_registered_model_alias("iris", "champion", "1")
         print(json.dumps(out))
         """
     )
-    (session_dir / "broken_model.py").write_text(BROKEN_MODEL)
+    (store / "broken_model.py").write_text(BROKEN_MODEL)
     done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=session_dir, timeout=600, check=False
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=store, timeout=600, check=False
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    import json
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
-    runs = json.loads(done.stdout.strip().splitlines()[-1])
-    yield {"tracking_uri": tracking, "iris_v1": "models:/iris/1", "iris_v2": "models:/iris/2", **runs}
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
+
+@contextlib.contextmanager
+def _trained_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """The session's trained models, trained once for all its xdist workers: the first worker to need
+    them trains them (under a lock), the others reuse them; the last one done removes them.
+
+    In /var/tmp, as ``session_dir``: the multi-host tests' hosts read the artifacts there."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # pytest's, for this session only
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID") or uuid.uuid4().hex
+    store = Path("/var/tmp") / f"modeldeploy-tests-models-{run_id[:16]}"
+    users = shared / "mlflow-models.users"
+    with _locked(shared / "mlflow-models.lock"):
+        if not (store / "runs.json").exists():
+            shutil.rmtree(store, ignore_errors=True)
+            store.mkdir(mode=0o755)
+            (store / "runs.json").write_text(json.dumps(_train_models(store)))
+        users.write_text(str(int(users.read_text()) + 1 if users.exists() else 1))
+        runs = json.loads((store / "runs.json").read_text())
+    try:
+        yield store, runs
+    finally:
+        with _locked(shared / "mlflow-models.lock"):
+            left = int(users.read_text()) - 1
+            users.write_text(str(left))
+            if left == 0:
+                shutil.rmtree(store, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_models(session_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A real MLflow tracking store (SQLite) with registered models, trained once per session.
+
+    iris v1 and v2 (alias ``champion`` -> 1), and ``broken`` v1 whose loading always fails.
+    Artifacts are local files, or under ``MODELDEPLOY_E2E_ARTIFACT_ROOT`` (an ``s3://`` prefix in
+    the kind cluster's MinIO, set by docker/kind/run-e2e.sh) where a real Seldon Core can fetch them.
+    Each worker has its own copy of the store's database (what its tests register or move there stays
+    its own); the artifacts of the session's models are shared, read only.
+    """
+    tracking = f"sqlite:///{session_dir / 'mlflow.db'}"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    with _trained_store(tmp_path_factory) as (store, runs):
+        shutil.copyfile(store / "mlflow.db", session_dir / "mlflow.db")
+        os.environ["MLFLOW_TRACKING_URI"] = tracking
+        yield {"tracking_uri": tracking, "iris_v1": "models:/iris/1", "iris_v2": "models:/iris/2", **runs}
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
 
 
 def _delete_all_services() -> None:
@@ -344,6 +393,38 @@ def airflow_env(home: Path, **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+@pytest.fixture(scope="session")
+def airflow_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A metadata DB made by a real ``airflow db migrate``, once for the whole session: its xdist workers
+    share it (the first to get here migrates, under a lock; the others wait for it and reuse it).
+
+    Migrating costs an Airflow CLI start and hundreds of migrations each time, and the result does not
+    depend on the AIRFLOW_HOME it is made in (default pool, log templates). Tests whose subject is not
+    the migration copy it with ``migrated_airflow_db`` instead of migrating again."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: pytest-N/popen-gwK
+    home = shared / "airflow-db-template"
+    with open(shared / "airflow-db-template.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (home / "migrated").exists():
+            shutil.rmtree(home, ignore_errors=True)
+            home.mkdir()
+            url = f"sqlite:///{home / 'airflow.db'}"
+            done = run_airflow(home, "db", "migrate", timeout=900, AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=url)
+            assert done.returncode == 0, f"airflow db migrate: {done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+            (home / "migrated").touch()
+    return home / "airflow.db"
+
+
+def migrated_airflow_db(template: Path, home: Path) -> Path:
+    """Give ``home`` a migrated metadata DB (``airflow.db``, where Airflow's default SQLite URL points):
+    a copy of the session's ``airflow_db_template``, as if ``airflow db migrate`` had just run there."""
+    home.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copyfile(template, home / "airflow.db"))
 
 
 def run_airflow(home: Path, *args: str, timeout: float = 600, **extra: str) -> subprocess.CompletedProcess[str]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import IRIS_COLUMNS, IRIS_ROWS, ROOT, airflow_env, wait_for
+from conftest import IRIS_COLUMNS, IRIS_ROWS, ROOT, airflow_env, migrated_airflow_db, wait_for
 from ui_helpers import free_port, stop_process_tree
 
 from airflow_provider_modeldeploy.deployers import get_model_deployer
@@ -63,6 +63,9 @@ class TrackingServer:
     def start(self) -> None:
         """Start the server (``wait_up`` waits for it: Airflow's migration runs meanwhile)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "MLFLOW_"))}
+        # Without the job runner MLflow 3 starts by default (eight more Pythons importing MLflow, for
+        # server-side jobs: none here); the tracking and registry API the watcher polls is the same.
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
         self.proc = start(
             [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.db}", "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1", "--default-artifact-root", (self.workdir / "art").as_uri()],
@@ -202,10 +205,12 @@ class Airflow:
 
 
 @pytest.fixture
-def airflow(airflow_home: Path, tracking: TrackingServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Airflow]:
+def airflow(
+    airflow_home: Path, airflow_db_template: Path, tracking: TrackingServer, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Airflow]:
     stack = Airflow(airflow_home, tracking.url)
     monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", connection(tracking.url))  # for this process's checks
-    stack.run("db", "migrate")
+    migrated_airflow_db(airflow_db_template, airflow_home)
     tracking.wait_up()
     tracking.set_alias(None)  # the watcher starts with nothing to deploy
     try:

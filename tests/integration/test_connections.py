@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import psutil
-from conftest import run_airflow
+from conftest import migrated_airflow_db, run_airflow
 
 DAG_ID = "modeldeploy_conn_readme"
 CONN_ID = "md_readme"
@@ -24,7 +24,7 @@ def ok(done: Any) -> str:
 
 
 def test_a_connection_added_with_the_cli_is_what_a_deploy_reads(
-    airflow_home: Path, mlflow_models: dict[str, Any], tmp_path: Path
+    airflow_home: Path, airflow_db_template: Path, mlflow_models: dict[str, Any], tmp_path: Path
 ) -> None:
     from airflow_provider_modeldeploy.deployers import find_services
 
@@ -52,7 +52,7 @@ def test_a_connection_added_with_the_cli_is_what_a_deploy_reads(
     # The task's process finds the tracking store only through the connection, and the connection
     # only in the metadata database (no AIRFLOW_CONN_*; the provider's test shortcut is off).
     env = {"AIRFLOW__CORE__DAGS_FOLDER": str(dags), "MLFLOW_TRACKING_URI": "", "_MODELDEPLOY_NO_METASTORE": ""}
-    ok(run_airflow(airflow_home, "db", "migrate", **env))
+    migrated_airflow_db(airflow_db_template, airflow_home)
     ok(
         run_airflow(
             airflow_home,

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from conftest import ROOT, airflow_env, iris_payload, run_airflow
+from conftest import ROOT, airflow_env, iris_payload, migrated_airflow_db, run_airflow
 
 from airflow_provider_modeldeploy.deployers import find_services, get_model_deployer
 from airflow_provider_modeldeploy.triggers.health import HealthOutcome, ServedModelHealthTrigger
@@ -93,11 +93,11 @@ def processes_of(service_uuid: str) -> list[int]:
 
 @pytest.mark.timeout(1800)
 def test_continuous_training_dag_replaces_in_place_and_gates(
-    airflow_home: Path, monkeypatch: pytest.MonkeyPatch
+    airflow_home: Path, airflow_db_template: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The DAG's own defaults: MLflow's store and the registry both live under this AIRFLOW_HOME.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    ok(run_airflow(airflow_home, "db", "migrate"))
+    migrated_airflow_db(airflow_db_template, airflow_home)
 
     # Run 1: nothing served yet and the default threshold (0.85): version 1 is deployed.
     first = DagRun(airflow_home, {"seed": SEED})
@@ -182,7 +182,7 @@ def free_port() -> int:
 
 @pytest.mark.timeout(1500)
 def test_tasks_test_deploy_then_deferrable_sensor(
-    airflow_home: Path, mlflow_models: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    airflow_home: Path, airflow_db_template: Path, mlflow_models: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(TEST_DAGS))
     # The service is stopped, then started again at its URL: on a port no other deployment tries.
@@ -191,7 +191,7 @@ def test_tasks_test_deploy_then_deferrable_sensor(
         "PYTHONUNBUFFERED": "1",
         "MODELDEPLOY_TEST_PORT": str(free_port()),
     }
-    ok(run_airflow(airflow_home, "db", "migrate"))
+    migrated_airflow_db(airflow_db_template, airflow_home)
     ok(run_airflow(airflow_home, "dags", "reserialize", **env))  # `tasks test` reads the DAG from the database
 
     # NB: `airflow tasks test` exits 0 even when the task fails: check the state it recorded too.

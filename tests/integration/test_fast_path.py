@@ -34,6 +34,8 @@ def save(tmp: Path, name: str, model: Any, example: Any, **kwargs: Any) -> Any:
     import mlflow.sklearn
 
     path = tmp / name
+    # The flavor's default requirements, given: inferring them loads the model again in a subprocess.
+    kwargs.setdefault("pip_requirements", mlflow.sklearn.get_default_pip_requirements())
     mlflow.sklearn.save_model(model, str(path), input_example=example, **kwargs)
     loaded = mlflow.pyfunc.load_model(str(path))
     loaded._modeldeploy_path = str(path)  # where mlflow models serve reads it from

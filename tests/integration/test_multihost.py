@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from conftest import PG_BASE, ROOT, iris_payload, wait_for
+from conftest import PG_BASE, ROOT, iris_payload, migrated_airflow_db, wait_for
 from multihost import Network, available
 
 AGENT_PORT = 7400
@@ -175,7 +175,7 @@ def stop_served(cluster: Cluster) -> None:
 
 
 @pytest.fixture(scope="module")
-def api(cluster: Cluster) -> Iterator[dict[str, Any]]:
+def api(cluster: Cluster, airflow_db_template: Path) -> Iterator[dict[str, Any]]:
     """A real api-server on the ``api`` host, with SimpleAuthManager's admin."""
     home = cluster.base / "api"
     password = secrets.token_urlsafe(12)
@@ -186,7 +186,7 @@ def api(cluster: Cluster) -> Iterator[dict[str, Any]]:
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
         "AIRFLOW__API__SECRET_KEY": secrets.token_hex(16),
     }
-    ok(cluster.airflow("api", "db", "migrate", timeout=600, **env))
+    migrated_airflow_db(airflow_db_template, home)
     log = open(home / "api-server.out", "ab")  # noqa: SIM115
     proc = cluster.net["api"].popen(
         [str(Path(sys.executable).parent / "airflow"), "api-server", "--host", "0.0.0.0", "--port", str(API_PORT),
@@ -217,9 +217,9 @@ def api(cluster: Cluster) -> Iterator[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def deployed(cluster: Cluster) -> dict[str, Any]:
+def deployed(cluster: Cluster, airflow_db_template: Path) -> dict[str, Any]:
     """The test DAG's deploy task, run by ``airflow tasks test`` on the worker host."""
-    ok(cluster.airflow("worker", "db", "migrate", timeout=600))
+    migrated_airflow_db(airflow_db_template, cluster.base / "worker")
     ok(cluster.airflow("worker", "dags", "reserialize"))
     out = ok(cluster.airflow("worker", "tasks", "test", DAG, "deploy", timeout=600))
     assert "new_state=success" in out.replace(" ", ""), out[-3000:]

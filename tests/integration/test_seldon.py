@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import IRIS_COLUMNS, IRIS_ROWS, ROOT, airflow_env, run_airflow
+from conftest import IRIS_COLUMNS, IRIS_ROWS, ROOT, airflow_env, migrated_airflow_db, run_airflow
 from seldon_env import RACE_ANNOTATION, Cluster, open_cluster
 
 from airflow_provider_modeldeploy.exceptions import DeploymentFailedError, InvalidParameterError
@@ -347,7 +347,7 @@ def test_logs_follow_cli(seldon: Any, airflow_home: Path, cluster: Cluster, mlfl
 
 
 def test_promote_and_rollback_operators(
-    seldon: Any, airflow_home: Path, cluster: Cluster, mlflow_models: dict[str, Any]
+    seldon: Any, airflow_home: Path, airflow_db_template: Path, cluster: Cluster, mlflow_models: dict[str, Any]
 ) -> None:
     """PromoteServedModelOperator and RollbackServedModelOperator run by ``airflow tasks test``."""
     first = seldon.deploy_model(cfg(mlflow_models["iris_v1"], "iris-ops", "iris-ops"), timeout=cluster.timeout)
@@ -360,7 +360,7 @@ def test_promote_and_rollback_operators(
         "AIRFLOW_CONN_SELDON": cluster.conn_json(),
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "tests" / "integration" / "dags"),
     }
-    airflow_ok(airflow_home, env, "db", "migrate")
+    migrated_airflow_db(airflow_db_template, airflow_home)
     airflow_ok(airflow_home, env, "dags", "reserialize")
 
     promoted = airflow_ok(airflow_home, env, "tasks", "test", "modeldeploy_seldon_ops", "promote")
@@ -388,7 +388,11 @@ def airflow_ok(home: Path, env: dict[str, str], *args: str) -> str:
 
 
 def test_secrets_never_leak_sensor_cli_and_sync(
-    airflow_home: Path, mlflow_models: dict[str, Any], cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+    airflow_home: Path,
+    airflow_db_template: Path,
+    mlflow_models: dict[str, Any],
+    cluster: Cluster,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from airflow_provider_modeldeploy.deployers import get_model_deployer
     from airflow_provider_modeldeploy.registry import get_registry
@@ -409,7 +413,7 @@ def test_secrets_never_leak_sensor_cli_and_sync(
         outputs.append(airflow_ok(airflow_home, env, *args))
         return outputs[-1]
 
-    ok("db", "migrate")
+    migrated_airflow_db(airflow_db_template, airflow_home)
     ok("dags", "reserialize")
     deployed = ok("tasks", "test", "modeldeploy_seldon", "deploy")
     assert final_state(deployed) == "success", deployed[-3000:]

@@ -31,7 +31,9 @@ BULK = 60
 
 
 @pytest.fixture(scope="module")
-def ui(tmp_path_factory: pytest.TempPathFactory, mlflow_models: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def ui(
+    tmp_path_factory: pytest.TempPathFactory, mlflow_models: dict[str, Any], airflow_db_template: Path
+) -> Iterator[dict[str, Any]]:
     """The api-server, the registry it reads, and the seeded services."""
     from airflow_provider_modeldeploy.deployers import get_model_deployer
     from airflow_provider_modeldeploy.registry import get_registry
@@ -46,7 +48,7 @@ def ui(tmp_path_factory: pytest.TempPathFactory, mlflow_models: dict[str, Any]) 
         AIRFLOW__CORE__LOAD_EXAMPLES="False", AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
     )  # fmt: skip
     try:
-        with running_api_server(home) as server:
+        with running_api_server(home, template=airflow_db_template) as server:
             registry = get_registry(url)
             deployer = get_model_deployer()
             real = deployer.deploy_model(

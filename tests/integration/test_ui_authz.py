@@ -78,7 +78,7 @@ class SilentAgent:
 
 
 @pytest.fixture(scope="module")
-def authz(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def authz(tmp_path_factory: pytest.TempPathFactory, airflow_db_template: Path) -> Iterator[dict[str, Any]]:
     from airflow_provider_modeldeploy.registry import get_registry
     from airflow_provider_modeldeploy.services import ServiceRecord, ServiceState
 
@@ -94,7 +94,7 @@ def authz(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     )  # fmt: skip
     try:
         with running_api_server(
-            home, users=USERS, migrated=lambda h: _seed_dags(h / "airflow.db"),
+            home, users=USERS, migrated=lambda h: _seed_dags(h / "airflow.db"), template=airflow_db_template,
             AIRFLOW__CORE__MULTI_TEAM="True", AIRFLOW__MODELDEPLOY__UI_MAX_CONCURRENT_ACTIONS="1",
         ) as server:  # fmt: skip
             registry = get_registry(url)

@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 import psutil
-from conftest import airflow_env
+from conftest import airflow_env, migrated_airflow_db
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "/served-models"
@@ -90,12 +90,15 @@ def running_api_server(
     startup_timeout: float = 180,
     users: dict[str, str] | None = None,
     migrated: Callable[[Path], None] | None = None,
+    template: Path | None = None,
     **extra_env: str,
 ) -> Iterator[ApiServer]:
     """``airflow db migrate`` then ``airflow api-server`` on a free port; stopped (by pid) on exit.
 
     ``users``: SimpleAuthManager's users and roles (default admin, viewer); ``migrated``: called with
-    AIRFLOW_HOME once the metadata DB exists, before the server starts; ``extra_env``: more settings.
+    AIRFLOW_HOME once the metadata DB exists, before the server starts; ``template``: a metadata DB
+    already migrated (conftest's ``airflow_db_template``), copied instead of migrating; ``extra_env``:
+    more settings.
     """
     home.mkdir(parents=True, exist_ok=True)
     # Our own passwords file: SimpleAuthManager keeps the passwords it finds and generates the rest.
@@ -103,10 +106,13 @@ def running_api_server(
     (home / "simple_auth_manager_passwords.json.generated").write_text(json.dumps(passwords))
     env = server_env(home, users, **extra_env)
     airflow = str(Path(sys.executable).parent / "airflow")
-    migrate = subprocess.run(
-        [airflow, "db", "migrate"], env=env, cwd=home, capture_output=True, text=True, timeout=600, check=False
-    )
-    assert migrate.returncode == 0, migrate.stderr[-3000:]
+    if template is not None:
+        migrated_airflow_db(template, home)
+    else:
+        migrate = subprocess.run(
+            [airflow, "db", "migrate"], env=env, cwd=home, capture_output=True, text=True, timeout=600, check=False
+        )
+        assert migrate.returncode == 0, migrate.stderr[-3000:]
     if migrated is not None:
         migrated(home)
     port = free_port()
