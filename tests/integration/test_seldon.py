@@ -237,6 +237,16 @@ def test_replicas_two_pods_serve_log_roll_and_go(seldon: Any, cluster: Cluster, 
 
     cluster.eventually(counted, "Seldon counts 2 replicas, 2 available")
 
+    # The answer and the health route have Seldon's shapes (tests/fixtures/seldon: the python
+    # wrapper's construct_response_json behind the executor; checkReady answers without a body).
+    fixture = json.loads((ROOT / "tests" / "fixtures" / "seldon" / "seldon_prediction_ndarray.json").read_text())
+    answer = predict(url)
+    assert answer.status_code == 200 and answer.headers.get("seldon-puid")
+    assert set(answer.json()) == set(fixture) and set(answer.json()["data"]) == set(fixture["data"])
+    assert answer.json()["data"]["names"] == [] and list(answer.json()["meta"]["requestPath"]) == ["model"]
+    health = httpx.get(first.health_url, timeout=30)
+    assert (health.status_code, health.content) == (200, b"")
+
     # Both pods answer: the requests spread over the replicas (each pod's log has its requests,
     # as the emulated model container logs them; Seldon's servers keep no access log by default).
     assert versions(url, 10) == {"v1"}
