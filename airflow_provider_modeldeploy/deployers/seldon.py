@@ -241,6 +241,14 @@ class SeldonDeployer(BaseModelDeployer):
         live = [
             p for p in pods if p.metadata.deletion_timestamp is None and p.status.phase not in ("Succeeded", "Failed")
         ]
+        for p in live:
+            if _pod_model_uri(p) in wanted or set(wanted) == {None}:
+                crash = _crash_loop(p)
+                if crash:
+                    raise DeploymentFailedError(
+                        f"endpoint={obj['metadata']['name']!r}: model pod {p.metadata.name}: {crash}"
+                        + self._previous_log(p.metadata.name)
+                    )
         serving: Counter[str | None] = Counter(_pod_model_uri(p) for p in live)
         ready = sum(1 for p in live if _pod_ready(p))
         # Without a storage initializer naming the modelUri (e.g. a PVC model), count the pods only.
@@ -248,6 +256,16 @@ class SeldonDeployer(BaseModelDeployer):
         if matches and ready == len(live):
             return True, ""
         return False, f"{ready} of {len(live)} model pods ready, {sum(wanted.values())} wanted with the new spec"
+
+    def _previous_log(self, pod: str, lines: int = 5) -> str:
+        """The last lines the crashed model container wrote (``previous=true``), or nothing."""
+        try:
+            text = self.hook.read_pod_log(pod, m.MODEL_NODE, lines, previous=True)
+        except Exception as exc:  # the log is a courtesy: the failure stands without it
+            log.warning("No previous log from pod %s: %s", pod, exc)
+            return ""
+        tail = [line for line in (text or "").splitlines() if line.strip()][-lines:]
+        return ("; its last log lines: " + " | ".join(tail)) if tail else ""
 
     # -- manifests -------------------------------------------------------------------------------
 
@@ -461,10 +479,16 @@ class SeldonDeployer(BaseModelDeployer):
             prediction_url, content=body if isinstance(body, str) else json.dumps(body),
             headers={"content-type": "application/json"}, timeout=60,
         )  # fmt: skip
+        from airflow_provider_modeldeploy.health import answer_message, prediction_problem
+
         if answer.status_code != 200:
             raise DeploymentFailedError(
-                f"model_uri={record.model_uri!r}: smoke prediction answered {answer.status_code}: {answer.text[:300]}"
+                f"model_uri={record.model_uri!r}: smoke prediction answered {answer.status_code}: "
+                f"{answer_message(answer.text)}"
             )
+        problem = prediction_problem(answer.text)
+        if problem:
+            raise DeploymentFailedError(f"model_uri={record.model_uri!r}: smoke prediction answered 200 but {problem}")
 
     def _promote(self, record: ServiceRecord, launch: Launch, previous: ServiceRecord | None, timeout: float) -> None:
         """Nothing to do: Kubernetes already rolled the pods behind the same URL."""
@@ -680,6 +704,34 @@ def _pod_model_uri(pod: Any) -> str | None:
     for container in pod.spec.init_containers or []:
         if container.name.endswith("-model-initializer") and container.args:
             return container.args[0]
+    return None
+
+
+#: Waiting reasons of a container (Kubernetes' kubelet) that a rollout does not get over by waiting.
+STUCK_REASONS = frozenset({
+    "CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError",
+    "CreateContainerError",
+})  # fmt: skip
+
+
+def _crash_loop(pod: Any) -> str | None:
+    """Why a model pod will not become ready without a new spec (a container of it crash-looping or
+    its image unpullable, the storage initializer's included), None when it may still."""
+    statuses = [*(pod.status.init_container_statuses or []), *(pod.status.container_statuses or [])]
+    for status in statuses:
+        waiting = status.state.waiting if status.state else None
+        if waiting is None or waiting.reason not in STUCK_REASONS:
+            continue
+        why = f"container {status.name} {waiting.reason}"
+        terminated = status.last_state.terminated if status.last_state else None
+        if terminated is not None:
+            why += f" (exit code {terminated.exit_code}"
+            why += f", {terminated.reason}" if terminated.reason else ""
+            why += f": {terminated.message.strip()}" if (terminated.message or "").strip() else ""
+            why += f", {status.restart_count} restarts)"
+        elif waiting.message:
+            why += f": {waiting.message}"
+        return why
     return None
 
 

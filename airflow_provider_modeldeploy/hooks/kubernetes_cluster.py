@@ -138,8 +138,11 @@ class KubernetesClusterHook(BaseHook):
         pods = self.call(self.core_v1().list_namespaced_pod, self.namespace, label_selector=label_selector)
         return sorted(pods.items, key=lambda pod: pod.metadata.name)
 
-    def read_pod_log(self, pod: str, container: str, tail: int | None = None) -> str:
-        kwargs = {"tail_lines": tail} if tail is not None else {}
+    def read_pod_log(self, pod: str, container: str, tail: int | None = None, previous: bool = False) -> str:
+        """The container's log (``previous``: of its instance before the last restart)."""
+        kwargs: dict[str, Any] = {"tail_lines": tail} if tail is not None else {}
+        if previous:
+            kwargs["previous"] = True
         return self.call(self.core_v1().read_namespaced_pod_log, pod, self.namespace, container=container, **kwargs)
 
     def stream_pod_log(self, pod: str, container: str, tail: int) -> Any:

@@ -25,6 +25,12 @@ MAIN_PREDICTOR, CANARY_PREDICTOR = "main", "canary"
 #: The graph node (and its container): Seldon names the model pods' container, the V2 model
 #: (``/v2/models/<node>/infer``) and the storage initializer (``<node>-model-initializer``) after it.
 MODEL_NODE = "model"
+#: Seldon Core 1's MLFLOW_SERVER (servers/mlflowserver/mlflowserver/MLFlowServer.py, v1.18.2) calls
+#: the model with the request's bare array unless its ``xtype`` parameter is ``DataFrame``; then it
+#: builds ``pd.DataFrame(X, columns=names)`` from the request's ``data.names``. An MLflow model whose
+#: signature names columns refuses the bare array ("Model is missing inputs"), so the provider asks
+#: for the data frame (a model without a signature takes either).
+MLFLOW_XTYPE = {"name": "xtype", "type": "STRING", "value": "DataFrame"}
 
 
 @dataclass
@@ -67,11 +73,13 @@ class Predictor:
     resources: Resources | None = None
     labels: dict[str, str] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, protocol: str = "seldon") -> dict[str, Any]:
         graph: dict[str, Any] = {
             "name": MODEL_NODE, "type": "MODEL", "implementation": self.implementation,
             "modelUri": self.model_uri, "children": [],
         }  # fmt: skip
+        if protocol == "seldon" and self.implementation == "MLFLOW_SERVER":
+            graph["parameters"] = [dict(MLFLOW_XTYPE)]
         if self.env_secret_ref_name:
             graph["envSecretRefName"] = self.env_secret_ref_name
         if self.service_account_name:
@@ -105,7 +113,7 @@ class SeldonDeploymentSpec:
                 "name": self.name, "namespace": self.namespace,
                 "labels": dict(self.labels), "annotations": dict(self.annotations),
             },
-            "spec": {"protocol": self.protocol, "predictors": [p.to_dict() for p in self.predictors]},
+            "spec": {"protocol": self.protocol, "predictors": [p.to_dict(self.protocol) for p in self.predictors]},
         }  # fmt: skip
 
     def build(self) -> dict[str, Any]:

@@ -8,15 +8,18 @@ when a SeldonDeployment violates the CRD's openAPIV3Schema (Seldon Core's real C
 ``follow=true`` (chunked, as the log grows, until the pod goes or the client hangs up).
 
 The Seldon operator stand-in starts one real model server
-(``airflow_provider_modeldeploy.serving.mlflow_server``) per predictor and modelUri, reported as a
-pod like Seldon's (model container, orchestrator, storage initializer naming the modelUri), moves
-``status.state`` Creating -> Available (or Failed with the server's error as
-``status.description``) and, as Seldon Core 1 does, keeps reporting Available through a rolling
-update while the last Available predictors serve until the new ones are ready. An ingress at
-``/seldon/<ns>/<name>/...`` answers the orchestrator's routes for the deployment's protocol (Seldon's
-``api/v1.0/...``, or V2's ``v2/models/<graph node>/...`` in MLServer's shapes), forwarding to the
-model servers split by the predictors' ``traffic`` weights, and logs each request in the model's pod
-log as the model container's web server would.
+(``airflow_provider_modeldeploy.serving.mlflow_server``) per replica of each predictor, each reported
+as a pod like Seldon's (its Deployment's name and labels, the model container beside the executor,
+the storage initializer naming the modelUri; a model server that exited is a CrashLoopBackOff, its
+log the ``previous`` one), and writes ``status`` as Seldon Core v1.18.2 does (``deploymentStatus``
+replica counts, ``replicas``; ``state`` Creating -> Available, Available through a rolling update
+while the previous pods serve, Failed with Seldon's own description only once a Deployment stopped
+progressing: see ``Cluster.reconcile``). An ingress at ``/seldon/<ns>/<name>/...`` answers the
+executor's routes for the deployment's protocol in upstream's shapes (Seldon's ``api/v1.0/...`` as
+the MLFLOW_SERVER python wrapper answers, or V2's ``v2/models/<graph node>/...`` as MLServer 1.3.5
+does; tests/fixtures/seldon/README.md lists the sources), forwarding to the ready pods split by the
+predictors' ``traffic`` weights, the replicas taking turns, and logs each request in the pod's log
+as the model container's web server would.
 
 The KServe controller stand-in (``kserve.py``) does the same for InferenceServices
 (``serving.kserve.io/v1beta1``, 422s from the shipped KServe CRD), with predictor pods running the
@@ -152,14 +155,24 @@ def json_patch(doc: Any, ops: list[dict[str, Any]]) -> Any:
 
 
 class ModelServer:
-    """One real local model server for one predictor's modelUri (the emulated model pod)."""
+    """One real local model server for one predictor's modelUri (the emulated model pod). The Seldon
+    stand-in starts one per replica; each is a pod of its own."""
 
-    def __init__(self, workdir: Path, sd: str, predictor: str, node: str, implementation: str, model_uri: str) -> None:
+    def __init__(
+        self, workdir: Path, sd: str, predictor: str, node: str, implementation: str, model_uri: str,
+        parameters: list[dict[str, Any]] | None = None,
+    ) -> None:  # fmt: skip
         self.key = str(uuidlib.uuid4())
         self.sd, self.predictor, self.model_uri = sd, predictor, model_uri
         self.node, self.implementation = node, implementation  # the graph node: container and V2 model name
-        # Named as Seldon's Deployment "<sdep>-<predictor>-0-<containers>" names its pods.
-        self.pod_name = f"{sd}-{predictor}-0-{node}-{self.key[:10].replace('-', '')}-{self.key[-5:]}"
+        self.parameters = {p.get("name"): p.get("value") for p in parameters or []}
+        self.started = time.time()
+        # Seldon's Deployment is "<sdep>-<predictor>-<componentSpec index>-<container names>"
+        # (GetDeploymentName, operator/apis/machinelearning.seldon.io/v1/seldondeployment_types.go,
+        # v1.18.2); its ReplicaSet's pods "<deployment>-<pod-template-hash>-<5 chars>" (Kubernetes).
+        self.deployment = f"{sd}-{predictor}-0-{node}"
+        self.template_hash = _template_hash(model_uri, implementation, self.parameters)
+        self.pod_name = f"{self.deployment}-{self.template_hash}-{_suffix(self.key)}"
         run = workdir / "run"
         run.mkdir(parents=True, exist_ok=True)
         self.state_path = run / f"{self.key.replace('-', '')}.state"
@@ -223,25 +236,70 @@ class ModelServer:
         with self.log_path.open("a") as fh:
             fh.write(f'INFO:     127.0.0.1 - "{method} /{path} HTTP/1.1" {code}\n')
 
-    def pod(self, ns: str) -> dict[str, Any]:
-        """The pod as Seldon's Deployment makes it: the model container beside the orchestrator, the
-        storage initializer (its first argument the modelUri), Ready once the model answers."""
+    def pod(self, ns: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+        """The pod as Seldon's Deployment makes it and Kubernetes reports it: the labels of
+        createDeploymentWithoutEngine and addLabelsToDeployment (operator/controllers/
+        seldondeployment_controller.go and labels.go, v1.18.2) and the predictor's own, the model
+        container beside the orchestrator, the storage initializer (its first argument the
+        modelUri); Ready once the model answers. A model server that exited is a crash loop as the
+        kubelet shows it: phase Running, the container waiting in CrashLoopBackOff, its last state
+        terminated with exit code 1 (Seldon's containers keep no termination message)."""
         phase, _ = self.phase()
+        ready = phase == "ready"
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started))
+        image = f"emulated/{self.implementation.lower()}"
+        if phase == "failed":
+            model_status = {
+                "name": self.node, "image": image, "imageID": "", "ready": False, "restartCount": 1, "started": False,
+                "state": {"waiting": {"reason": "CrashLoopBackOff", "message": (
+                    f"back-off 10s restarting failed container={self.node} pod={self.pod_name}_{ns}({self.key})")}},
+                "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "startedAt": since,
+                                             "finishedAt": since}},
+            }  # fmt: skip
+        else:
+            model_status = {"name": self.node, "image": image, "imageID": "", "ready": ready, "restartCount": 0, "started": True,
+                            "state": {"running": {"startedAt": since}}, "lastState": {}}  # fmt: skip
+        engine_status = {"name": "seldon-container-engine", "image": ENGINE_IMAGE, "imageID": "", "ready": True, "restartCount": 0, "started": True,
+                         "state": {"running": {"startedAt": since}}, "lastState": {}}  # fmt: skip
         return {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": self.pod_name, "namespace": ns, "uid": self.key,
-                         "labels": {"seldon-deployment-id": self.sd, "seldon-app": f"{self.sd}-{self.predictor}",
-                                    "app": f"{self.sd}-{self.predictor}-0-{self.node}",
-                                    "app.kubernetes.io/managed-by": "seldon-core"}},
+                         "labels": {**(labels or {}), "seldon-deployment-id": self.sd, "app": self.deployment,
+                                    "fluentd": "true", "seldon-app": f"{self.sd}-{self.predictor}",
+                                    f"seldon-app-svc-{self.node}": f"{self.sd}-{self.predictor}-{self.node}",
+                                    "seldon.io/model": "true", "app.kubernetes.io/managed-by": "seldon-core",
+                                    "pod-template-hash": self.template_hash}},
             "spec": {
-                "initContainers": [{"name": f"{self.node}-model-initializer", "image": "seldonio/rclone-storage-initializer",
+                "initContainers": [{"name": f"{self.node}-model-initializer", "image": INITIALIZER_IMAGE,
                                     "args": [self.model_uri, "/mnt/models"]}],
                 "containers": [{"name": self.node, "image": f"emulated/{self.implementation.lower()}"},
-                               {"name": "seldon-container-engine", "image": "seldonio/seldon-core-executor"}],
+                               {"name": "seldon-container-engine", "image": ENGINE_IMAGE}],
             },
-            "status": {"phase": {"ready": "Running", "loading": "Pending"}.get(phase, "Failed"),
-                       "conditions": [{"type": "Ready", "status": "True" if phase == "ready" else "False"}]},
+            "status": {"phase": "Running",
+                       "conditions": [{"type": "Ready", "status": "True" if ready else "False"},
+                                      {"type": "ContainersReady", "status": "True" if ready else "False"}],
+                       "initContainerStatuses": [{"name": f"{self.node}-model-initializer", "ready": True,
+                                                  "image": INITIALIZER_IMAGE, "imageID": "",
+                                                  "restartCount": 0, "state": {"terminated": {
+                                                      "exitCode": 0, "reason": "Completed"}}}],
+                       "containerStatuses": [model_status, engine_status]},
         }  # fmt: skip
+
+
+INITIALIZER_IMAGE = "seldonio/rclone-storage-initializer:1.18.2"
+ENGINE_IMAGE = "seldonio/seldon-core-executor:1.18.2"
+
+
+def _template_hash(*parts: Any) -> str:
+    """A pod-template-hash: the same for the replicas of one spec, another for the next spec."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).digest()
+    return "".join("bcdfghjklmnpqrstvwxz2456789"[b % 27] for b in digest[:10])
+
+
+def _suffix(key: str) -> str:
+    return "".join("bcdfghjklmnpqrstvwxz2456789"[int(c, 16) % 27] for c in key.replace("-", "")[-5:])
 
 
 class Cluster:
@@ -253,8 +311,12 @@ class Cluster:
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.rv = 0
         self.conflicts = 0
-        self.servers: dict[tuple[str, str, str, str], ModelServer] = {}  # (ns, sd, predictor, uri)
-        self.serving: dict[tuple[str, str], dict[str, tuple[ModelServer, int]]] = {}
+        #: Seldon's model pods by (ns, sd, predictor, uri, replica index); KServe's by its own keys
+        self.servers: dict[tuple[str, ...], Any] = {}
+        #: the pods the ingress routes to: per SeldonDeployment, per predictor (replicas, traffic)
+        self.serving: dict[tuple[str, str], dict[str, tuple[list[ModelServer], int]]] = {}
+        self.unready_since: dict[tuple[str, str, str], float] = {}  # (ns, sd, Deployment): progress clock
+        self.progress_deadline = float(os.environ.get("EMULATOR_PROGRESS_DEADLINE", "600"))
         self.stopping = threading.Event()
 
     def next_rv(self) -> str:
@@ -374,61 +436,125 @@ class Cluster:
             for key in [k for k in self.servers if k[:2] == (ns, name)]:
                 self.servers.pop(key).stop()
             self.serving.pop((ns, name), None)
+            for key in [k for k in self.unready_since if k[:2] == (ns, name)]:
+                del self.unready_since[key]
         if plural == kserve.PLURAL:
             kserve.forget(self, ns, name)
         return {"kind": "Status", "apiVersion": "v1", "status": "Success", "details": {"name": name, "kind": plural}}
 
     def pods(self, ns: str) -> list[dict[str, Any]]:
-        return [server.pod(ns) for (sns, *_), server in self.servers.items() if sns == ns]
+        pods = []
+        for key, server in self.servers.items():
+            if key[0] != ns:
+                continue
+            labels = None
+            if isinstance(server, ModelServer) and len(key) == 5:
+                obj = self.objects.get((SD[1], ns, key[1])) or {}
+                spec = next((p for p in obj.get("spec", {}).get("predictors", []) if p["name"] == key[2]), {})
+                labels = spec.get("labels")
+            pods.append(server.pod(ns, labels) if labels else server.pod(ns))
+        return pods
 
     # -- the Seldon operator stand-in ------------------------------------------------------------
 
     def reconcile(self) -> None:
+        """Seldon Core 1's reconcile (operator/controllers/seldondeployment_controller.go, v1.18.2):
+        one Deployment per predictor with ``replicas`` pods; a new spec rolls each Deployment (the
+        previous pods serve until the new ones are ready). ``status`` as Seldon writes it:
+        ``deploymentStatus`` per Deployment (``replicas``/``availableReplicas`` as the Deployment
+        reports them, zeros left out: omitempty), ``replicas`` of the first predictor's Deployment,
+        and ``state`` Available when every Deployment has a ready pod and none unavailable, Failed
+        ("Deployment is no longer progressing and not available.") when one has not progressed for
+        its progress deadline (Kubernetes' 600 s, ``EMULATOR_PROGRESS_DEADLINE`` here) and is not
+        available, else Creating (a predictor scaled to 0 replicas included)."""
         with LOCK:
             sds = [(k, v) for k, v in self.objects.items() if k[0] == SD[1]]
         for (_, ns, name), obj in sds:
             with LOCK:
-                wanted: dict[str, tuple[ModelServer, int]] = {}
-                for p in obj["spec"].get("predictors", []):
-                    if int(p.get("replicas", 1)) < 1:
-                        continue
-                    graph = p["graph"]
-                    uri = graph.get("modelUri", "")
-                    key = (ns, name, p["name"], uri)
-                    if key not in self.servers:
-                        self.servers[key] = ModelServer(
-                            self.workdir, name, p["name"], graph["name"], graph.get("implementation", ""), uri
-                        )
-                    wanted[p["name"]] = (self.servers[key], int(p.get("traffic", 100)))
-                phases = {pn: s.phase() for pn, (s, _) in wanted.items()}
-                failed = [(pn, err) for pn, (ph, err) in phases.items() if ph == "failed"]
-                status = dict(obj.get("status") or {})
-                if failed:
-                    pn, err = failed[0]
-                    state, desc = "Failed", f"predictor {pn}: {err}"
-                    # The failed pods stay until the spec changes (as in a crash loop); the previous
-                    # ones keep serving.
-                elif all(ph == "ready" for ph, _ in phases.values()):
-                    state, desc = "Available", None
-                    self.serving[(ns, name)] = wanted
-                    keep = {id(s) for s, _ in wanted.values()}
-                    for key in [k for k, s in self.servers.items() if k[:2] == (ns, name) and id(s) not in keep]:
-                        self.servers.pop(key).stop()
-                elif self.serving.get((ns, name)):
-                    # A rolling update: the previous pods keep the Deployments available, and Seldon
-                    # Core 1 keeps saying so (it has no observedGeneration to tell the specs apart).
-                    state, desc = "Available", None
-                else:
-                    state, desc = "Creating", None
-                if status.get("state") != state or status.get("description") != desc:
-                    status["state"] = state
-                    if desc:
-                        status["description"] = desc
-                    else:
-                        status.pop("description", None)
-                    status["replicas"] = sum(1 for _ in wanted)
-                    obj["status"] = status
-                    obj["metadata"]["resourceVersion"] = self.next_rv()
+                self._reconcile_one(ns, name, obj)
+
+    def _reconcile_one(self, ns: str, name: str, obj: dict[str, Any]) -> None:
+        wanted: dict[str, tuple[list[ModelServer], int]] = {}
+        deployments: dict[str, tuple[int, list[ModelServer]]] = {}  # name: (spec replicas, new pods)
+        for p in obj["spec"].get("predictors", []):
+            graph = p["graph"]
+            replicas = int(p.get("replicas", 1))
+            uri = graph.get("modelUri", "")
+            pods = []
+            for i in range(replicas):
+                key = (ns, name, p["name"], uri, i)
+                if key not in self.servers:
+                    self.servers[key] = ModelServer(
+                        self.workdir,
+                        name,
+                        p["name"],
+                        graph["name"],
+                        graph.get("implementation", ""),
+                        uri,
+                        graph.get("parameters"),
+                    )
+                pods.append(self.servers[key])
+            deployments[f"{name}-{p['name']}-0-{graph['name']}"] = (replicas, pods)
+            if replicas > 0:
+                wanted[p["name"]] = (pods, int(p.get("traffic", 100)))
+        # Pods of a predictor's earlier spec (or of fewer replicas) are its Deployment's old pods.
+        current = {id(s) for pods, _ in wanted.values() for s in pods}
+        now = time.monotonic()
+        status_deployments: dict[str, dict[str, int]] = {}
+        all_ready, failed = True, False
+        for dep, (replicas, pods) in deployments.items():
+            old = [s for k, s in self.servers.items() if k[:2] == (ns, name) and isinstance(s, ModelServer)
+                   and s.deployment == dep and id(s) not in current]  # fmt: skip
+            new_ready = sum(1 for s in pods if s.phase()[0] == "ready")
+            old_ready = sum(1 for s in old if s.phase()[0] == "ready")
+            total, available = len(pods) + len(old), new_ready + old_ready
+            status_deployments[dep] = {k: v for k, v in (("replicas", total), ("availableReplicas", available)) if v}
+            unavailable = max(replicas - available, 0)
+            if available == 0 or unavailable > 0:
+                all_ready = False
+                since = self.unready_since.setdefault((ns, name, dep), now)
+                if now - since > self.progress_deadline and available < replicas:
+                    failed = True
+            else:
+                self.unready_since.pop((ns, name, dep), None)
+            if new_ready == len(pods) and old:
+                for key in [k for k, s in self.servers.items() if any(s is o for o in old)]:
+                    self.servers.pop(key).stop()  # the rollout of this Deployment is done
+        # The ingress routes to a predictor's new pods once they are all ready, until then to its
+        # previous ones; a predictor gone from the spec keeps its traffic until the rest is ready.
+        serving = dict(self.serving.get((ns, name), {}))
+        for pn, (pods, weight) in wanted.items():
+            if all(s.phase()[0] == "ready" for s in pods):
+                serving[pn] = (pods, weight)
+        if all_ready or not wanted:
+            serving = {pn: v for pn, v in serving.items() if pn in wanted}
+        self.serving[(ns, name)] = serving
+        if all_ready:
+            state, desc = "Available", None
+            # The Deployments of predictors no longer in the spec go once the others are ready.
+            for key in [k for k, s in self.servers.items() if k[:2] == (ns, name) and isinstance(s, ModelServer)
+                        and s.deployment not in deployments]:  # fmt: skip
+                self.servers.pop(key).stop()
+        elif failed:
+            state, desc = "Failed", "Deployment is no longer progressing and not available."
+        else:
+            state, desc = "Creating", None
+        status = {"state": state, "deploymentStatus": status_deployments}
+        if desc:
+            status["description"] = desc
+        first = next(iter(status_deployments.values()), {})
+        if first.get("replicas"):
+            status["replicas"] = first["replicas"]
+        predictors = obj["spec"].get("predictors") or [{}]
+        if predictors[0].get("name"):
+            # createAddressableResource and utils.GetPredictionPath (operator, v1.18.2): the first
+            # predictor's Service, the protocol's prediction path.
+            node = (predictors[0].get("graph") or {}).get("name", "")
+            path = f"/v2/models/{node}/infer" if obj["spec"].get("protocol") == "v2" else "/api/v1.0/predictions"
+            status["address"] = {"url": f"http://{name}-{predictors[0]['name']}.{ns}.svc.cluster.local:8000{path}"}
+        if obj.get("status") != status:
+            obj["status"] = status
+            obj["metadata"]["resourceVersion"] = self.next_rv()
 
     def run_operator(self) -> None:
         while not self.stopping.is_set():
@@ -448,20 +574,26 @@ class Cluster:
             kserve.shutdown()
 
     def route(self, ns: str, name: str) -> ModelServer | None:
+        """A ready pod of a predictor picked by the traffic weights (Istio's split), the replicas of
+        the predictor taking turns (its Service balancing over the pods)."""
         with LOCK:
             serving = self.serving.get((ns, name))
             if (ns, name) not in {(k[1], k[2]) for k in self.objects if k[0] == SD[1]} or not serving:
                 return None
-            live = [(s, w) for s, w in serving.values() if s.proc.poll() is None]
-        if not live:
-            return None
-        total = sum(w for _, w in live)
-        pick = random.uniform(0, total) if total else 0
-        for server, weight in live:
-            pick -= weight
-            if pick <= 0:
-                return server
-        return live[-1][0]
+            live = [([s for s in pods if s.proc.poll() is None], w) for pods, w in serving.values()]
+            live = [(pods, w) for pods, w in live if pods]
+            if not live:
+                return None
+            total = sum(w for _, w in live)
+            pick = random.uniform(0, total) if total else 0
+            chosen = live[-1][0]
+            for pods, weight in live:
+                pick -= weight
+                if pick <= 0:
+                    chosen = pods
+                    break
+            self.turn = getattr(self, "turn", 0) + 1
+            return chosen[self.turn % len(chosen)]
 
 
 def _tail(data: bytes, query: dict[str, str]) -> list[bytes]:
@@ -482,16 +614,6 @@ def _encode_string_data(secret: dict[str, Any]) -> dict[str, Any]:
         data.update({k: base64.b64encode(str(v).encode()).decode() for k, v in plain.items()})
         secret["data"] = data
     return secret
-
-
-def seldon_to_mlflow(body: dict[str, Any]) -> dict[str, Any]:
-    data = body.get("data") or {}
-    rows = data.get("ndarray") if "ndarray" in data else (data.get("tensor") or {}).get("values")
-    if rows is None:
-        raise ApiError(400, "BadRequest", "expected data.ndarray")
-    if data.get("names"):
-        return {"dataframe_split": {"columns": data["names"], "data": rows}}
-    return {"inputs": rows}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -517,6 +639,8 @@ class Handler(BaseHTTPRequestHandler):
         try:
             return json.loads(raw) if raw else None
         except ValueError:
+            if self.path.startswith("/seldon/"):
+                return _BadJson()  # the model server judges it
             raise ApiError(400, "BadRequest", "the body is not JSON") from None
 
     def do_GET(self) -> None:
@@ -668,6 +792,13 @@ class Handler(BaseHTTPRequestHandler):
             )  # fmt: skip
         if container not in containers:
             raise ApiError(400, "BadRequest", f"container {container} is not valid for pod {name}")
+        if query.get("previous") in ("1", "t", "T", "true", "True", "TRUE"):
+            # The crashed instance's log (a crash-looping model container); none for a live one.
+            crashed = container == server.node and isinstance(server, ModelServer) and server.phase()[0] == "failed"
+            if not crashed:
+                raise ApiError(
+                    400, "BadRequest", f'previous terminated container "{container}" in pod "{name}" not found'
+                )
         return server if container == server.node else None
 
     def _follow_log(self, server: ModelServer | None, query: dict[str, str]) -> None:
@@ -716,9 +847,12 @@ class Handler(BaseHTTPRequestHandler):
             return True
 
     def _ingress(self, method: str, path: str, body: Any) -> None:
-        """``/seldon/<ns>/<name>/<route>``: Seldon Core 1's orchestrator routes for the deployment's
-        protocol (others are 404, as its router answers), forwarded to a model server picked by the
-        predictors' traffic weights. The answer does not say which version served it."""
+        """``/seldon/<ns>/<name>/<route>``: Seldon Core 1's executor routes for the deployment's
+        protocol (others are 404, as its router answers), forwarded to a ready pod picked by the
+        predictors' traffic weights, the replicas taking turns. Answers carry the executor's
+        ``Seldon-Puid`` header (the request's, or a new one: executor/api/rest/middlewares.go
+        puidHeader, v1.18.2). With no ready pod the mesh answers Envoy's 503 ``no healthy upstream``.
+        The answer does not say which version served it; the pod's log has the request."""
         m = re.fullmatch(r"/seldon/([^/]+)/([^/]+)/(.*)", path)
         if not m:
             raise ApiError(404, "NotFound", path)
@@ -728,35 +862,274 @@ class Handler(BaseHTTPRequestHandler):
             protocol = (obj or {}).get("spec", {}).get("protocol") or "seldon"
         server = self.cluster.route(ns, name)
         if server is None:
-            return self._send(503, {"status": {"code": 503, "info": f"no ready predictor for {ns}/{name}"}})
-        code, answer = (seldon_route if protocol == "seldon" else v2_route)(server, method, route, body)
+            return self._send(503, "no healthy upstream", text=True)
+        code, answer = (seldon_route if protocol == "seldon" else seldon_v2_route)(server, method, route, body)
         server.access_log(method, route, code)
+        headers = {"Seldon-Puid": self.headers.get("Seldon-Puid") or str(uuidlib.uuid4())}
         if answer is None:
-            return self._send(code, "404 page not found\n", text=True)
-        return self._send(code, answer)
+            return self._send(code, "404 page not found\n", headers, text=True)
+        if answer == EMPTY:
+            return self._send(code, "", headers, text=True)
+        if isinstance(answer, str):
+            return self._send(code, answer, headers, text=True)
+        return self._send(code, answer, headers)
 
 
 def _health(server: ModelServer) -> int:
     return httpx.get(f"http://127.0.0.1:{server.port}/health", timeout=10).status_code
 
 
+#: An answer without a body (the executor's health routes, MLServer's ready routes).
+EMPTY = b""
+#: The model container's image as the python wrapper names it in ``meta.requestPath``
+#: (PREDICTIVE_UNIT_IMAGE; helm-charts/seldon-core-operator/values.yaml predictor_servers, v1.18.2).
+WRAPPER_IMAGES = {"MLFLOW_SERVER": "seldonio/mlflowserver:1.18.2", "SKLEARN_SERVER": "seldonio/sklearnserver:1.18.2",
+                  "XGBOOST_SERVER": "seldonio/xgboostserver:1.18.2"}  # fmt: skip
+
+
+def wrapper_error(message: str, status_code: int = 400, reason: str = "MICROSERVICE_BAD_DATA") -> tuple[int, Any]:
+    """The python wrapper's error body: SeldonMicroserviceException.to_dict
+    (python/seldon_core/flask_utils.py, v1.18.2; 400 MICROSERVICE_BAD_DATA, or 500
+    MICROSERVICE_INTERNAL_ERROR for any other exception, wrapper.py handle_generic_exception). The
+    executor passes the model's status and body on (executor/api/rest/server.go respondWithError)."""
+    return status_code, {"status": {"status": 1, "info": message, "code": -1, "reason": reason}}
+
+
+def executor_error(message: str) -> tuple[int, Any]:
+    """The executor's own error (not an answer of the model): 500 with a SeldonMessage status
+    (JSONRestClient.CreateErrorPayload, executor/api/rest/client.go, v1.18.2)."""
+    return 500, {"status": {"code": 500, "info": message, "status": "FAILURE"}}
+
+
 def seldon_route(server: ModelServer, method: str, route: str, body: Any) -> tuple[int, Any]:
-    """The Seldon protocol's routes: (status, JSON answer; None for a route that does not exist)."""
-    if method == "GET" and route in ("api/v1.0/health/status", "ready", "live"):
-        code = _health(server)
-        return code, {"status": "ok" if code == 200 else "not ready"}
-    if method == "POST" and route in ("api/v1.0/predictions", "api/v0.1/predictions"):
-        try:
-            request = seldon_to_mlflow(body or {})
-        except ApiError as exc:
-            return 400, {"status": {"code": 400, "info": exc.message, "status": "FAILURE"}}
-        answer = httpx.post(f"http://127.0.0.1:{server.port}/invocations", json=request, timeout=60)
-        if answer.status_code != 200:
-            return answer.status_code, {"status": {"code": answer.status_code, "info": answer.text[:500]}}
-        preds = answer.json().get("predictions")
-        return 200, {"data": {"names": [], "ndarray": preds},
-                     "meta": {"requestPath": {server.node: f"emulated/{server.implementation.lower()}"}}}  # fmt: skip
+    """The Seldon protocol's routes of Seldon Core 1's executor (executor/api/rest/server.go
+    Initialise, v1.18.2): (status, JSON answer; EMPTY for no body; None for a route that does not
+    exist, gorilla/mux's text 404). Health (checkReady) is 200 or 503 without a body."""
+    if route in ("api/v1.0/health/status", "api/v1.0/status", "ready") and method == "GET":
+        return (200 if _health(server) == 200 else 503), EMPTY
+    if route == "live" and method == "GET":
+        return 200, EMPTY
+    if route in ("api/v1.0/predictions", "api/v0.1/predictions"):
+        if method != "POST":
+            return 405, EMPTY  # mux's MethodNotAllowed
+        return mlflow_server_predict(server, body)
     return 404, None
+
+
+def mlflow_server_predict(server: ModelServer, body: Any) -> tuple[int, Any]:
+    """What Seldon's MLFLOW_SERVER answers (servers/mlflowserver/mlflowserver/MLFlowServer.py and
+    python/seldon_core/utils.py construct_response_json, v1.18.2): the request's ``data``
+    (``ndarray`` or ``tensor``) goes to the model as an array, or as ``pd.DataFrame(X,
+    columns=names)`` with ``xtype: DataFrame``; the answer has the request's data kind for a
+    numeric result (``ndarray``, or ``tensor`` for a tensor request), ``names`` as
+    client_class_names computes them (``[]`` for a 1-d result, ``t:0``... per column otherwise,
+    the data frame's columns for a data frame result) and ``meta.requestPath`` naming the container
+    and its image (with the request's ``meta`` puid, tags, metrics and requestPath carried over)."""
+    if isinstance(body, _BadJson):
+        return wrapper_error("Can't find JSON in data")
+    if not isinstance(body, dict) or not any(k in body for k in ("data", "jsonData", "strData", "binData")):
+        return wrapper_error(f"Invalid request data type: {body}")
+    if "data" not in body:
+        # What MLFlowServer makes of jsonData/strData/binData is not modelled here.
+        return wrapper_error(f"emulator: {next(iter(body))} is not modelled", 500, "MICROSERVICE_INTERNAL_ERROR")
+    data = body["data"] if isinstance(body["data"], dict) else {}
+    try:
+        if "tensor" in data:
+            flat, shape = data["tensor"]["values"], data["tensor"]["shape"]
+            rows = _reshape(flat, shape)
+        else:
+            rows = data.get("ndarray", [])
+    except (KeyError, TypeError, ValueError) as exc:
+        return wrapper_error(f"{type(exc).__name__}: {exc}", 500, "MICROSERVICE_INTERNAL_ERROR")
+    names = data.get("names") or []
+    if server.parameters.get("xtype", "ndarray") == "ndarray":
+        request: dict[str, Any] = {"inputs": rows}
+    else:
+        request = {"dataframe_split": {"data": rows, **({"columns": names} if names else {})}}
+    answer = httpx.post(f"http://127.0.0.1:{server.port}/invocations", json=request, timeout=60)
+    if answer.status_code != 200:
+        try:
+            message = answer.json().get("message") or answer.text
+        except ValueError:
+            message = answer.text
+        return wrapper_error(message[:2000], 500, "MICROSERVICE_INTERNAL_ERROR")
+    predictions = answer.json().get("predictions")
+    columns: list[str] | None = None
+    if isinstance(predictions, list) and predictions and all(isinstance(r, dict) for r in predictions):
+        columns = list(predictions[0])  # a data frame result
+        predictions = [[r[c] for c in columns] for r in predictions]
+    if not isinstance(predictions, list):
+        predictions = [predictions]
+    two_d = bool(predictions) and all(isinstance(r, list) for r in predictions)
+    flat = _flatten(predictions)
+    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in flat)
+    out: dict[str, Any] = {}
+    if numeric and "tensor" in data:
+        shape = [len(predictions), len(predictions[0])] if two_d else [len(predictions)]
+        out["tensor"] = {"values": flat, "shape": shape}
+    else:
+        out["ndarray"] = predictions
+    if two_d:
+        out["names"] = columns or [f"t:{i}" for i in range(len(predictions[0]))]
+    else:
+        out["names"] = []
+    request_meta = body.get("meta") if isinstance(body.get("meta"), dict) else {}
+    meta: dict[str, Any] = {}
+    if request_meta.get("tags"):
+        meta["tags"] = request_meta["tags"]
+    if request_meta.get("metrics"):
+        meta["metrics"] = request_meta["metrics"]
+    if request_meta.get("puid"):
+        meta["puid"] = request_meta["puid"]
+    image = WRAPPER_IMAGES.get(server.implementation, f"emulated/{server.implementation.lower()}")
+    meta["requestPath"] = {server.node: image, **(request_meta.get("requestPath") or {})}
+    return 200, {"data": out, "meta": meta}
+
+
+def _reshape(flat: list[Any], shape: list[int]) -> Any:
+    size = 1
+    for d in shape:
+        size *= d
+    if len(flat) != size:
+        raise ValueError(f"cannot reshape array of size {len(flat)} into shape {tuple(shape)}")
+    if len(shape) <= 1:
+        return list(flat)
+    step = size // shape[0]
+    return [_reshape(flat[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]
+
+
+class _BadJson:
+    """A request body that is not JSON (the ingress passes it on as it is)."""
+
+
+def seldon_v2_route(server: ModelServer, method: str, route: str, body: Any) -> tuple[int, Any]:
+    """Protocol v2 behind Seldon Core 1's executor (executor/api/rest/server.go, v1.18.2): its own
+    health routes (200/503, no body), ``/v2/models/<name>/ready`` and ``/v2/models/<name>`` for a
+    graph node only (another name: the executor's 500 "Failed to find model <name>"), and
+    ``/v2/models/<name>/infer`` (or ``/v2/models/infer``, the graph's node) passed to MLServer with
+    the name as given: MLServer answers 404 ``Model <name> not found`` for another."""
+    if route in ("v2/health/ready", "ready") and method == "GET":
+        return (200 if _health(server) == 200 else 503), EMPTY
+    if route == "live" and method == "GET":
+        return 200, EMPTY
+    found = re.fullmatch(r"v2/models/([^/]+)/(ready|infer)", route) or re.fullmatch(r"v2/models/([^/]+)", route)
+    if found is None:
+        return 404, None
+    name = found.group(1)
+    action = found.group(2) if found.lastindex == 2 else ("infer" if name == "infer" else "metadata")
+    if action == "infer":
+        if method != "POST":
+            return 405, EMPTY
+        return mlserver_infer(server, server.node if name == "infer" else name, body)
+    if method != "GET":
+        return 405, EMPTY
+    if name != server.node:
+        return executor_error(f"Failed to find model {name}")
+    if action == "ready":
+        # MLServer's model_ready: 200, or 400 (to_status_code) while the model is not ready.
+        return (200 if _health(server) == 200 else 400), EMPTY
+    return 200, mlserver_metadata(server)
+
+
+def mlserver_error(message: str, status_code: int = 400) -> tuple[int, Any]:
+    """MLServer's error body for its own errors (MLServerError: mlserver/rest/errors.py,
+    APIErrorResponse, MLServer 1.3.5, the version Seldon Core v1.18.2 deploys)."""
+    return status_code, {"error": message}
+
+
+def mlserver_infer(server: ModelServer, name: str, body: Any) -> tuple[int, Any]:
+    """MLServer 1.3.5's ``infer`` with its MLflow runtime: 404 for another model's name, 422
+    (FastAPI's validation ``detail``) for a body that is no InferenceRequest, the request decoded
+    with the model's content type (``pd`` for a column signature: one input per column), a failure
+    of the model a bare 500 (Starlette's ``Internal Server Error``: not an MLServerError), and the
+    answer of NumpyRequestCodec.encode_response (mlserver/codecs/utils.py, numpy.py: one
+    ``output-1`` tensor, a batch dimension injected into 1-d shapes, ``content_type`` ``np``),
+    ``model_version`` ``v1`` (the operator's MLSERVER_MODEL_VERSION, operator/controllers/mlserver.go,
+    v1.18.2) and the request's ``id`` or a new one."""
+    if name != server.node:
+        return mlserver_error(f"Model {name} not found", 404)
+    missing = _v2_request_errors(body)
+    if missing:
+        return 422, {"detail": missing}
+    try:
+        request = v2_to_mlflow(body)
+    except ApiError:
+        return 500, INTERNAL_ERROR
+    answer = httpx.post(f"http://127.0.0.1:{server.port}/invocations", json=request, timeout=60)
+    if answer.status_code != 200:
+        return 500, INTERNAL_ERROR
+    out = mlflow_to_v2(server.node, answer.json().get("predictions"))
+    out["id"] = body.get("id") or out["id"]
+    return 200, {k: out[k] for k in ("model_name", "model_version", "id", "parameters", "outputs")}
+
+
+#: Starlette's answer to an exception nobody handles (text/plain).
+INTERNAL_ERROR = "Internal Server Error"
+
+
+def _v2_request_errors(body: Any) -> list[dict[str, Any]]:
+    """pydantic (v1, as MLServer 1.3.5 uses it) errors of an InferenceRequest, in FastAPI's shape."""
+    if not isinstance(body, dict):
+        return [{"loc": ["body"], "msg": "value is not a valid dict", "type": "type_error.dict"}]
+    if "inputs" not in body:
+        return [{"loc": ["body", "inputs"], "msg": "field required", "type": "value_error.missing"}]
+    if not isinstance(body["inputs"], list):
+        return [{"loc": ["body", "inputs"], "msg": "value is not a valid list", "type": "type_error.list"}]
+    errors = []
+    for i, tensor in enumerate(body["inputs"]):
+        for field in ("name", "shape", "datatype", "data"):
+            if not isinstance(tensor, dict) or field not in tensor:
+                errors.append({"loc": ["body", "inputs", i, field], "msg": "field required",
+                               "type": "value_error.missing"})  # fmt: skip
+    return errors
+
+
+def mlserver_metadata(server: ModelServer) -> dict[str, Any]:
+    """MLServer 1.3.5's model metadata (MLModel.metadata, MetadataModelResponse) as its MLflow
+    runtime fills it from the signature (runtimes/mlflow/mlserver_mlflow/metadata.py: a column is
+    an input of shape [-1], a tensor keeps its shape; unnamed ones ``input-<i>``/``output-<i>``;
+    the request content type ``pd`` for a column signature, ``np`` for an unnamed tensor)."""
+    meta: dict[str, Any] = {"name": server.node, "versions": [], "platform": ""}
+    signature = _signature(server.model_uri)
+    if signature is not None:
+        inputs, outputs = signature
+        meta["inputs"] = [_metadata_tensor(spec, f"input-{i}") for i, spec in enumerate(inputs)]
+        meta["outputs"] = [_metadata_tensor(spec, f"output-{i}") for i, spec in enumerate(outputs)]
+        tensor = all(spec.get("type") == "tensor" for spec in inputs)
+        named = all(spec.get("name") for spec in inputs)
+        meta["parameters"] = {"content_type": ("dict" if named else "np") if tensor else "pd"}
+    return meta
+
+
+_MLFLOW_TO_V2 = {"boolean": ("BOOL", "np"), "integer": ("INT32", "np"), "long": ("INT64", "np"),
+                 "float": ("FP32", "np"), "double": ("FP64", "np"), "string": ("BYTES", "str"),
+                 "binary": ("BYTES", "base64"), "datetime": ("BYTES", "datetime")}  # fmt: skip
+_NUMPY_TO_V2 = {"bool": "BOOL", "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64",
+                "uint8": "UINT8", "float16": "FP16", "float32": "FP32", "float64": "FP64"}  # fmt: skip
+
+
+def _metadata_tensor(spec: dict[str, Any], default_name: str) -> dict[str, Any]:
+    if spec.get("type") == "tensor":
+        tensor = spec.get("tensor-spec") or {}
+        datatype, content_type, shape = _NUMPY_TO_V2.get(tensor.get("dtype"), "BYTES"), "np", tensor.get("shape")
+    else:
+        (datatype, content_type), shape = _MLFLOW_TO_V2.get(spec.get("type"), ("BYTES", "str")), [-1]
+    return {"name": spec.get("name") or default_name, "datatype": datatype, "shape": list(shape or [-1]),
+            "parameters": {"content_type": content_type}}  # fmt: skip
+
+
+def _signature(model_uri: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+    """The MLflow model's signature (inputs, outputs) from its MLmodel file, None without one."""
+    import yaml
+
+    path = Path(model_uri[len("file://") :] if model_uri.startswith("file://") else model_uri) / "MLmodel"
+    try:
+        signature = (yaml.safe_load(path.read_text()) or {}).get("signature") or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    if not signature.get("inputs"):
+        return None
+    return json.loads(signature["inputs"]), json.loads(signature.get("outputs") or "[]")
 
 
 V2_DATATYPES = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32",

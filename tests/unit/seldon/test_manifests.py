@@ -54,6 +54,17 @@ def test_a_built_manifest_is_a_valid_seldondeployment() -> None:
     assert schema_errors(manifest) == []
 
 
+def test_mlflow_server_takes_a_data_frame_in_the_seldon_protocol() -> None:
+    """MLFLOW_SERVER (Seldon's MLFlowServer.py, v1.18.2) passes the bare array to the model unless
+    ``xtype`` is ``DataFrame``: a model whose signature names columns needs the data frame. MLServer
+    (protocol v2) and the other servers take no such parameter."""
+    seldon = spec().build()["spec"]["predictors"][0]["graph"]
+    assert seldon["parameters"] == [{"name": "xtype", "type": "STRING", "value": "DataFrame"}]
+    assert "parameters" not in spec(protocol="v2").build()["spec"]["predictors"][0]["graph"]
+    sklearn = Predictor(name="main", model_uri="s3://m/1", implementation="SKLEARN_SERVER")
+    assert "parameters" not in spec(sklearn).build()["spec"]["predictors"][0]["graph"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "predictors", "field"),
     [
