@@ -103,6 +103,20 @@ def agent_idle_timeout() -> float:
         raise InvalidParameterError("agent_idle_timeout", value, "must be a number of seconds") from None
 
 
+def metrics_interval() -> float:
+    """Seconds between the serving agent's readings of its servers' /metrics."""
+    value = get_option("metrics_interval", "15") or "15"
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0.5 <= seconds <= 3600:
+        from airflow_provider_modeldeploy.exceptions import InvalidParameterError
+
+        raise InvalidParameterError("metrics_interval", value, "must be a number of seconds from 0.5 to 3600")
+    return seconds
+
+
 def ui_max_concurrent_actions() -> int:
     """Threads the Served Models page's start / stop / rollback / delete run in (per API server process)."""
     value = get_option("ui_max_concurrent_actions", "4") or "4"

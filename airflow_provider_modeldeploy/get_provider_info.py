@@ -308,6 +308,15 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "0",
                         "default": "600",
                     },
+                    "metrics_interval": {
+                        "description": "Seconds between two readings of each local model server's /metrics "
+                        "by the serving agent, which keeps per-minute figures for 25 hours (the Served Models "
+                        "page's charts and 'airflow served-models describe').",
+                        "version_added": "0.3.0",
+                        "type": "float",
+                        "example": "5",
+                        "default": "15",
+                    },
                     "agent_url": {
                         "description": "The serving agent that runs local MLflow model servers when a "
                         "connection names none: http://HOST:PORT of an agent run with 'airflow "

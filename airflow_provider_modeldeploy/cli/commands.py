@@ -93,17 +93,59 @@ def describe_service(args: Any) -> None:
     service = _service(args.uuid)
     data = mask(service.to_dict())  # masked before the table joins config into one string
     history = service.deployer.get_history(service.uuid, limit=args.history) if args.history else []
+    metrics = last_hour(service)
     if args.output in ("json", "yaml"):
-        _print([{**data, "history": history}], args.output)
+        _print([{**data, "history": history, "metrics": metrics}], args.output)
         return
     rows = [{"property": k, "value": v if not isinstance(v, dict) else ", ".join(f"{a}={b}" for a, b in v.items())}
             for k, v in data.items()]  # fmt: skip
     _print(rows, args.output)
+    print(file=_out())
+    _print(_metrics_rows(metrics), args.output)
     if history:
         print(file=_out())
         _print(
             [{k: e[k] for k in ("created_at", "action", "outcome", "actor", "message")} for e in history], args.output
         )
+
+
+def last_hour(service: Any) -> dict[str, Any]:
+    """The service's last hour (the Served Models API's summary), or why there is none."""
+    try:
+        result = service.deployer.metrics(service.uuid, "1h")
+    except ModelDeployError as exc:
+        return {"window": "1h", "available": False, "reason": mask_text(str(exc))}
+    out: dict[str, Any] = {"window": "1h", "available": result.available, "source": result.source}
+    out["reason"] = mask_text(result.reason) if result.reason else None
+    if result.available:
+        summary = result.summary
+        out.update(
+            requests=summary.requests, requests_per_minute=summary.requests_per_minute, errors=summary.errors,
+            error_rate=summary.error_rate, p50_ms=summary.p50_ms, p95_ms=summary.p95_ms, p99_ms=summary.p99_ms,
+            in_flight=summary.in_flight, rows=summary.rows,
+        )  # fmt: skip
+    return out
+
+
+def _metrics_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    if not metrics["available"]:
+        return [{"last hour": "metrics", "value": f"not available: {metrics['reason']}"}]
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f} ms"
+
+    rate = metrics["error_rate"]
+    return [
+        {"last hour": "requests", "value": metrics["requests"]},
+        {"last hour": "requests per minute", "value": f"{metrics['requests_per_minute']:.2f}"},
+        {"last hour": "error rate", "value": "-" if rate is None else f"{rate:.2%} ({metrics['errors']} errors)"},
+        {
+            "last hour": "latency p50 / p95 / p99",
+            "value": " / ".join(ms(metrics[k]) for k in ("p50_ms", "p95_ms", "p99_ms")),
+        },
+        {"last hour": "in flight", "value": "-" if metrics["in_flight"] is None else metrics["in_flight"]},
+        {"last hour": "rows", "value": metrics["rows"]},
+    ]
 
 
 @cli_errors
@@ -249,10 +291,13 @@ def run_agent(args: Any) -> None:
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
     state_dir, run_dir = config.agent_state_dir(), config.runtime_dir()
+    interval = config.metrics_interval()  # read before Airflow's settings leave the environment
     # Airflow's settings and secrets are this process's, not the model servers'.
     for key in [k for k in os.environ if k.startswith(("AIRFLOW__", "_AIRFLOW")) or k == agent_api.TOKEN_ENV]:
         os.environ.pop(key)
-    code = agent_api.serve(state_dir, run_dir, listen=listen, token=token, advertise_url=args.advertise_url)
+    code = agent_api.serve(
+        state_dir, run_dir, listen=listen, token=token, advertise_url=args.advertise_url, metrics_interval=interval
+    )
     if code:
         sys.exit(code)
 

@@ -12,7 +12,7 @@ import uuid as uuidlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow_provider_modeldeploy.exceptions import (
     DeploymentFailedError,
@@ -31,6 +31,9 @@ from airflow_provider_modeldeploy.services import (
     ServiceRecord,
     ServiceState,
 )
+
+if TYPE_CHECKING:
+    from airflow_provider_modeldeploy.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
@@ -643,6 +646,27 @@ class BaseModelDeployer(ABC):
                      "model_version": record.model_version},
         )  # fmt: skip
         report.adopted.append(record.uuid)
+
+    def metrics(self, service_uuid: str, window: str = "1h") -> ServiceMetrics:
+        """The service's traffic over ``window`` (``1h``: per minute, ``1d``: per 15 minutes): requests,
+        errors, latency quantiles and rows per model version, a summary, and the endpoint's deploys,
+        replaces, rollbacks and promotes. ``available`` is false, with the reason, where the backend
+        cannot tell (never zeros)."""
+        from airflow_provider_modeldeploy.metrics import WINDOWS
+
+        if window not in WINDOWS:
+            raise InvalidParameterError("window", window, f"must be one of {', '.join(WINDOWS)}")
+        return self._metrics(self._get(service_uuid), window)
+
+    def _metrics(self, record: ServiceRecord, window: str) -> ServiceMetrics:
+        """What a backend implements for ``metrics`` (the record is this backend's)."""
+        from airflow_provider_modeldeploy.metrics import ServiceMetrics
+
+        return ServiceMetrics.unavailable(record.uuid, window, f"the {self.backend} backend reports no metrics")
+
+    def _chart_history(self, record: ServiceRecord) -> list[dict[str, Any]]:
+        """The endpoint's recent history, for the events on the charts."""
+        return self.registry.list_events(self.backend, record.endpoint, limit=200)
 
     def get_history(self, service_or_endpoint: str, limit: int = 50) -> list[dict[str, Any]]:
         try:

@@ -82,6 +82,12 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
             self._settings = self.hook.get_settings()
         return self._settings
 
+    def _metrics(self, record: ServiceRecord, window: str) -> Any:
+        """From the connection's Prometheus (``prometheus_url``), else not available, saying why."""
+        from airflow_provider_modeldeploy.deployers.kubernetes_common import kubernetes_metrics
+
+        return kubernetes_metrics(self, record, window, self.settings.namespace)
+
     # -- options and names -----------------------------------------------------------------------
 
     def deploy_model(
@@ -264,7 +270,7 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
         for p in [spec["predictor"], *(c["predictor"] for c in spec.get("canary") or [])]:
             wanted[p["model"]["storageUri"]] += max(int(p.get("minReplicas", 1)), 1)
         try:
-            pods = self.hook.list_pods(obj["metadata"]["name"])
+            pods = self.hook.isvc_pods(obj["metadata"]["name"])
         except ApiException as exc:
             if exc.status == 403:  # may not list pods: KServe's status is all there is to go by
                 log.warning("Cannot list pods in %s (403): trusting KServe's status alone", self.settings.namespace)
@@ -532,16 +538,16 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
         pods (a canary, replicas). ``follow`` streams every pod's log until the pods go away."""
         from kubernetes.client.exceptions import ApiException
 
-        pods = [p.metadata.name for p in self.hook.list_pods(record.endpoint)
+        pods = [p.metadata.name for p in self.hook.isvc_pods(record.endpoint)
                 if not (follow and p.metadata.deletion_timestamp)]  # fmt: skip
         prefix = len(pods) > 1
         if follow:
             lines = 10 if tail is None else tail
-            yield from follow_logs(lambda pod: self.hook.stream_pod_log(pod, lines), pods, prefix)
+            yield from follow_logs(lambda pod: self.hook.stream_pod_log(pod, m.MODEL_CONTAINER, lines), pods, prefix)
             return
         for pod in pods:
             try:
-                text = self.hook.read_pod_log(pod, tail)
+                text = self.hook.read_pod_log(pod, m.MODEL_CONTAINER, tail)
             except ApiException as exc:  # e.g. still initialising: the other pods' logs are worth showing
                 log.warning("No log from pod %s: HTTP %s: %s", pod, exc.status, api_message(exc))
                 continue

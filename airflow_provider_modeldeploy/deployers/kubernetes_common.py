@@ -128,3 +128,68 @@ def follow_logs(open_stream: Callable[[str], Any], pods: list[str], prefix: bool
                 stream.shutdown()
             with contextlib.suppress(Exception):
                 stream.release_conn()
+
+
+#: PromQL per backend: requests by status and version, latency buckets by ``le`` and version
+#: (``{selector}`` and ``{step}`` are filled in). Seldon Core 1's executor and KServe's Knative
+#: queue-proxy metrics, as their default installs name them.
+PROMQL: dict[str, dict[str, Any]] = {
+    "seldon": {
+        "selector": 'namespace="{namespace}",deployment_name="{name}"',
+        "requests": "sum by (code, predictor_name) "
+        "(increase(seldon_api_executor_server_requests_seconds_count{{{selector}}}[{step}s]))",
+        "buckets": "sum by (le, predictor_name) "
+        "(increase(seldon_api_executor_server_requests_seconds_bucket{{{selector}}}[{step}s]))",
+        "status": "code", "version": "predictor_name", "le_scale": 1.0,
+    },
+    "kserve": {
+        "selector": 'namespace_name="{namespace}",configuration_name=~"{name}-predictor.*"',
+        "requests": "sum by (response_code_class, configuration_name) "
+        "(increase(revision_app_request_count{{{selector}}}[{step}s]))",
+        "buckets": "sum by (le, configuration_name) "
+        "(increase(revision_app_request_latencies_bucket{{{selector}}}[{step}s]))",
+        "status": "response_code_class", "version": "configuration_name", "le_scale": 0.001,  # milliseconds
+    },
+}  # fmt: skip
+
+
+def kubernetes_metrics(deployer: Any, record: Any, window: str, namespace: str) -> Any:
+    """A Kubernetes service's metrics from the Prometheus its connection names (``prometheus_url``);
+    without one, not available, saying what to configure."""
+    from airflow_provider_modeldeploy.hooks.prometheus import PrometheusClient, PrometheusError
+    from airflow_provider_modeldeploy.metrics import ServiceMetrics, build, window_bounds
+
+    url = (deployer.hook.extras or {}).get("prometheus_url")
+    if not url:
+        return ServiceMetrics.unavailable(
+            record.uuid, window,
+            f"no metrics source: connection {deployer.conn_id or deployer.hook.default_conn_name!r} has no "
+            f"prometheus_url extra; set it to a Prometheus that scrapes the {deployer.backend} predictor pods",
+        )  # fmt: skip
+    promql = PROMQL[deployer.backend]
+    start, end, step = window_bounds(window)
+    selector = promql["selector"].format(namespace=namespace, name=record.endpoint)
+    client = PrometheusClient(str(url))
+    slices: list[dict[str, Any]] = []
+    try:
+        for kind in ("requests", "buckets"):
+            query = promql[kind].format(selector=selector, step=step)
+            for series in client.query_range(query, start + step, end, step):
+                labels = series.get("metric") or {}
+                if kind == "requests":
+                    status = str(labels.get(promql["status"], ""))
+                    name = f"requests:{status[:1]}xx" if status[:1].isdigit() else "requests:other"
+                else:
+                    le = labels.get("le", "+Inf")
+                    name = f"bucket:{le if le == '+Inf' else float(le) * promql['le_scale']}"
+                version = str(labels.get(promql["version"], ""))
+                for at, value in series.get("values") or []:
+                    number = float(value)
+                    if number == number and number > 0:  # not NaN: the step had samples
+                        slices.append({"t": float(at) - step, "model_version": version, "series": {name: number}})
+    except PrometheusError as exc:
+        return ServiceMetrics.unavailable(record.uuid, window, str(exc))
+    return build(
+        record.uuid, window, slices, source="prometheus", events=deployer._chart_history(record),
+        role_of=lambda version: "canary" if "canary" in version else "main",
+    )  # fmt: skip

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow_provider_modeldeploy.deployers.base import BaseModelDeployer, Launch
 from airflow_provider_modeldeploy.exceptions import (
@@ -28,6 +28,9 @@ from airflow_provider_modeldeploy.hooks.serving_agent import UNIX_PREFIX, AgentC
 from airflow_provider_modeldeploy.registry import EndpointLease, Registry
 from airflow_provider_modeldeploy.registry.store import HOSTNAME, safe_url
 from airflow_provider_modeldeploy.services import ServiceRecord, ServiceState
+
+if TYPE_CHECKING:
+    from airflow_provider_modeldeploy.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,8 @@ class MLflowLocalDeployer(BaseModelDeployer):
     ``read_timeout`` (default 10: seconds a request's headers may take from their first byte, and its
     body may pause, else 408; and a client may stop reading its answer, else it is disconnected), ``keep_alive`` (default 5: seconds an idle connection, or one that
     never sent a byte, stays open) and ``max_concurrent_requests`` (default 64 per worker: more get
-    503; idle connections do not count).
+    503; idle connections do not count). ``metrics`` (default true: the server counts its prediction
+    requests and serves ``GET /metrics``, see ``serving/metrics.py``; false, for comparisons).
     """
 
     backend = "mlflow"
@@ -66,6 +70,7 @@ class MLflowLocalDeployer(BaseModelDeployer):
         "port": int,
         "smoke_input": (str, dict, list),
         "fast_path": bool,
+        "metrics": bool,
         "max_body_mb": int,
         "max_header_kb": int,
         "read_timeout": int,
@@ -171,7 +176,7 @@ class MLflowLocalDeployer(BaseModelDeployer):
             "endpoint": record.endpoint, "model_name": record.model_name, "model_uri": record.model_uri,
             "options": {
                 "workers": opts.get("workers", self.settings.workers), "fast_path": opts.get("fast_path", True),
-                "smoke_input": opts.get("smoke_input"), **{key: opts.get(key) for key in _SERVER_LIMITS},
+                "metrics": opts.get("metrics", True), "smoke_input": opts.get("smoke_input"), **{key: opts.get(key) for key in _SERVER_LIMITS},
             },
             "env": env, "timeout": timeout, "record": record.to_dict(),
             "bind": {
@@ -338,6 +343,42 @@ class MLflowLocalDeployer(BaseModelDeployer):
 
     def _adopt_conflict(self, found: ServiceRecord, current: ServiceRecord | None) -> None:
         self._forget(found)
+
+    def _metrics(self, record: ServiceRecord, window: str) -> ServiceMetrics:
+        """From the serving agents' per-minute figures: this service's, and those of the endpoint's
+        earlier services that served within the window (role ``previous``)."""
+        from airflow_provider_modeldeploy.metrics import ServiceMetrics, build, window_bounds
+
+        if record.config.get("metrics") is False:
+            return ServiceMetrics.unavailable(
+                record.uuid, window, f"service {record.uuid} was deployed with metrics=false: its server records none"
+            )
+        if not record.agent_url and record.pid is None:
+            return ServiceMetrics.unavailable(record.uuid, window, f"service {record.uuid} never ran")
+        start, end, _step = window_bounds(window)
+        earlier = [
+            r for r in self.registry.find_services(backend=self.backend, endpoint=record.endpoint, limit=20)
+            if r.uuid != record.uuid and (r.agent_url or r.pid is not None)
+            and r.updated_at is not None and r.updated_at.timestamp() >= start
+        ]  # fmt: skip
+        related = [record, *earlier[:4]]
+        slices: list[dict[str, Any]] = []
+        for r in related:
+            try:
+                answer = self._call(r, lambda agent, r=r: agent.metrics(r.uuid, start, end))
+            except ModelDeployError as exc:
+                if r is not record:
+                    continue  # an earlier service's agent: this one's figures still stand
+                return ServiceMetrics.unavailable(
+                    record.uuid, window, f"the serving agent of host {record.host!r} did not answer: {exc}"
+                )
+            for point in answer.get("points") or []:
+                slices.append({**point, "model_version": point.get("model_version") or r.model_version or ""})
+        main = record.model_version or ""
+        return build(
+            record.uuid, window, slices, source="serving-agent", events=self._chart_history(record),
+            role_of=lambda version: "main" if version == main else "previous",
+        )  # fmt: skip
 
     def _log_lines(self, record: ServiceRecord, tail: int | None, follow: bool) -> Iterator[str]:
         if not record.agent_url and record.pid is None:

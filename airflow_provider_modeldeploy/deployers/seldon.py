@@ -70,7 +70,6 @@ class SeldonDeployer(BaseModelDeployer):
         super().__init__(conn_id=conn_id, registry=registry)
         self.hook = hook or SeldonDeployerHook(conn_id=conn_id)
         self._settings: SeldonSettings | None = None
-        self._api: Any = None
         self._restored: set[str] = set()
 
     @classmethod
@@ -83,11 +82,11 @@ class SeldonDeployer(BaseModelDeployer):
             self._settings = self.hook.get_settings()
         return self._settings
 
-    @property
-    def api(self) -> Any:
-        if self._api is None:
-            self._api = self.hook.custom_objects()
-        return self._api
+    def _metrics(self, record: ServiceRecord, window: str) -> Any:
+        """From the connection's Prometheus (``prometheus_url``), else not available, saying why."""
+        from airflow_provider_modeldeploy.deployers.kubernetes_common import kubernetes_metrics
+
+        return kubernetes_metrics(self, record, window, self.settings.namespace)
 
     # -- options and names -----------------------------------------------------------------------
 
@@ -140,12 +139,8 @@ class SeldonDeployer(BaseModelDeployer):
         from kubernetes.client.exceptions import ApiException
 
         try:
-            return self.hook.call(
-                self.api.get_namespaced_custom_object, m.GROUP, m.VERSION, self.settings.namespace, m.PLURAL, name
-            )
+            return self.hook.get_deployment(name)
         except ApiException as exc:
-            if exc.status == 404:
-                return None
             raise self._api_error(exc, name) from None
 
     def _api_error(self, exc: Any, name: str) -> Exception:
@@ -175,9 +170,7 @@ class SeldonDeployer(BaseModelDeployer):
         def attempt() -> dict[str, Any]:
             current = self._read(name)
             if current is None:
-                return self.hook.call(
-                    self.api.create_namespaced_custom_object, m.GROUP, m.VERSION, ns, m.PLURAL, manifest
-                )
+                return self.hook.create_deployment(manifest)
             check_ours(current, owners, "SeldonDeployment", ns)
             patch = {
                 "metadata": {
@@ -186,9 +179,7 @@ class SeldonDeployer(BaseModelDeployer):
                 },
                 "spec": manifest["spec"],
             }  # fmt: skip
-            return self.hook.call(
-                self.api.patch_namespaced_custom_object, m.GROUP, m.VERSION, ns, m.PLURAL, name, patch
-            )
+            return self.hook.patch_deployment(name, patch)
 
         try:
             return attempt()
@@ -228,11 +219,7 @@ class SeldonDeployer(BaseModelDeployer):
 
     def _pods(self, name: str) -> list[Any]:
         """The model pods of a SeldonDeployment (Seldon labels them with its name), by name."""
-        core = self.hook.core_v1()
-        pods = self.hook.call(
-            core.list_namespaced_pod, self.settings.namespace, label_selector=f"seldon-deployment-id={name}"
-        )
-        return sorted(pods.items, key=lambda pod: pod.metadata.name)
+        return self.hook.model_pods(name)
 
     def _rolled_out(self, obj: dict[str, Any]) -> tuple[bool, str]:
         """(whether exactly the spec's model pods run and are ready, what is missing)."""
@@ -429,11 +416,7 @@ class SeldonDeployer(BaseModelDeployer):
                 if current is None or _owner(current) is None:
                     return  # gone, or no longer ours: left as it is
                 try:
-                    written = self.hook.call(
-                        self.api.patch_namespaced_custom_object,
-                        m.GROUP, m.VERSION, self.settings.namespace, m.PLURAL, record.endpoint,
-                        restore_patch(current, before),
-                    )  # fmt: skip
+                    written = self.hook.patch_deployment(record.endpoint, restore_patch(current, before))
                 except ApiException as exc:
                     if exc.status == 409:
                         continue
@@ -507,16 +490,7 @@ class SeldonDeployer(BaseModelDeployer):
             ops += [{"op": "test", "path": f"/spec/predictors/{i}/name", "value": predictor["name"]},
                     {"op": "replace", "path": f"/spec/predictors/{i}/replicas", "value": 0}]  # fmt: skip
         try:
-            self.hook.call(
-                self.api.patch_namespaced_custom_object,
-                m.GROUP,
-                m.VERSION,
-                self.settings.namespace,
-                m.PLURAL,
-                record.endpoint,
-                ops,
-                _content_type="application/json-patch+json",
-            )
+            self.hook.patch_deployment(record.endpoint, ops, json_patch=True)
         except ApiException as exc:
             raise self._api_error(exc, record.endpoint) from None
 
@@ -524,12 +498,9 @@ class SeldonDeployer(BaseModelDeployer):
         from kubernetes.client.exceptions import ApiException
 
         try:
-            self.hook.call(
-                self.api.delete_namespaced_custom_object, m.GROUP, m.VERSION, self.settings.namespace, m.PLURAL, name
-            )
+            self.hook.delete_deployment(name)
         except ApiException as exc:
-            if exc.status != 404:
-                raise self._api_error(exc, name) from None
+            raise self._api_error(exc, name) from None
 
     def _forget(self, record: ServiceRecord) -> None:
         obj = self._read(record.endpoint)
@@ -558,24 +529,16 @@ class SeldonDeployer(BaseModelDeployer):
         (their streams end) or the caller stops iterating (Ctrl-C in the CLI)."""
         from kubernetes.client.exceptions import ApiException
 
-        core, ns = self.hook.core_v1(), self.settings.namespace
         pods = [p.metadata.name for p in self._pods(record.endpoint) if not (follow and p.metadata.deletion_timestamp)]
         prefix = len(pods) > 1
         if follow:
             lines = 10 if tail is None else tail
 
-            def open_stream(pod: str) -> Any:
-                return self.hook.call(
-                    core.read_namespaced_pod_log, pod, ns, container=m.MODEL_NODE, follow=True, tail_lines=lines,
-                    _preload_content=False, stream=True,
-                )  # fmt: skip
-
-            yield from follow_logs(open_stream, pods, prefix)
+            yield from follow_logs(lambda pod: self.hook.stream_pod_log(pod, m.MODEL_NODE, lines), pods, prefix)
             return
         for pod in pods:
-            kwargs = {"tail_lines": tail} if tail is not None else {}
             try:
-                text = self.hook.call(core.read_namespaced_pod_log, pod, ns, container=m.MODEL_NODE, **kwargs)
+                text = self.hook.read_pod_log(pod, m.MODEL_NODE, tail)
             except ApiException as exc:  # e.g. still initialising: the other pods' logs are worth showing
                 log.warning("No log from pod %s: HTTP %s: %s", pod, exc.status, api_message(exc))
                 continue
@@ -583,16 +546,8 @@ class SeldonDeployer(BaseModelDeployer):
                 yield f"[{pod}] {line}" if prefix else line
 
     def _discover(self) -> list[ServiceRecord] | None:
-        listing = self.hook.call(
-            self.api.list_namespaced_custom_object,
-            m.GROUP,
-            m.VERSION,
-            self.settings.namespace,
-            m.PLURAL,
-            label_selector=f"{m.MANAGED_LABEL}=true",
-        )
         found = []
-        for obj in listing.get("items", []):
+        for obj in self.hook.list_deployments(label_selector=f"{m.MANAGED_LABEL}=true"):
             try:
                 lin = json.loads((obj["metadata"].get("annotations") or {})[LINEAGE_ANNOTATION])
             except (KeyError, ValueError):
@@ -664,13 +619,10 @@ class SeldonDeployer(BaseModelDeployer):
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
-        core = self.hook.core_v1()
         try:
-            existing = self.hook.call(core.read_namespaced_secret, name, self.settings.namespace)
+            existing = self.hook.read_secret(name)
         except ApiException as exc:
-            if exc.status != 404:
-                raise self._api_error(exc, name) from None
-            existing = None
+            raise self._api_error(exc, name) from None
         if existing is not None:
             if (existing.metadata.labels or {}).get(CREATED_SECRET_LABEL) == "airflow-provider-modeldeploy":
                 return  # ours, from an earlier deployment
@@ -696,7 +648,7 @@ class SeldonDeployer(BaseModelDeployer):
             string_data=data, type="Opaque",
         )  # fmt: skip
         try:
-            self.hook.call(core.create_namespaced_secret, self.settings.namespace, body)
+            self.hook.create_secret(body)
         except ApiException as exc:
             if exc.status != 409:  # created meanwhile by a parallel deployment: fine
                 raise self._api_error(exc, name) from None
@@ -708,21 +660,19 @@ class SeldonDeployer(BaseModelDeployer):
             return
         from kubernetes.client.exceptions import ApiException
 
-        core = self.hook.core_v1()
         try:
-            secret = self.hook.call(core.read_namespaced_secret, name, self.settings.namespace)
+            secret = self.hook.read_secret(name)
         except ApiException:
+            return
+        if secret is None:
             return
         if (secret.metadata.labels or {}).get(CREATED_SECRET_LABEL) != "airflow-provider-modeldeploy":
             return  # not ours: never delete a Secret the cluster admin made
-        listing = self.hook.call(
-            self.api.list_namespaced_custom_object, m.GROUP, m.VERSION, self.settings.namespace, m.PLURAL
-        )
-        for obj in listing.get("items", []):
+        for obj in self.hook.list_deployments():
             for p in obj["spec"].get("predictors", []):
                 if (p.get("graph") or {}).get("envSecretRefName") == name:
                     return  # still used by another deployment
-        self.hook.call(core.delete_namespaced_secret, name, self.settings.namespace)
+        self.hook.delete_secret(name)
 
 
 def _pod_model_uri(pod: Any) -> str | None:

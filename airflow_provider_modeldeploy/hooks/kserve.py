@@ -23,6 +23,8 @@ from airflow_provider_modeldeploy.hooks.kubernetes_cluster import KubernetesClus
 from airflow_provider_modeldeploy.hooks.seldon import check_dns1123
 from airflow_provider_modeldeploy.kserve import manifests as m
 
+CRD = (m.GROUP, m.VERSION, m.PLURAL)
+
 
 @dataclass
 class KServeSettings:
@@ -102,94 +104,31 @@ class KServeDeployerHook(KubernetesClusterHook):
             local_artifact_map=dict(mapping),
         )  # fmt: skip
 
-    # -- InferenceServices -----------------------------------------------------------------------
-
-    def _custom(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        api = self.custom_objects()
-        return self.call(getattr(api, method), m.GROUP, m.VERSION, self.namespace, m.PLURAL,
-                         *args, **kwargs)  # fmt: skip
+    # -- InferenceServices (pods, logs, Secrets and ServiceAccounts: KubernetesClusterHook) ----------
 
     def get_inference_service(self, name: str) -> dict[str, Any] | None:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            return self._custom("get_namespaced_custom_object", name)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return self.get_object(CRD, name)
 
     def create_inference_service(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self._custom("create_namespaced_custom_object", body)
+        return self.create_object(CRD, body)
 
     def patch_inference_service(self, name: str, patch: Any, json_patch: bool = False) -> dict[str, Any]:
-        kwargs = {"_content_type": "application/json-patch+json"} if json_patch else {}
-        return self._custom("patch_namespaced_custom_object", name, patch, **kwargs)
+        return self.patch_object(CRD, name, patch, json_patch=json_patch)
 
     def delete_inference_service(self, name: str) -> None:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            self._custom("delete_namespaced_custom_object", name)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        self.delete_object(CRD, name)
 
     def list_inference_services(self, label_selector: str | None = None) -> list[dict[str, Any]]:
-        kwargs = {"label_selector": label_selector} if label_selector else {}
-        return self._custom("list_namespaced_custom_object", **kwargs).get("items", [])
+        return self.list_objects(CRD, label_selector)
 
-    # -- pods, logs, credentials -----------------------------------------------------------------
-
-    def list_pods(self, isvc: str) -> list[Any]:
+    def isvc_pods(self, isvc: str) -> list[Any]:
         """The InferenceService's pods (KServe labels them with its name), by name."""
-        pods = self.call(self.core_v1().list_namespaced_pod, self.namespace,
-                         label_selector=f"{m.ISVC_POD_LABEL}={isvc}")  # fmt: skip
-        return sorted(pods.items, key=lambda pod: pod.metadata.name)
-
-    def read_pod_log(self, pod: str, tail: int | None = None) -> str:
-        kwargs = {"tail_lines": tail} if tail is not None else {}
-        return self.call(self.core_v1().read_namespaced_pod_log, pod, self.namespace,
-                         container=m.MODEL_CONTAINER, **kwargs)  # fmt: skip
-
-    def stream_pod_log(self, pod: str, tail: int) -> Any:
-        """An open ``follow=true`` log response (read it with ``kubernetes.watch.watch.iter_resp_lines``)."""
-        return self.call(self.core_v1().read_namespaced_pod_log, pod, self.namespace,
-                         container=m.MODEL_CONTAINER, follow=True, tail_lines=tail, _preload_content=False,
-                         stream=True)  # fmt: skip
-
-    def _read_core(self, method: str, name: str) -> Any | None:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            return self.call(getattr(self.core_v1(), method), name, self.namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def read_secret(self, name: str) -> Any | None:
-        return self._read_core("read_namespaced_secret", name)
-
-    def create_secret(self, body: Any) -> Any:
-        return self.call(self.core_v1().create_namespaced_secret, self.namespace, body)
-
-    def delete_secret(self, name: str) -> None:
-        self.call(self.core_v1().delete_namespaced_secret, name, self.namespace)
-
-    def read_service_account(self, name: str) -> Any | None:
-        return self._read_core("read_namespaced_service_account", name)
-
-    def create_service_account(self, body: Any) -> Any:
-        return self.call(self.core_v1().create_namespaced_service_account, self.namespace, body)
-
-    def delete_service_account(self, name: str) -> None:
-        self.call(self.core_v1().delete_namespaced_service_account, name, self.namespace)
+        return self.list_pods(f"{m.ISVC_POD_LABEL}={isvc}")
 
     def test_connection(self) -> tuple[bool, str]:
         try:
             settings = self.get_settings()
-            self._custom("list_namespaced_custom_object", limit=1)
+            self.list_objects(CRD, limit=1)
         except Exception as exc:
             return False, f"{type(exc).__name__}: {exc}"[:500]
         return True, f"InferenceServices readable in namespace {settings.namespace}"

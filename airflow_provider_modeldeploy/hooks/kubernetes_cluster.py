@@ -4,11 +4,14 @@ retries of what a retry can fix: 429, 5xx, a dropped connection; never a 4xx ver
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from airflow.sdk import BaseHook
+
+from airflow_provider_modeldeploy.crd_schema import FIELD_VALIDATION
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -65,13 +68,7 @@ class KubernetesClusterHook(BaseHook):
     def kubernetes_hook(self) -> Any:
         """The cncf-kubernetes hook on the same connection (kubeconfig / context / in-cluster)."""
         if self._k8s is None:
-            from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
-
-            hook = KubernetesHook(conn_id=None)
-            # KubernetesHook would look the connection up by id and insist on its own type; hand it
-            # this connection's extras instead, which it reads exactly as it reads its own.
-            hook.__dict__["conn_extras"] = self.extras
-            self._k8s = hook
+            self._k8s = _kubernetes_hook_class()(self.connection)
         return self._k8s
 
     def get_conn(self) -> Any:
@@ -86,6 +83,103 @@ class KubernetesClusterHook(BaseHook):
 
         return client.CustomObjectsApi(self.get_conn())
 
+    # -- custom objects (group, version, plural), in the connection's namespace ----------------------
+
+    def _custom(self, crd: tuple[str, str, str], method: str, *args: Any, **kwargs: Any) -> Any:
+        group, version, plural = crd
+        api = self.custom_objects()
+        return self.call(getattr(api, method), group, version, self.namespace, plural, *args, **kwargs)
+
+    def get_object(self, crd: tuple[str, str, str], name: str) -> dict[str, Any] | None:
+        """The object, or None when there is none of this name."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self._custom(crd, "get_namespaced_custom_object", name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def create_object(self, crd: tuple[str, str, str], body: dict[str, Any]) -> dict[str, Any]:
+        # Strict: a field the CRD does not declare is a 400, not silently dropped (crd_schema.py).
+        return self._custom(crd, "create_namespaced_custom_object", body, field_validation=FIELD_VALIDATION)
+
+    def patch_object(
+        self, crd: tuple[str, str, str], name: str, patch: Any, json_patch: bool = False
+    ) -> dict[str, Any]:
+        """A merge patch (a dict), or an RFC 6902 JSON patch (a list of operations) with ``json_patch``."""
+        kwargs = {"_content_type": "application/json-patch+json"} if json_patch else {}
+        return self._custom(crd, "patch_namespaced_custom_object", name, patch,
+                            field_validation=FIELD_VALIDATION, **kwargs)  # fmt: skip
+
+    def delete_object(self, crd: tuple[str, str, str], name: str) -> None:
+        """Deleted, or already gone."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self._custom(crd, "delete_namespaced_custom_object", name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def list_objects(
+        self, crd: tuple[str, str, str], label_selector: str | None = None, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        kwargs: dict[str, Any] = {"label_selector": label_selector} if label_selector else {}
+        if limit is not None:
+            kwargs["limit"] = limit
+        return self._custom(crd, "list_namespaced_custom_object", **kwargs).get("items", [])
+
+    # -- pods, logs, secrets, service accounts ---------------------------------------------------
+
+    def list_pods(self, label_selector: str) -> list[Any]:
+        """The namespace's pods matching the selector, by name."""
+        pods = self.call(self.core_v1().list_namespaced_pod, self.namespace, label_selector=label_selector)
+        return sorted(pods.items, key=lambda pod: pod.metadata.name)
+
+    def read_pod_log(self, pod: str, container: str, tail: int | None = None) -> str:
+        kwargs = {"tail_lines": tail} if tail is not None else {}
+        return self.call(self.core_v1().read_namespaced_pod_log, pod, self.namespace, container=container, **kwargs)
+
+    def stream_pod_log(self, pod: str, container: str, tail: int) -> Any:
+        """An open ``follow=true`` log response (read it with ``kubernetes.watch.watch.iter_resp_lines``)."""
+        return self.call(self.core_v1().read_namespaced_pod_log, pod, self.namespace, container=container,
+                         follow=True, tail_lines=tail, _preload_content=False, stream=True)  # fmt: skip
+
+    def _read_core(self, method: str, name: str) -> Any | None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self.call(getattr(self.core_v1(), method), name, self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def read_secret(self, name: str) -> Any | None:
+        return self._read_core("read_namespaced_secret", name)
+
+    def create_secret(self, body: Any) -> Any:
+        return self.call(self.core_v1().create_namespaced_secret, self.namespace, body)
+
+    def delete_secret(self, name: str) -> None:
+        self.call(self.core_v1().delete_namespaced_secret, name, self.namespace)
+
+    def read_service_account(self, name: str) -> Any | None:
+        return self._read_core("read_namespaced_service_account", name)
+
+    def create_service_account(self, body: Any) -> Any:
+        return self.call(self.core_v1().create_namespaced_service_account, self.namespace, body)
+
+    def delete_service_account(self, name: str) -> None:
+        self.call(self.core_v1().delete_namespaced_service_account, name, self.namespace)
+
+    @property
+    def namespace(self) -> str:
+        """The connection's namespace (the backend hooks check it)."""
+        raise NotImplementedError
+
     def call(self, fn: Callable[..., T], *args: Any, stream: bool = False, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` with a request timeout, retried (backing off) on what may pass."""
         from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
@@ -98,3 +192,26 @@ class KubernetesClusterHook(BaseHook):
             return fn(*args, **kwargs)
 
         return attempt()
+
+
+@functools.cache
+def _kubernetes_hook_class() -> type:
+    """KubernetesHook reading the extras of a connection already looked up.
+
+    KubernetesHook reads its extras from ``get_connection(conn_id)``; a deploy may hold a connection
+    no secrets backend can return (handed in by the caller), so this subclass answers
+    ``conn_extras`` from that connection, which KubernetesHook then reads as it reads its own.
+    """
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+    class ConnectionKubernetesHook(KubernetesHook):
+        def __init__(self, connection: Any) -> None:
+            super().__init__(conn_id=getattr(connection, "conn_id", None))
+            self._modeldeploy_connection = connection
+
+        @functools.cached_property
+        def conn_extras(self) -> dict[str, Any]:
+            conn = self._modeldeploy_connection
+            return dict(conn.extra_dejson) if hasattr(conn, "extra_dejson") else {}
+
+    return ConnectionKubernetesHook

@@ -29,6 +29,8 @@ IMPLEMENTATIONS = (
     "HUGGINGFACE_SERVER",
 )
 PROTOCOLS = ("seldon", "v2")
+#: group, version and plural of Seldon Core 1's SeldonDeployment (seldon/manifests.py builds them).
+CRD = ("machinelearning.seldon.io", "v1", "seldondeployments")
 _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
@@ -77,6 +79,14 @@ class SeldonDeployerHook(KubernetesClusterHook):
     conn_type = "modeldeploy_seldon"
     hook_name = "Model Deploy: Seldon Core (Kubernetes)"
 
+    _settings: SeldonSettings | None = None
+
+    @property
+    def namespace(self) -> str:
+        if self._settings is None:
+            self._settings = self.get_settings()
+        return self._settings.namespace
+
     def get_settings(self) -> SeldonSettings:
         extra = self.extras
         namespace = check_dns1123("namespace", extra.get("namespace") or "default")
@@ -106,13 +116,31 @@ class SeldonDeployerHook(KubernetesClusterHook):
             tracking_uri=extra.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"),
         )  # fmt: skip
 
+    # -- SeldonDeployments (pods, logs and Secrets: KubernetesClusterHook) -------------------------
+
+    def get_deployment(self, name: str) -> dict[str, Any] | None:
+        return self.get_object(CRD, name)
+
+    def create_deployment(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self.create_object(CRD, body)
+
+    def patch_deployment(self, name: str, patch: Any, json_patch: bool = False) -> dict[str, Any]:
+        return self.patch_object(CRD, name, patch, json_patch=json_patch)
+
+    def delete_deployment(self, name: str) -> None:
+        self.delete_object(CRD, name)
+
+    def list_deployments(self, label_selector: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        return self.list_objects(CRD, label_selector, limit)
+
+    def model_pods(self, deployment: str) -> list[Any]:
+        """The SeldonDeployment's model pods (Seldon labels them with its name), by name."""
+        return self.list_pods(f"seldon-deployment-id={deployment}")
+
     def test_connection(self) -> tuple[bool, str]:
         try:
             settings = self.get_settings()
-            self.call(
-                self.custom_objects().list_namespaced_custom_object,
-                "machinelearning.seldon.io", "v1", settings.namespace, "seldondeployments", limit=1,
-            )  # fmt: skip
+            self.list_deployments(limit=1)
         except Exception as exc:
             return False, f"{type(exc).__name__}: {exc}"[:500]
         return True, f"SeldonDeployments readable in namespace {settings.namespace}"

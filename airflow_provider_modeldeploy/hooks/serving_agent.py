@@ -155,6 +155,14 @@ class AgentClient:
     def shutdown(self) -> None:
         self.request("POST", "/shutdown", timeout=10)
 
+    def metrics(self, uuid: str, start: float, end: float) -> dict[str, Any]:
+        """The agent's per-minute figures of a service between two Unix times (``metrics_store.py``)."""
+        return self.request("GET", f"/services/{uuid}/metrics", params={"start": start, "end": end}, timeout=15)
+
+    def sample_metrics(self) -> int:
+        """Have the agent read every active server's /metrics now; how many it read."""
+        return int(self.request("POST", "/metrics/sample", timeout=60).get("sampled", 0))
+
 
 def agent_token(extra: dict[str, Any] | None = None) -> str | None:
     """The shared token of agents' TCP listeners: the connection's ``agent_token`` extra, else
@@ -217,7 +225,7 @@ def _start_local_agent(run_dir: Any) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(_NOT_INHERITED)}
     cmd = [
         sys.executable, "-m", agent_api.MODULE, "--state-dir", str(state), "--run-dir", str(run_dir),
-        "--idle-timeout", str(config.agent_idle_timeout()),
+        "--idle-timeout", str(config.agent_idle_timeout()), "--metrics-interval", str(config.metrics_interval()),
     ]  # fmt: skip
     fd = os.open(state / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from airflow_provider_modeldeploy import crd_schema as crd_schema_module
 from airflow_provider_modeldeploy.exceptions import InvalidParameterError
-from airflow_provider_modeldeploy.seldon.manifests import _lookup, _openapi_to_jsonschema
 
 GROUP, VERSION, PLURAL, KIND = "serving.kserve.io", "v1beta1", "inferenceservices", "InferenceService"
 CRD_PATH = Path(__file__).with_name("serving.kserve.io_inferenceservices.yaml")
@@ -190,40 +190,19 @@ def check_runtime_protocol(runtime: Runtime, protocol: str) -> None:
 @functools.cache
 def crd_schema() -> dict[str, Any]:
     """The openAPIV3Schema of KServe's InferenceService CRD, version v1beta1."""
-    import yaml
-
-    # 2 MB of YAML: libyaml's loader reads it in 2 s where the pure-Python one takes 10.
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    with CRD_PATH.open() as fh:
-        crd = yaml.load(fh, Loader=loader)  # a safe loader
-    for version in crd["spec"]["versions"]:
-        if version["name"] == VERSION:
-            return version["schema"]["openAPIV3Schema"]
-    raise RuntimeError(f"{CRD_PATH} has no {VERSION} schema")  # pragma: no cover
+    return crd_schema_module.load(CRD_PATH, VERSION)
 
 
 @functools.cache
 def _validator() -> Any:
-    import jsonschema
-
-    return jsonschema.Draft7Validator(_openapi_to_jsonschema(crd_schema()))
+    return crd_schema_module.validator(crd_schema())
 
 
 def schema_errors(manifest: dict[str, Any]) -> list[tuple[str, str]]:
     """(field path, message) for every violation of the CRD schema; empty when valid."""
-    errors = []
-    for error in sorted(_validator().iter_errors(manifest), key=lambda e: [str(p) for p in e.absolute_path]):
-        path = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in error.absolute_path)
-        errors.append((path.replace(".[", "["), error.message))
-    return errors
+    return crd_schema_module.errors(_validator(), manifest)
 
 
 def validate_manifest(manifest: dict[str, Any]) -> None:
     """InvalidParameterError naming the first field the CRD schema rejects."""
-    errors = schema_errors(manifest)
-    if errors:
-        path, message = errors[0]
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise InvalidParameterError(
-            path or "manifest", _lookup(manifest, path), f"rejected by the InferenceService CRD schema: {message}{more}"
-        )
+    crd_schema_module.check(_validator(), manifest, KIND)

@@ -360,6 +360,10 @@ def create_app() -> FastAPI:
             )
         return _action_result(request, action)
 
+    from airflow_provider_modeldeploy.plugins import metrics_api
+
+    metrics_api.add_routes(app)
+
     # -- JSON API: actions (bounded pool, 202 with progress when slow) --
 
     @app.post("/api/services/{uuid}/start", response_model=ActionResult, summary="Start a stopped service")

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from airflow_provider_modeldeploy import crd_schema as crd_schema_module
 from airflow_provider_modeldeploy.exceptions import InvalidParameterError
-from airflow_provider_modeldeploy.hooks.seldon import IMPLEMENTATIONS, PROTOCOLS, check_dns1123
+from airflow_provider_modeldeploy.hooks.seldon import CRD, IMPLEMENTATIONS, PROTOCOLS, check_dns1123
 
-GROUP, VERSION, PLURAL, KIND = "machinelearning.seldon.io", "v1", "seldondeployments", "SeldonDeployment"
+(GROUP, VERSION, PLURAL), KIND = CRD, "SeldonDeployment"
 CRD_PATH = Path(__file__).with_name("machinelearning.seldon.io_seldondeployments.yaml")
 LABEL_PREFIX = "modeldeploy.airflow.apache.org"
 #: Labels (selectable, restricted charset) and annotations (free text) carrying the lineage.
@@ -132,65 +133,19 @@ class SeldonDeploymentSpec:
 @functools.cache
 def crd_schema() -> dict[str, Any]:
     """The openAPIV3Schema of Seldon Core's SeldonDeployment CRD, version v1."""
-    import yaml
-
-    with CRD_PATH.open() as fh:
-        crd = yaml.safe_load(fh)
-    for version in crd["spec"]["versions"]:
-        if version["name"] == VERSION:
-            return version["schema"]["openAPIV3Schema"]
-    raise RuntimeError(f"{CRD_PATH} has no {VERSION} schema")  # pragma: no cover
-
-
-def _openapi_to_jsonschema(node: Any) -> Any:
-    """Kubernetes' structural-schema extensions mean nothing to jsonschema: translate the ones that
-    change validation (int-or-string) and drop the rest."""
-    if isinstance(node, list):
-        return [_openapi_to_jsonschema(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: _openapi_to_jsonschema(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
-    if node.get("x-kubernetes-int-or-string"):
-        out.pop("type", None)
-        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-    return out
+    return crd_schema_module.load(CRD_PATH, VERSION)
 
 
 @functools.cache
 def _validator() -> Any:
-    import jsonschema
-
-    schema = _openapi_to_jsonschema(crd_schema())
-    return jsonschema.Draft7Validator(schema)
+    return crd_schema_module.validator(crd_schema())
 
 
 def schema_errors(manifest: dict[str, Any]) -> list[tuple[str, str]]:
     """(field path, message) for every violation of the CRD schema; empty when valid."""
-    errors = []
-    for error in sorted(_validator().iter_errors(manifest), key=lambda e: list(e.absolute_path)):
-        path = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in error.absolute_path)
-        errors.append((path.replace(".[", "["), error.message))
-    return errors
+    return crd_schema_module.errors(_validator(), manifest)
 
 
 def validate_manifest(manifest: dict[str, Any]) -> None:
     """InvalidParameterError naming the first field the CRD schema rejects."""
-    errors = schema_errors(manifest)
-    if errors:
-        path, message = errors[0]
-        value = _lookup(manifest, path)
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise InvalidParameterError(
-            path or "manifest", value, f"rejected by the SeldonDeployment CRD schema: {message}{more}"
-        )
-
-
-def _lookup(obj: Any, path: str) -> Any:
-    import re
-
-    for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
-        try:
-            obj = obj[int(part[1:-1])] if part.startswith("[") else obj[part]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return obj
+    crd_schema_module.check(_validator(), manifest, KIND)

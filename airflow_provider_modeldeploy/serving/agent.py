@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_provider_modeldeploy.serving import mlflow_server
+from airflow_provider_modeldeploy.serving.metrics_store import DEFAULT_INTERVAL, Sampler
 from airflow_provider_modeldeploy.serving.server_processes import (
     HOSTNAME,
     AgentError,
@@ -85,7 +86,10 @@ def _limit_args(options: dict[str, Any]) -> list[str]:
 class Agent(ServerProcesses):
     """The supervisor. Thread-safe: the API calls it from one thread per request."""
 
-    def __init__(self, state_dir: Path, run_dir: Path, *, idle_timeout: float = 0, auto: bool = False) -> None:
+    def __init__(
+        self, state_dir: Path, run_dir: Path, *, idle_timeout: float = 0, auto: bool = False,
+        metrics_interval: float = DEFAULT_INTERVAL,
+    ) -> None:  # fmt: skip
         super().__init__(state_dir, run_dir)
         self.idle_timeout, self.auto = idle_timeout, auto
         self.agent_id = self._agent_id()
@@ -94,6 +98,7 @@ class Agent(ServerProcesses):
         self.stopping = threading.Event()
         self.last_request = time.monotonic()
         self.advertise_url: str | None = None
+        self.sampler = Sampler(self, metrics_interval)
 
     # -- records ---------------------------------------------------------------------------------
 
@@ -148,6 +153,7 @@ class Agent(ServerProcesses):
                     "--listen-fd", "{fd2}", "--runtime-dir", str(self.run_dir),
                     "--workers", str(int(options.get("workers") or 1)), "--start-timeout", str(int(timeout)),
                     "--fast-path", "on" if options.get("fast_path", True) else "off",
+                    "--metrics", "on" if options.get("metrics", True) else "off",
                     "--max-body-bytes", str(int(options.get("max_body_mb") or 32) * 1024 * 1024),
                     *_limit_args(options),
                 ],
@@ -218,6 +224,9 @@ class Agent(ServerProcesses):
 
     def _stop_process(self, m: Managed, timeout: float, force: bool) -> None:
         proc = self._process(m)
+        if proc is not None and m.phase == "active":
+            with contextlib.suppress(Exception):  # its last figures, before its files go with it
+                self.sampler.sample(m)
         if proc is not None and not force:
             with contextlib.suppress(mlflow_server.ControlError):
                 mlflow_server.control_request(

@@ -16,6 +16,8 @@ Routes::
     POST   /v1/services/<uuid>/stop           drain and stop (``{"timeout": s, "force": bool}``)
     DELETE /v1/services/<uuid>                stop and forget, log included
     GET    /v1/services/<uuid>/logs           ``?tail=N&follow=1`` (plain text, streamed)
+    GET    /v1/services/<uuid>/metrics        ``?start=EPOCH&end=EPOCH``: per-minute figures (metrics_store.py)
+    POST   /v1/metrics/sample                 read every active server's /metrics now
     POST   /v1/shutdown                       the agent exits; its servers keep serving
 """
 
@@ -144,6 +146,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._send(200, self.agent.delete(parts[2], query.get("force") in ("1", "true")))
             elif route == ("GET", "services", "*", "logs"):
                 self._logs(parts[2], query)
+            elif route == ("GET", "services", "*", "metrics"):
+                self._send(200, self._metrics(parts[2], query))
+            elif route == ("POST", "metrics", "*") and parts[2] == "sample":
+                self._send(200, {"sampled": self.agent.sampler.sample_all()})
             elif route == ("POST", "shutdown"):
                 self._send(200, {"stopping": True})
                 self.agent.shutdown()
@@ -163,6 +169,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             "agent_id": agent.agent_id, "host": HOSTNAME, "pid": os.getpid(), "api": API_VERSION,
             "stamp": code_stamp(), "auto": agent.auto, "advertise_url": agent.advertise_url,
             "forkserver_ready": agent.forkserver_ready.is_set(), "services": len(agent.services),
+        }  # fmt: skip
+
+    def _metrics(self, uuid: str, query: dict[str, str]) -> dict[str, Any]:
+        from airflow_provider_modeldeploy.serving.agent import _check_uuid
+
+        _check_uuid(uuid)  # kept after the service is gone: no need for it to run here
+        now = time.time()
+        bounds = {}
+        for key, default in (("start", now - 3600), ("end", now)):
+            try:
+                bounds[key] = float(query.get(key, default))
+            except ValueError:
+                raise AgentError(f"{key}={query.get(key)!r}: must be a Unix time", 400, key, query.get(key)) from None
+        sampler = self.agent.sampler
+        return {
+            "uuid": uuid, "interval": sampler.interval, "sampled_since": sampler.since,
+            "points": sampler.store.query(uuid, bounds["start"], bounds["end"]),
         }  # fmt: skip
 
     def _logs(self, uuid: str, query: dict[str, str]) -> None:
@@ -239,6 +262,7 @@ def serve(
     advertise_url: str | None = None,
     idle_timeout: float = 0,
     auto: bool = False,
+    metrics_interval: float = 15.0,
 ) -> int:
     """Run an agent until it is told to stop (SIGTERM, SIGINT, /v1/shutdown) or, started on first use,
     until it is idle. Returns the exit code."""
@@ -252,7 +276,7 @@ def serve(
         log.info("another serving agent runs for %s; exiting", run_dir)
         return 0
     _set_child_subreaper()
-    agent = Agent(state_dir, run_dir, idle_timeout=idle_timeout, auto=auto)
+    agent = Agent(state_dir, run_dir, idle_timeout=idle_timeout, auto=auto, metrics_interval=metrics_interval)
     agent.advertise_url = advertise_url or (f"http://{listen[0]}:{listen[1]}" if listen else None)
     agent.start_forkserver()
     agent.adopt()
@@ -270,6 +294,7 @@ def serve(
     for server in servers:
         server.agent = agent  # type: ignore[attr-defined]
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
+    threading.Thread(target=agent.sampler.run, name="metrics-sampler", daemon=True).start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.shutdown())
     log.info(
@@ -289,6 +314,7 @@ def serve(
             with contextlib.suppress(Exception):
                 agent.forkserver.wait(10)
         os.close(lock)
+        agent.sampler.store.close()
         log.info("serving agent stopped; its model servers keep serving")
     return 0
 
@@ -301,10 +327,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--idle-timeout", type=float, default=600)
+    parser.add_argument("--metrics-interval", type=float, default=15)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [agent pid=%(process)d] %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    return serve(Path(args.state_dir), Path(args.run_dir), idle_timeout=args.idle_timeout, auto=True)
+    return serve(
+        Path(args.state_dir), Path(args.run_dir), idle_timeout=args.idle_timeout, auto=True,
+        metrics_interval=args.metrics_interval,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

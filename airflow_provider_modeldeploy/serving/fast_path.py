@@ -59,6 +59,7 @@ class FastPath:
         self._dtype = np.int64 if all(self._integer) else np.float64
         self._to_json = to_json
         self.off_reason: str | None = None
+        self.last_rows = 0  # rows of the last request answered (read at once by the caller, on the event loop)
         self._log = log or (lambda _message: None)
 
     @classmethod
@@ -144,6 +145,7 @@ class FastPath:
                 self.off_reason = f"the estimator raised on an array: {type(exc).__name__}: {str(exc)[:200]}"
                 self._log(f"fast path off: {self.off_reason}")
             return None
+        self.last_rows = len(rows)
         out = StringIO()
         self._to_json(predictions, out)
         return out.getvalue().encode()

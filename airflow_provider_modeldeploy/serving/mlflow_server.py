@@ -33,6 +33,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+from airflow_provider_modeldeploy.serving import metrics as server_metrics
 from airflow_provider_modeldeploy.serving.fast_path import MAX_BODY, FastPath
 
 SERVER_MODULE = "airflow_provider_modeldeploy.serving.mlflow_server"
@@ -282,11 +283,13 @@ async def _bounded(scope: dict, receive: Any, send: Any, limit: int, extra: list
 
 def _build_app(
     model: Any, headers: dict[str, str], fast_path: bool = True, example: str | None = None,
-    max_body: int = DEFAULT_MAX_BODY,
+    max_body: int = DEFAULT_MAX_BODY, metrics: server_metrics.ServerMetrics | None = None,
 ) -> Any:  # fmt: skip
     from fastapi.responses import JSONResponse
     from mlflow.pyfunc import scoring_server
 
+    if metrics is not None:
+        model.predict = server_metrics.count_rows(model.predict)  # rows scored by MLflow's app
     app = scoring_server.init(model)
     extra = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
 
@@ -357,7 +360,42 @@ def _build_app(
 
         return await app(scope, receive, send_with_headers)
 
-    return with_headers
+    if metrics is None:
+        return with_headers
+    metrics_headers = [(b"content-type", b""), *extra]
+
+    async def with_metrics(scope: dict, receive: Any, send: Any) -> None:
+        # Only prediction requests from clients are counted: not the agent's smoke prediction on the
+        # staging socket (a unix socket: no port), nor the pages; /metrics is answered by every worker.
+        server = scope.get("server")
+        if (
+            scope["type"] != "http" or scope["path"] != server_metrics.PREDICTION_PATH or not metrics.started
+            or server is None or server[1] is None
+        ):  # fmt: skip
+            if scope["type"] == "http" and scope["path"] == server_metrics.METRICS_PATH and metrics.started:
+                body, content_type = metrics.page()
+                metrics_headers[0] = (b"content-type", content_type.encode())
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": [*metrics_headers, (b"content-length", str(len(body)).encode())]})  # fmt: skip
+                return await send({"type": "http.response.body", "body": body})
+            return await with_headers(scope, receive, send)
+        status = [0]
+
+        async def noting(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        holder, token = metrics.rows_holder()
+        started = metrics.begin()
+        try:
+            await with_headers(scope, receive, noting)
+        finally:
+            # 0: no answer was sent (the client went away, or the protocol answered a timeout itself)
+            metrics.end(started, status[0] or scope.get("modeldeploy.status", 0), holder[0])
+            metrics.reset_rows(token)
+
+    return with_metrics
 
 
 async def _try_fast(fast: FastPath, scope: dict, receive: Any, send: Any, headers: list) -> tuple[bool, Any]:
@@ -376,6 +414,7 @@ async def _try_fast(fast: FastPath, scope: dict, receive: Any, send: Any, header
     body = b"".join(chunks)
     answer = fast.answer(body, request_headers.get(b"content-type"))
     if answer is not None:
+        server_metrics.note_rows(fast.last_rows)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*headers, (b"content-length", str(len(answer)).encode())]})  # fmt: skip
         await send({"type": "http.response.body", "body": answer})
@@ -437,6 +476,12 @@ def _limited_protocol(base: type, args: Any) -> type:
       would get every real request a 503), only requests whose headers arrived count.
     """
     max_head, read_timeout, max_requests = args.max_header_bytes, args.read_timeout, args.max_concurrent_requests
+    metrics: server_metrics.ServerMetrics | None = getattr(args, "server_metrics", None)
+
+    async def busy(scope: dict, receive: Any, send: Any) -> None:
+        if metrics is not None and scope["path"] == server_metrics.PREDICTION_PATH:
+            metrics.refused(503)
+        await _busy(scope, receive, send)
 
     class LimitedProtocol(base):  # type: ignore[misc,valid-type]
         _in_head = True  # awaiting a request's line and headers
@@ -510,7 +555,7 @@ def _limited_protocol(base: type, args: Any) -> type:
             self._in_head, self._head_bytes, self._in_body = False, 0, True
             self._disarm()
             # Read per request: uvicorn takes the app from self.app at each request.
-            self.app = _busy if len(self.tasks) >= max_requests else self.config.loaded_app
+            self.app = busy if len(self.tasks) >= max_requests else self.config.loaded_app
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
@@ -569,6 +614,11 @@ def _limited_protocol(base: type, args: Any) -> type:
             cycle = self.cycle
             if cycle is None or cycle.response_complete or not cycle.response_started:
                 self.transport.write(_limit_response(status, message))
+            if metrics is not None:
+                if cycle is None or cycle.response_complete:  # between requests: no app counts it
+                    metrics.refused(status)
+                elif not cycle.response_started:  # the app's request: counted when it returns
+                    cycle.scope["modeldeploy.status"] = status
             if cycle is not None and not cycle.response_complete:
                 # As if the client went away: the app's receive() says so, its send() is dropped.
                 cycle.disconnected = True
@@ -585,6 +635,9 @@ def _run_worker(app: Any, staging: socket.socket, listener: socket.socket, ack_f
     import functools
 
     import uvicorn
+
+    if getattr(args, "server_metrics", None) is not None:
+        args.server_metrics.start_worker()  # this worker's own metric files
 
     class WorkerServer(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -663,7 +716,11 @@ def _run_worker(app: Any, staging: socket.socket, listener: socket.socket, ack_f
         backlog=2048,
     )
     server = WorkerServer(config)
-    asyncio.run(server.serve(sockets=[staging]))
+    try:
+        asyncio.run(server.serve(sockets=[staging]))
+    finally:
+        if getattr(args, "server_metrics", None) is not None and args.server_metrics.started:
+            args.server_metrics.flush()  # the requests of its last second (drained, answered) count too
     return 0
 
 
@@ -795,6 +852,8 @@ class _Master:
             if pid == 0:
                 break
             self.gone[pid] = self.workers.pop(pid, 0)
+            if getattr(self.args, "server_metrics", None) is not None:
+                self.args.server_metrics.worker_gone(pid)
             gone.append((pid, status))
             if block:
                 break
@@ -892,6 +951,10 @@ def main(argv: list[str] | None = None) -> int:
         help="answer plain rows of scikit-learn models without pandas (same answers; see fast_path.py)",
     )  # fmt: skip
     parser.add_argument(
+        "--metrics", choices=("on", "off"), default="on",
+        help="count prediction requests and serve GET /metrics (see serving/metrics.py)",
+    )  # fmt: skip
+    parser.add_argument(
         "--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="larger request bodies get 413, unread"
     )
     parser.add_argument(
@@ -924,14 +987,21 @@ def main(argv: list[str] | None = None) -> int:
         headers = {"x-modeldeploy-service": args.service_uuid, "x-model-name": args.model_name}
         if version:
             headers["x-model-version"] = version
+        args.server_metrics = (
+            server_metrics.ServerMetrics(server_metrics.make_dir(run, args.service_uuid), version)
+            if args.metrics == "on" else None
+        )  # fmt: skip
         app = _build_app(
-            model, headers, fast_path=args.fast_path == "on", example=example, max_body=args.max_body_bytes
-        )
+            model, headers, fast_path=args.fast_path == "on", example=example, max_body=args.max_body_bytes,
+            metrics=args.server_metrics,
+        )  # fmt: skip
     except _Failure as exc:
+        _remove_metrics(args)
         _log(f"failed: {exc}")
         _write_state(state_path, phase="failed", error=str(exc), field=exc.field)
         return 2
     except Exception as exc:
+        _remove_metrics(args)
         _log(f"failed: {type(exc).__name__}: {exc}")
         _write_state(state_path, phase="failed", error=f"model_uri={args.model_uri!r}: {type(exc).__name__}: {exc}")
         return 2
@@ -966,6 +1036,7 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"failed: {error}")
         master.drain(5)
         master.write_state("failed", error=f"model server did not start: {error}")
+        _remove_metrics(args)
         return 3
     master.write_state("ready")
     _log(
@@ -977,7 +1048,14 @@ def main(argv: list[str] | None = None) -> int:
         for path in (ctl_path, staging_path):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        _remove_metrics(args)
         _log("stopped")
+
+
+def _remove_metrics(args: Any) -> None:
+    """This generation's metric files go with it (the agent samples them while it runs)."""
+    if getattr(args, "server_metrics", None) is not None:
+        args.server_metrics.remove()
 
 
 if __name__ == "__main__":

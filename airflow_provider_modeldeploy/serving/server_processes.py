@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_provider_modeldeploy.serving import forkserver, mlflow_server
+from airflow_provider_modeldeploy.serving import metrics as server_metrics
 
 log = logging.getLogger("modeldeploy.agent")
 
@@ -157,6 +158,7 @@ class ServerProcesses:
 
         proc = self._process(m)
         if proc is None:
+            server_metrics.remove_dirs(self.run_dir, m.uuid)
             return
         family = [proc]
         with contextlib.suppress(psutil.Error):
@@ -177,6 +179,7 @@ class ServerProcesses:
             self._reap()
             time.sleep(0.02)
         self._reap()
+        server_metrics.remove_dirs(self.run_dir, m.uuid)  # the master removes it, unless it was killed
 
     @staticmethod
     def _running(p: Any) -> bool:
@@ -223,6 +226,7 @@ class ServerProcesses:
 
         paths = self._paths(m.uuid)
         paths["state"].unlink(missing_ok=True)
+        server_metrics.remove_dirs(self.run_dir, m.uuid)  # a previous generation killed before it could
         env = {k: v for k, v in os.environ.items() if not k.startswith(_KEEP_ENV_PREFIXES)}
         env.update(m.env)
         fd = os.open(paths["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

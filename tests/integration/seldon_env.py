@@ -151,8 +151,8 @@ class Cluster:
         race = Race("emulator/concurrent-writer" if via_emulator else RACE_ANNOTATION)
         if via_emulator:
             httpx.post(f"{self.emulator_url}/emulator/conflicts", json={"count": 1}, timeout=10).raise_for_status()
-        api = deployer.api
-        patch = api.patch_namespaced_custom_object
+        hook = deployer.hook
+        patch = hook.patch_deployment
 
         def watched(*args: Any, **kwargs: Any) -> Any:
             if not race.statuses and not via_emulator:
@@ -166,11 +166,11 @@ class Cluster:
             race.statuses.append(200)
             return answer
 
-        api.patch_namespaced_custom_object = watched  # on this client object only
+        hook.patch_deployment = watched  # on this hook object only
         try:
             yield race
         finally:
-            del api.patch_namespaced_custom_object
+            del hook.patch_deployment
 
 
 def _real_cluster(kubeconfig: str) -> Cluster:

@@ -1,15 +1,23 @@
-"""The fast path answers exactly as MLflow's scoring app, and declines whatever it cannot answer so.
+"""The fast path answers exactly as MLflow does, and declines whatever it cannot answer so.
 
-Each model is served by two apps built like a model server builds them (``_build_app``): one with the
-fast path, one without (MLflow's app alone). Every payload goes to both; status, content type and
-body must be identical, and the fast path must have answered every payload it is meant to take.
+The reference is MLflow itself: each model is also served by a real ``mlflow models serve`` (its own
+CLI and server, over HTTP). Every payload goes to the model server's app as a model server builds it
+(``_build_app``, fast path on, in this process so the test can count what the fast path took) and to
+MLflow; status, content type and body must be identical, and the fast path must have answered every
+payload it is meant to take. Where the two differ on purpose (no Content-Type), the test says so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import random
+import re
+import signal
+import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +35,61 @@ def save(tmp: Path, name: str, model: Any, example: Any, **kwargs: Any) -> Any:
 
     path = tmp / name
     mlflow.sklearn.save_model(model, str(path), input_example=example, **kwargs)
-    return mlflow.pyfunc.load_model(str(path))
+    loaded = mlflow.pyfunc.load_model(str(path))
+    loaded._modeldeploy_path = str(path)  # where mlflow models serve reads it from
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def mlflow_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[Any], str]]:
+    """The base URL of a real ``mlflow models serve`` of a saved model (one per model, started once
+    on first use, stopped by its process group at the end)."""
+    import subprocess
+    import sys
+
+    import httpx
+    from conftest import wait_for
+
+    logs = tmp_path_factory.mktemp("mlflow-serve")
+    started: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+
+    def url(model: Any) -> str:
+        path = model._modeldeploy_path
+        if path not in started:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            log = (logs / f"{len(started)}.log").open("wb")
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "models", "serve", "-m", path, "--env-manager", "local",
+                 "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                # mlflow execs ``uvicorn`` by name: the venv's, as an activated venv would find it.
+                env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+            )  # fmt: skip
+            started[path] = (proc, f"http://127.0.0.1:{port}")
+
+            def up() -> bool:
+                assert proc.poll() is None, (logs / f"{len(started) - 1}.log").read_text()[-3000:]
+                try:
+                    return httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_for(up, 180, f"mlflow models serve of {path}")
+        return started[path][1]
+
+    yield url
+    for proc, _ in started.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc, _ in started.values():
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +153,47 @@ async def _post(app: Any, body: bytes, content_type: str | None) -> tuple[int, s
     return answer.status_code, answer.headers.get("content-type"), answer.content
 
 
-def both(model: Any, body: bytes | str | dict, content_type: str | None = "application/json") -> tuple[Any, Any]:
-    raw = json.dumps(body).encode() if isinstance(body, dict) else body if isinstance(body, bytes) else body.encode()
-    fast = mlflow_server._build_app(model, {}, fast_path=True)
-    plain = mlflow_server._build_app(model, {}, fast_path=False)
-    return asyncio.run(_post(fast, raw, content_type)), asyncio.run(_post(plain, raw, content_type))
+def mlflow_answer(base: str, body: bytes, content_type: str | None) -> tuple[int, str | None, bytes]:
+    """What the real ``mlflow models serve`` answers (its own headers aside: the compared triple)."""
+    import httpx
+
+    headers = {"content-type": content_type} if content_type else {}
+    answer = httpx.post(f"{base}/invocations", content=body, headers=headers, timeout=120)
+    return answer.status_code, answer.headers.get("content-type"), answer.content
+
+
+_EXTRA_INPUTS = re.compile(rb"(extra inputs: \[)((?:'(?:[^'\\]|\\.)*'(?:, )?)+)(\])")
+
+
+def same_set_order(answer: tuple[int, str | None, bytes]) -> tuple[int, str | None, bytes]:
+    """MLflow's schema error lists the unexpected inputs of a set, in an order that differs from one
+    process to the next (string hashing is randomized per process): sorted, so that two processes'
+    answers compare."""
+    status, content_type, body = answer
+
+    def sort(found: re.Match[bytes]) -> bytes:
+        items = re.findall(rb"'(?:[^'\\]|\\.)*'", found.group(2))
+        return found.group(1) + b", ".join(sorted(items)) + found.group(3)
+
+    return status, content_type, _EXTRA_INPUTS.sub(sort, body)
+
+
+@pytest.fixture
+def both(mlflow_serve: Callable[[Any], str]) -> Callable[..., tuple[Any, Any]]:
+    """(the model server's answer, MLflow's answer) to one request."""
+
+    def ask(model: Any, body: bytes | str | dict, content_type: str | None = "application/json") -> tuple[Any, Any]:
+        raw = (
+            json.dumps(body).encode() if isinstance(body, dict) else body if isinstance(body, bytes) else body.encode()
+        )
+        fast = mlflow_server._build_app(model, {}, fast_path=True)
+        ours, mlflows = (
+            asyncio.run(_post(fast, raw, content_type)),
+            mlflow_answer(mlflow_serve(model), raw, content_type),
+        )
+        return same_set_order(ours), same_set_order(mlflows)
+
+    return ask
 
 
 def split(columns: list[str], rows: list[list[Any]], **extra: Any) -> dict[str, Any]:
@@ -133,13 +231,19 @@ DECLINED = {
     "instances": {"instances": [dict(zip(IRIS_COLUMNS, [5.1, 3.5, 1.4, 0.2], strict=True))]},
     "a record missing a key": {"dataframe_records": [dict(zip(IRIS_COLUMNS[:3], [5.1, 3.5, 1.4], strict=True))]},
     "not JSON": b"{not json",
+}
+#: Bodies on which MLflow's own server fails with a bare 500 (Python's int-digits limit, a
+#: RecursionError); the model server declines them too, and answers 400 saying why.
+MLFLOW_CRASHES = {
     "a huge integer literal": b'{"dataframe_split": {"columns": [], "data": [[' + b"9" * 5000 + b"]]}}",
     "nested too deep": b"[" * 100_000 + b"]" * 100_000,
 }
 
 
 @pytest.mark.parametrize("case", sorted(TAKEN))
-def test_answers_equal_mlflow_and_are_taken(case: str, models: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_answers_equal_mlflow_and_are_taken(
+    both: Callable[..., Any], case: str, models: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     spy = Spy(monkeypatch)
     fast, plain = both(models["iris"], TAKEN[case])
     assert fast == plain
@@ -149,7 +253,7 @@ def test_answers_equal_mlflow_and_are_taken(case: str, models: dict[str, Any], m
 
 @pytest.mark.parametrize("case", sorted(DECLINED))
 def test_declined_requests_get_mlflows_answer(
-    case: str, models: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    both: Callable[..., Any], case: str, models: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spy = Spy(monkeypatch)
     fast, plain = both(models["iris"], DECLINED[case])
@@ -157,7 +261,18 @@ def test_declined_requests_get_mlflows_answer(
     assert spy.answered == 0
 
 
-def test_content_types(models: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("case", sorted(MLFLOW_CRASHES))
+def test_bodies_mlflow_crashes_on_get_a_clear_400(
+    both: Callable[..., Any], case: str, models: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = Spy(monkeypatch)
+    fast, plain = both(models["iris"], MLFLOW_CRASHES[case])
+    assert plain[0] == 500 and plain[2] == b"Internal Server Error", plain  # MLflow's own answer
+    assert fast[0] == 400 and json.loads(fast[2])["error_code"] == "BAD_REQUEST", fast
+    assert spy.answered == 0
+
+
+def test_content_types(both: Callable[..., Any], models: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     spy = Spy(monkeypatch)
     body = split(IRIS_COLUMNS, [[5.1, 3.5, 1.4, 0.2]])
     for content_type in ("application/json; charset=UTF-8", "application/json;charset=utf-8"):
@@ -167,13 +282,16 @@ def test_content_types(models: dict[str, Any], monkeypatch: pytest.MonkeyPatch) 
     for content_type in ("text/csv", "application/json; charset=latin-1", "application/json; format=pandas-split"):
         fast, plain = both(models["iris"], body, content_type)
         assert fast == plain and fast[0] >= 400, (content_type, fast)
-    # MLflow's app alone answers a request without a content type with a 500; the server says 415.
+    # Without a content type MLflow's server fails with a bare 500; the model server says 415, and why.
     fast, plain = both(models["iris"], body, None)
-    assert fast == plain and fast[0] == 415 and b"Content-Type" in fast[2], fast
+    assert fast[0] == 415 and b"Content-Type" in fast[2], fast
+    assert plain[0] == 500 and plain[2] == b"Internal Server Error", plain
     assert spy.answered == 2
 
 
-def test_large_bodies_go_to_mlflow(models: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_large_bodies_go_to_mlflow(
+    both: Callable[..., Any], models: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     spy = Spy(monkeypatch)
     rows = iris_rows(fast_path.MAX_BODY // 20, 5)
     fast, plain = both(models["iris"], split(IRIS_COLUMNS, rows))
@@ -196,7 +314,12 @@ def test_large_bodies_go_to_mlflow(models: dict[str, Any], monkeypatch: pytest.M
     ],
 )
 def test_other_models(
-    name: str, columns: list[str], rows: list[list[Any]], models: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    both: Callable[..., Any],
+    name: str,
+    columns: list[str],
+    rows: list[list[Any]],
+    models: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     spy = Spy(monkeypatch)
     fast, plain = both(models[name], split(columns, rows))
@@ -204,14 +327,16 @@ def test_other_models(
     assert spy.answered == 1
 
 
-def test_long_columns_decline_floats(models: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_long_columns_decline_floats(
+    both: Callable[..., Any], models: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     spy = Spy(monkeypatch)
     fast, plain = both(models["long_columns"], split(["a", "b"], [[51.5, 14]]))
     assert fast == plain
     assert spy.answered == 0
 
 
-def test_models_without_a_fast_path(models: dict[str, Any], tmp_path: Path) -> None:
+def test_models_without_a_fast_path(both: Callable[..., Any], models: dict[str, Any], tmp_path: Path) -> None:
     assert fast_path.FastPath.for_model(models["tensor"]) is None
     assert fast_path.FastPath.for_model(models["iris"]) is not None
     fast, plain = both(models["tensor"], {"inputs": [[5.1, 3.5, 1.4, 0.2]]})
@@ -234,7 +359,7 @@ def by_name_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def test_an_estimator_that_needs_a_dataframe_turns_the_fast_path_off(
-    by_name_model: Any, monkeypatch: pytest.MonkeyPatch
+    by_name_model: Any, mlflow_serve: Callable[[Any], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     example = split(IRIS_COLUMNS, [[5.1, 3.5, 1.4, 0.2]])
     # Checked on the input example before serving: the server never takes the fast path.
@@ -243,10 +368,10 @@ def test_an_estimator_that_needs_a_dataframe_turns_the_fast_path_off(
     reason = path.disagreement(by_name_model, json.dumps(example))
     assert reason and "raised on an array" in reason
     fast = mlflow_server._build_app(by_name_model, {}, fast_path=True, example=json.dumps(example))
-    plain = mlflow_server._build_app(by_name_model, {}, fast_path=False)
     spy = Spy(monkeypatch)  # counts requests, not the check on the example
     body = json.dumps(split(IRIS_COLUMNS, iris_rows(3, 8))).encode()
-    answers = [asyncio.run(_post(app, body, "application/json")) for app in (fast, plain)]
+    answers = [asyncio.run(_post(fast, body, "application/json")),
+               mlflow_answer(mlflow_serve(by_name_model), body, "application/json")]  # fmt: skip
     assert answers[0] == answers[1] and answers[0][0] == 200
     assert spy.answered == spy.declined == 0
     # Without an example to check, each request on which the estimator raises goes to MLflow's app.

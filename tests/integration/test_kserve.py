@@ -594,6 +594,74 @@ def test_knative_mode_revisions_and_canary(
     kn.delete_model_server(promoted.uuid)
 
 
+def test_knative_scale_from_zero_warm_up_503s_are_not_failures(
+    airflow_home: Path, mlflow_models: dict[str, Any], cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``minReplicas: 0`` in Knative mode: an idle revision has no pods, and the first requests get
+    503s while one starts and loads the model. The sensor and its trigger wait through them within
+    their timeout; a timeout shorter than the warm-up ends as timed out, naming what it saw."""
+    if not cluster.emulated:
+        pytest.skip("docker/kind runs KServe in Standard mode (no Knative autoscaler)")
+    import asyncio
+
+    from airflow_provider_modeldeploy.deployers import get_model_deployer
+    from airflow_provider_modeldeploy.sensors import ServedModelHealthSensor
+    from airflow_provider_modeldeploy.triggers.health import HealthOutcome, ServedModelHealthTrigger
+
+    monkeypatch.setenv("AIRFLOW_CONN_KSERVE_ZERO", kserve_conn(cluster, deployment_mode="Knative", replicas=0))
+    kz = get_model_deployer("kserve_zero")
+    served = kz.deploy_model(cfg(mlflow_models["iris_v1"], "iris-zero"), timeout=cluster.timeout)
+    assert isvc(cluster, "iris-zero")["spec"]["predictor"]["minReplicas"] == 0
+
+    def scale_to_zero() -> None:
+        idle = httpx.post(f"{cluster.emulator_url}/emulator/scale-to-zero",
+                          json={"namespace": cluster.namespace, "name": "iris-zero"}, timeout=30)  # fmt: skip
+        assert idle.status_code == 200, idle.text
+        assert isvc_pods(cluster, "iris-zero") == []
+        ready = {c["type"]: c["status"] for c in isvc(cluster, "iris-zero")["status"]["conditions"]}
+        assert ready["Ready"] == "True"  # Knative: a revision scaled to zero is still Ready
+
+    def first_event(timeout: float) -> dict[str, Any]:
+        trigger = ServedModelHealthTrigger(served.uuid, served.health_url, served.prediction_url, V1_PAYLOAD,
+                                           poll_interval=0.1, timeout=timeout)  # fmt: skip
+
+        async def run() -> dict[str, Any]:
+            async for event in trigger.run():
+                return event.payload
+            raise AssertionError("the trigger ended without an event")
+
+        return asyncio.run(run())
+
+    # The first request after idling starts a pod: with no time to wait, the trigger times out on the 503.
+    scale_to_zero()
+    event = first_event(timeout=0)
+    assert event["status"] == HealthOutcome.TIMED_OUT and "health answered HTTP 503" in event["message"], event
+    scale_to_zero()
+    assert first_event(timeout=cluster.timeout)["status"] == HealthOutcome.HEALTHY
+
+    # The sensor in poke mode: a 503 is "not yet", never a failure.
+    scale_to_zero()
+    sensor = ServedModelHealthSensor(task_id="wait", service_uuid=served.uuid, sample_input=V1_PAYLOAD)
+    assert sensor.poke({}) is False
+    deadline = time.monotonic() + cluster.timeout
+    while not sensor.poke({}):
+        assert time.monotonic() < deadline, "the predictor never came back from zero"
+        time.sleep(0.2)
+    answer = httpx.post(served.prediction_url, json={"instances": [PROBE]}, timeout=30).json()
+    assert VERSION_OF_CLASS[answer["predictions"][0]] == "v1"
+
+    # Where KServe keeps pods (minReplicas 1), the emulated autoscaler refuses to scale to zero.
+    kz.delete_model_server(served.uuid)
+    monkeypatch.setenv("AIRFLOW_CONN_KSERVE_ONE", kserve_conn(cluster, deployment_mode="Knative"))
+    one = get_model_deployer("kserve_one").deploy_model(
+        cfg(mlflow_models["iris_v1"], "iris-one"), timeout=cluster.timeout
+    )
+    refused = httpx.post(f"{cluster.emulator_url}/emulator/scale-to-zero",
+                         json={"namespace": cluster.namespace, "name": "iris-one"}, timeout=30)  # fmt: skip
+    assert refused.status_code == 409 and len(isvc_pods(cluster, "iris-one")) == 1
+    get_model_deployer("kserve_one").delete_model_server(one.uuid)
+
+
 def test_example_dag_parses_without_backend_imports() -> None:
     """The example DAG loads (no kubernetes/mlflow import at parse time) and wires the canary loop."""
     import subprocess

@@ -231,7 +231,7 @@ def test_bad_names_and_manifests_leave_nothing(seldon: Any, cluster: Cluster, ml
     bad = {"apiVersion": "machinelearning.seldon.io/v1", "kind": "SeldonDeployment",
            "metadata": {"name": "raw"}, "spec": {"predictors": [{"name": "p", "replicas": "two", "graph": {}}]}}  # fmt: skip
     with pytest.raises(ApiException) as raw:
-        seldon.api.create_namespaced_custom_object(
+        cluster.custom.create_namespaced_custom_object(
             "machinelearning.seldon.io", "v1", cluster.namespace, "seldondeployments", bad
         )
     assert raw.value.status == 422 and "spec.predictors[0].replicas" in raw.value.body
@@ -528,7 +528,7 @@ def test_unmanaged_seldon_deployment_is_never_taken_over_and_restores_are_exact(
                "metadata": {"name": "iris-theirs", "labels": {"team": "fraud"}},
                "spec": {"predictors": [{"name": "p", "replicas": 0, "graph": {"name": "m", "type": "MODEL",
                         "implementation": "SKLEARN_SERVER", "modelUri": "gs://their/model"}}]}}  # fmt: skip
-    created = seldon.api.create_namespaced_custom_object(
+    created = cluster.custom.create_namespaced_custom_object(
         "machinelearning.seldon.io", "v1", cluster.namespace, "seldondeployments", foreign
     )
 
@@ -541,7 +541,7 @@ def test_unmanaged_seldon_deployment_is_never_taken_over_and_restores_are_exact(
         seldon.deploy_model(cfg(mlflow_models["iris_v1"], "iris-theirs"), timeout=cluster.timeout)
     assert seldon.sync_services().adopted == [] and get_registry().find_services() == []
     assert as_written(cluster.sdep("iris-theirs")) == as_written(created)
-    seldon.api.delete_namespaced_custom_object(
+    cluster.custom.delete_namespaced_custom_object(
         "machinelearning.seldon.io", "v1", cluster.namespace, "seldondeployments", "iris-theirs"
     )
 

@@ -12,6 +12,9 @@
   ``transitionStatus`` ``InProgress``/``UpToDate``/``BlockedByFailedLoad`` and ``lastFailureInfo``,
   ``canaryStatuses`` for ``spec.canary[]``. During a rolling update the previous pods keep serving
   (and Ready stays True) until the new ones are ready; a failed load keeps them serving.
+* Scale to zero (Knative mode, ``minReplicas: 0``): ``POST /emulator/scale-to-zero`` stops the
+  pods as Knative's autoscaler does with an idle revision; the next request starts them again and
+  gets 503s until the runtime has loaded the model.
 * Ingress: ``/serving/<ns>/<name>/<route>``, split by the predictors' traffic, forwarded to the
   runtime's own routes (the sklearn server's v1 and v2; MLServer's v2 only).
 """
@@ -41,18 +44,12 @@ STOP = "serving.kserve.io/stop"
 CONTAINER = "kserve-container"
 
 
-def schema_errors(obj: dict[str, Any]) -> list[tuple[str, str]]:
-    from airflow_provider_modeldeploy.kserve import manifests
-
-    return manifests.schema_errors(obj)
-
-
 class PredictorPod:
     """One predictor pod: the storage initializer's copy of the model, then the runtime serving it."""
 
     def __init__(self, workdir: Path, ns: str, isvc: str, predictor: str, model: dict[str, Any]) -> None:
         self.key = str(uuidlib.uuid4())
-        self.ns, self.isvc, self.predictor = ns, isvc, predictor
+        self.ns, self.isvc, self.predictor, self.model = ns, isvc, predictor, model
         self.storage_uri = model.get("storageUri", "")
         env = {e.get("name"): e.get("value") for e in model.get("env") or []}
         self.model_version = env.get("MLSERVER_MODEL_VERSION")  # MLServer names it in its v2 answers
@@ -168,6 +165,9 @@ class IsvcState:
     revision: int = 0
     revision_spec: str | None = None
     ready_revision: str | None = None
+    #: Knative mode, minReplicas 0, scaled to zero: predictor name -> (server key, model spec); the
+    #: revision stays Ready with no pods until a request comes (scale_to_zero, activate).
+    zeroed: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = field(default_factory=dict)
 
 
 STATES: dict[tuple[str, str], IsvcState] = {}
@@ -230,6 +230,9 @@ def _reconcile_one(cluster: Any, ns: str, name: str, obj: dict[str, Any]) -> Non
             "Ready": ("False", "Stopped"), "Stopped": ("True", None)})  # fmt: skip
         status["modelStatus"] = {"transitionStatus": "UpToDate", "states": {"activeModelState": ""}}
         return _write(cluster, obj, old, status)
+    if st.zeroed and _revision_spec(spec) == st.revision_spec:
+        return  # scaled to zero: no pods, the status as it was (Ready) until a request activates it
+    st.zeroed = {}
     predictors = [(spec["predictor"], None)] + [
         (c["predictor"], int(c["trafficPercent"])) for c in spec.get("canary") or []
     ]
@@ -242,9 +245,7 @@ def _reconcile_one(cluster: Any, ns: str, name: str, obj: dict[str, Any]) -> Non
         if key not in cluster.servers:
             cluster.servers[key] = PredictorPod(cluster.workdir, ns, name, pname, model)
         wanted[pname] = (cluster.servers[key], 100 - canary_total if pct is None else pct)
-    revision_spec = json.dumps(
-        {k: v for k, v in spec["predictor"].items() if k != "canaryTrafficPercent"}, sort_keys=True
-    )
+    revision_spec = _revision_spec(spec)
     if revision_spec != st.revision_spec:
         st.revision, st.revision_spec = st.revision + 1, revision_spec
     created = f"{name}-predictor-{st.revision:05d}"
@@ -310,6 +311,41 @@ def _reconcile_one(cluster: Any, ns: str, name: str, obj: dict[str, Any]) -> Non
     _write(cluster, obj, old, status)
 
 
+def _revision_spec(spec: dict[str, Any]) -> str:
+    """What makes a new Knative revision: the predictor, its traffic split aside."""
+    return json.dumps({k: v for k, v in spec["predictor"].items() if k != "canaryTrafficPercent"}, sort_keys=True)
+
+
+def scale_to_zero(cluster: Any, ns: str, name: str, lock: Any) -> tuple[int, dict[str, Any]]:
+    """Test control: what Knative's autoscaler does to an idle revision whose ``minReplicas`` is 0
+    (the pods go; the InferenceService stays Ready). Refused (409) where KServe would keep pods."""
+    with lock:
+        obj = cluster.objects.get((PLURAL, ns, name))
+        st = STATES.get((ns, name))
+        if obj is None or st is None or not st.serving:
+            return 404, {"error": f"no serving InferenceService {ns}/{name}"}
+        mode = (obj["metadata"].get("annotations") or {}).get("serving.kserve.io/deploymentMode", "Standard")
+        predictor = obj["spec"]["predictor"]
+        if mode != "Knative" or int(predictor.get("minReplicas", 1)) != 0 or obj["spec"].get("canary"):
+            return 409, {"error": "only a Knative-mode predictor with minReplicas 0 scales to zero"}
+        for key in [k for k in cluster.servers if k[:2] == _key(ns, name)]:
+            pod = cluster.servers.pop(key)
+            st.zeroed[pod.predictor] = (key, pod.model)
+            pod.stop()
+        st.serving, st.stable = {}, {}
+        return 200, {"scaledToZero": sorted(st.zeroed)}
+
+
+def _activate(cluster: Any, ns: str, name: str) -> None:
+    """A request to a revision scaled to zero: Knative's activator has the autoscaler start its pods
+    (the caller holds the lock); the ingress answers 503 until one is ready."""
+    st = STATES[(ns, name)]
+    for pname, (key, model) in st.zeroed.items():
+        cluster.servers[key] = PredictorPod(cluster.workdir, ns, name, pname, model)
+        st.serving[pname] = (cluster.servers[key], 100)
+    st.zeroed = {}
+
+
 def _write(cluster: Any, obj: dict[str, Any], old: dict[str, Any], status: dict[str, Any]) -> None:
     if status != old:
         obj["status"] = status
@@ -333,6 +369,8 @@ def pick(cluster: Any, ns: str, name: str, lock: Any) -> PredictorPod | None:
         if (PLURAL, ns, name) not in cluster.objects:
             return None
         st = STATES.get((ns, name))
+        if st is not None and st.zeroed:
+            _activate(cluster, ns, name)
         live = [(s, w) for s, w in (st.serving.values() if st else []) if s.alive()]
     if not live:
         return None
@@ -358,8 +396,9 @@ def ingress(cluster: Any, lock: Any, method: str, path: str, body: Any) -> tuple
         return 404, {"error": path}
     ns, name, route = found.groups()
     server = pick(cluster, ns, name, lock)
-    if server is None or server.port is None:
-        return 503, {"error": f"no ready predictor for {ns}/{name}"}
+    if server is None or server.port is None or server.phase()[0] != "ready":
+        # What the mesh answers while no pod of the revision is ready (a scale-up from zero, a restart).
+        return 503, {"error": "no healthy upstream"}
     if server.inner is not None:  # MLServer: v2 only, the model under the InferenceService's name
         if not route.startswith("v2/"):
             return 404, {"detail": "Not Found"}

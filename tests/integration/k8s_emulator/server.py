@@ -24,6 +24,7 @@ chosen runtime for real and an ingress at ``/serving/<ns>/<name>/...``; ServiceA
 
 Test control: ``POST /emulator/conflicts {"count": n}`` makes the next n writes that carry a
 resourceVersion lose a race to a (simulated) concurrent writer: the object changes and they get 409.
+``POST /emulator/scale-to-zero {"namespace": ns, "name": isvc}``: see kserve.py.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
-from k8s_emulator import kserve
+from k8s_emulator import crd_validation, kserve
 
 SERVER_MODULE = "airflow_provider_modeldeploy.serving.mlflow_server"
 SD = ("apis/machinelearning.seldon.io/v1", "seldondeployments", "SeldonDeployment")
@@ -76,10 +77,9 @@ class ApiError(Exception):
         }  # fmt: skip
 
 
-def _validator() -> Any:
-    from airflow_provider_modeldeploy.seldon import manifests
-
-    return manifests.schema_errors
+def _warning_header(warnings: list[str]) -> dict[str, str]:
+    """The API server's ``Warning: 299 - "<text>"`` header (RFC 7234), one value per warning."""
+    return {"Warning": ", ".join(f"299 - {json.dumps(w)}" for w in warnings)} if warnings else {}
 
 
 def match_selector(labels: dict[str, str], selector: str | None) -> bool:
@@ -273,35 +273,37 @@ class Cluster:
             )
         return obj
 
-    def validate(self, plural: str, obj: dict[str, Any]) -> None:
-        if plural == SD[1]:
-            errors = _validator()(obj)
-            if errors:
-                detail = "; ".join(f"{path}: {msg}" for path, msg in errors)
-                raise ApiError(
-                    422,
-                    "Invalid",
-                    f'SeldonDeployment.machinelearning.seldon.io "{obj.get("metadata", {}).get("name")}" is invalid: {detail}',
-                )
-        if plural == kserve.PLURAL:
-            errors = kserve.schema_errors(obj)
-            if errors:
-                detail = "; ".join(f"{path}: {msg}" for path, msg in errors)
-                raise ApiError(
-                    422, "Invalid",
-                    f'InferenceService.serving.kserve.io "{obj.get("metadata", {}).get("name")}" is invalid: {detail}',
-                )  # fmt: skip
+    def validate(
+        self, plural: str, obj: dict[str, Any], field_validation: str | None = None, warnings: list[str] | None = None
+    ) -> dict[str, Any]:
+        """The object as stored (custom resources: unknown fields pruned, or a 400 under Strict; the
+        CRD schema's 422s), by crd_validation.py's reading of the CRD, not the provider's."""
+        if plural in crd_validation.CRDS:
+            try:
+                obj, said = crd_validation.admit(plural, obj, field_validation)
+            except crd_validation.Rejected as exc:
+                raise ApiError(exc.code, exc.reason, exc.message) from None
+            if warnings is not None:
+                warnings += said
         name = obj.get("metadata", {}).get("name") or ""
         if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name) or len(name) > 253:
             raise ApiError(
                 422, "Invalid", f'metadata.name: Invalid value: "{name}": a lowercase RFC 1123 subdomain must ...'
             )
+        return obj
 
-    def create(self, plural: str, ns: str, obj: dict[str, Any]) -> dict[str, Any]:
+    def create(
+        self,
+        plural: str,
+        ns: str,
+        obj: dict[str, Any],
+        field_validation: str | None = None,
+        warnings: list[str] | None = None,
+    ) -> dict[str, Any]:
         obj = _encode_string_data(copy.deepcopy(obj)) if plural == "secrets" else copy.deepcopy(obj)
-        meta = obj.setdefault("metadata", {})
-        meta["namespace"] = ns
-        self.validate(plural, obj)
+        obj.setdefault("metadata", {})["namespace"] = ns
+        obj = self.validate(plural, obj, field_validation, warnings)
+        meta = obj["metadata"]
         key = (plural, ns, meta["name"])
         if key in self.objects:
             raise ApiError(409, "AlreadyExists", f'{plural} "{meta["name"]}" already exists')
@@ -334,7 +336,15 @@ class Cluster:
             )
 
     def write(
-        self, plural: str, ns: str, name: str, new: dict[str, Any], given_rv: str | None, status: bool = False
+        self,
+        plural: str,
+        ns: str,
+        name: str,
+        new: dict[str, Any],
+        given_rv: str | None,
+        status: bool = False,
+        field_validation: str | None = None,
+        warnings: list[str] | None = None,
     ) -> dict[str, Any]:
         current = self.get(plural, ns, name)
         self._check_rv(current, given_rv)
@@ -346,7 +356,8 @@ class Cluster:
             new = {**copy.deepcopy(current), "status": new.get("status", {})}
         else:
             new["status"] = copy.deepcopy(current.get("status", {}))
-            self.validate(plural, new)
+            new = self.validate(plural, new, field_validation, warnings)
+            meta = new["metadata"]
             gen = current["metadata"].get("generation", 1)
             # The status stays as the operator last wrote it (Available, even Failed) until it
             # reconciles the new spec, as on a real API server.
@@ -532,6 +543,9 @@ class Handler(BaseHTTPRequestHandler):
                 return self._ingress(method, parts.path, body)
             if parts.path.startswith("/serving/"):
                 return self._send(*kserve.ingress(self.cluster, LOCK, method, parts.path, body))
+            if parts.path == "/emulator/scale-to-zero":
+                code, answer = kserve.scale_to_zero(self.cluster, body["namespace"], body["name"], LOCK)
+                return self._send(code, answer)
             if parts.path == "/emulator/conflicts":
                 with LOCK:
                     self.cluster.conflicts = int((body or {}).get("count", 1))
@@ -599,7 +613,9 @@ class Handler(BaseHTTPRequestHandler):
             if method == "POST":
                 if not isinstance(body, dict) or not (body.get("metadata") or {}).get("name"):
                     raise ApiError(422, "Invalid", "metadata.name: Required value")
-                return self._send(201, c.create(plural, ns, body))
+                warnings: list[str] = []
+                created = c.create(plural, ns, body, query.get("fieldValidation"), warnings)
+                return self._send(201, created, headers=_warning_header(warnings))
             raise ApiError(405, "MethodNotAllowed", method)
         status = sub == "status"
         if method == "GET":
@@ -607,10 +623,12 @@ class Handler(BaseHTTPRequestHandler):
         if method == "DELETE":
             return self._send(200, c.delete(plural, ns, name))
         current = c.get(plural, ns, name)
+        warnings = []
+        validation = query.get("fieldValidation")
         if method == "PUT":
-            return self._send(
-                200, c.write(plural, ns, name, body, (body.get("metadata") or {}).get("resourceVersion"), status)
-            )
+            rv = (body.get("metadata") or {}).get("resourceVersion")
+            written = c.write(plural, ns, name, body, rv, status, validation, warnings)
+            return self._send(200, written, headers=_warning_header(warnings))
         if method == "PATCH":
             ctype = self.headers.get("Content-Type", "")
             if "json-patch" in ctype:
@@ -627,7 +645,8 @@ class Handler(BaseHTTPRequestHandler):
                 )
             if rv is None:
                 new.setdefault("metadata", {})["resourceVersion"] = current["metadata"]["resourceVersion"]
-            return self._send(200, c.write(plural, ns, name, new, rv, status))
+            written = c.write(plural, ns, name, new, rv, status, validation, warnings)
+            return self._send(200, written, headers=_warning_header(warnings))
         raise ApiError(405, "MethodNotAllowed", method)
 
     def _log_source(self, ns: str, name: str, query: dict[str, str]) -> ModelServer | None:

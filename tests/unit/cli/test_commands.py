@@ -15,6 +15,7 @@ from airflow_provider_modeldeploy.cli import commands
 from airflow_provider_modeldeploy.cli.definition import SERVED_MODELS_COMMANDS, get_served_models_cli_commands
 from airflow_provider_modeldeploy.deployers.base import SyncReport
 from airflow_provider_modeldeploy.exceptions import ServiceNotFoundError
+from airflow_provider_modeldeploy.metrics import ServiceMetrics
 from airflow_provider_modeldeploy.services import Service, ServiceRecord, ServiceState
 
 UUID = "c11c11c1-0000-4000-8000-000000000001"
@@ -84,6 +85,7 @@ def deployer(monkeypatch: pytest.MonkeyPatch) -> mock.Mock:
         {"created_at": "2026-01-01T00:00:00+00:00", "action": "deploy", "outcome": "success", "actor": "me",
          "message": "serving models:/iris/1"},
     ]  # fmt: skip
+    fake.metrics.return_value = ServiceMetrics.unavailable(UUID, "1h", "the seldon backend reports no metrics")
     asked: list[str] = []
     monkeypatch.setattr(deployers, "deployer_for_service", lambda uuid: asked.append(uuid) or fake)
     fake.asked = asked
@@ -124,6 +126,25 @@ def test_describe_json_has_the_properties_and_the_history(deployer: mock.Mock, c
     assert code == 0 and data["uuid"] == UUID and data["state"] == "active" and data["model_version"] == "1"
     assert [e["action"] for e in data["history"]] == ["deploy"]
     deployer.get_history.assert_called_once_with(UUID, limit=3)
+    assert data["metrics"] == {
+        "window": "1h",
+        "available": "False",  # Airflow's console prints values as text
+        "source": None,
+        "reason": "the seldon backend reports no metrics",
+    }
+
+
+def test_describe_shows_the_last_hour(deployer: mock.Mock, capsys: Any) -> None:
+    from airflow_provider_modeldeploy.metrics import build
+
+    slices = [{"t": 1_000_020, "model_version": "1", "series": {
+        "requests:2xx": 190, "requests:4xx": 10, "bucket:0.001": 100, "bucket:0.01": 200, "bucket:+Inf": 200,
+        "rows": 380, "in_flight": 0}}]  # fmt: skip
+    deployer.metrics.return_value = build(UUID, "1h", slices, source="serving-agent", role_of=str, now=1_000_030)
+    code, out, _ = run(capsys, "describe", UUID, "-o", "plain")
+    assert code == 0 and "requests per minute" in out and "5.00% (10 errors)" in out, out
+    assert "1.0 ms / 9.1 ms / 9.8 ms" in out, out
+    deployer.metrics.assert_called_once_with(UUID, "1h")
 
 
 def test_list_passes_the_filters_and_prints_the_fields(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:

@@ -68,19 +68,48 @@ def test_dns1123_refuses(name: Any) -> None:
 
 
 def test_the_kubernetes_hook_reads_this_connections_extras(monkeypatch: pytest.MonkeyPatch) -> None:
-    made: list[Any] = []
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 
-    class FakeKubernetesHook:
-        def __init__(self, conn_id: Any) -> None:
-            made.append(conn_id)
+    def no_lookup(conn_id: str) -> None:
+        raise AssertionError(f"looked {conn_id} up")
 
-    from airflow.providers.cncf.kubernetes.hooks import kubernetes
-
-    monkeypatch.setattr(kubernetes, "KubernetesHook", FakeKubernetesHook)
-    hook = SeldonDeployerHook(connection=Conn(namespace="models", kube_config_path="/k/config"))
+    monkeypatch.setattr(KubernetesHook, "get_connection", no_lookup)
+    hook = SeldonDeployerHook(connection=Conn(namespace="models", kube_config_path="/k/config", cluster_context="c1"))
     k8s = hook.kubernetes_hook()
-    assert made == [None] and k8s.conn_extras == {"namespace": "models", "kube_config_path": "/k/config"}
+    # KubernetesHook's own reading of its fields, from the connection in hand (never looked up again).
+    assert isinstance(k8s, KubernetesHook)
+    assert k8s._get_field("kube_config_path") == "/k/config" and k8s._get_field("cluster_context") == "c1"
+    assert k8s._get_field("in_cluster") is None
     assert hook.kubernetes_hook() is k8s  # made once
+
+
+def test_writes_ask_the_api_server_for_strict_field_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    api = mock.Mock()
+    hook = SeldonDeployerHook(connection=Conn(namespace="models"))
+    monkeypatch.setattr(hook, "custom_objects", lambda: api)
+    hook.create_deployment({"metadata": {"name": "iris"}})
+    hook.patch_deployment("iris", [{"op": "test", "path": "/spec", "value": {}}], json_patch=True)
+    crd = ("machinelearning.seldon.io", "v1", "models", "seldondeployments")  # group, version, namespace, plural
+    api.create_namespaced_custom_object.assert_called_once_with(
+        *crd, {"metadata": {"name": "iris"}}, field_validation="Strict", _request_timeout=mock.ANY
+    )
+    api.patch_namespaced_custom_object.assert_called_once_with(
+        *crd, "iris", [{"op": "test", "path": "/spec", "value": {}}], field_validation="Strict",
+        _content_type="application/json-patch+json", _request_timeout=mock.ANY,
+    )  # fmt: skip
+
+
+def test_a_missing_deployment_reads_as_none_and_other_refusals_raise(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    api = mock.Mock()
+    hook = SeldonDeployerHook(connection=Conn(namespace="models"))
+    monkeypatch.setattr(hook, "custom_objects", lambda: api)
+    api.get_namespaced_custom_object.side_effect = ApiException(status=404, reason="Not Found")
+    assert hook.get_deployment("iris") is None
+    api.get_namespaced_custom_object.side_effect = ApiException(status=403, reason="Forbidden")
+    with pytest.raises(ApiException):
+        hook.get_deployment("iris")
 
 
 def test_connection_test_lists_seldondeployments_in_the_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
