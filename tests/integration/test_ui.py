@@ -31,6 +31,11 @@ CHROMIUM_ARGS = [
 ]  # fmt: skip
 SECRET = "s3cr3t-do-not-show"
 BULK = 60
+#: A Seldon connection without ``prometheus_url``: its services' metrics are unavailable, with the reason.
+SELDON_CONN = "seldon_ui"
+SELDON_CONN_JSON = json.dumps(
+    {"conn_type": "modeldeploy_seldon", "extra": {"namespace": "models", "kube_config_path": "/nonexistent/kubeconfig"}}
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +54,7 @@ def ui(tmp_path_factory: pytest.TempPathFactory, mlflow_models: dict[str, Any]) 
         AIRFLOW__CORE__LOAD_EXAMPLES="False", AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
     )  # fmt: skip
     try:
-        with running_api_server(home) as server:
+        with running_api_server(home, **{f"AIRFLOW_CONN_{SELDON_CONN.upper()}": SELDON_CONN_JSON}) as server:
             registry = get_registry(url)
             deployer = get_model_deployer()
             real = deployer.deploy_model(
@@ -507,17 +512,15 @@ def test_browser_detail_page_labels_copy_try_and_timeline(ui: dict[str, Any], br
         assert {"deploy", "replace", "rollback"} <= {e["action"] for e in events}
         assert page.locator("#history li[data-event] time").count() == len(events)
 
-        # Before the metrics backend exists on this server, the charts say why they are missing.
-        state = page.locator("#metrics").get_attribute("data-state")
-        if state == "unavailable":
-            assert "metrics unavailable" in page.locator("#metrics-reason").inner_text()
-            assert page.locator("#metrics svg").count() == 0
+        # A running local service has metrics (its traffic is test_browser_charts_from_real_traffic's).
+        assert page.locator("#metrics").get_attribute("data-state") == "ready"
+        assert page.locator("#metrics svg[data-chart]").count() == 3
         page.context.close()
 
 
 def _metrics_payload(uuid: str) -> dict[str, Any]:
-    """A response of the metrics route's contract: main v1 with 150 requests and 5 errors, canary
-    v2 with 50 and 5, one replace and one canary event in the hour."""
+    """A response of the metrics route's contract (checked against its response model below): main
+    v1 with 150 requests and 5 errors, canary v2 with 50 and 5, one replace and one canary event."""
     from datetime import UTC, datetime, timedelta
 
     end = datetime.now(UTC).replace(second=0, microsecond=0)
@@ -537,7 +540,7 @@ def _metrics_payload(uuid: str) -> dict[str, Any]:
     canary[45] = 50
     return {
         "uuid": uuid, "window": "1h", "step_seconds": 60, "start": start.isoformat(), "end": end.isoformat(),
-        "available": True, "reason": None, "source": "serving-agent",
+        "available": True, "reason": None, "source": "prometheus",
         "versions": [
             {"model_version": "2", "role": "canary", "points": points(canary, [0] * 45 + [5] + [0] * 14)},
             {"model_version": "1", "role": "main", "points": points(main, [0] * 10 + [5] + [0] * 49)},
@@ -549,45 +552,38 @@ def _metrics_payload(uuid: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def test_browser_charts_draw_the_metrics_contract(ui: dict[str, Any], browser: Any) -> None:
-    """The page's charts from a response of the metrics contract (served by the browser here): per
-    version totals in data attributes, a colour per version (canary beside main), event markers, and
-    the reason instead of charts when metrics are unavailable."""
+def _box_totals(box: Any) -> tuple[str | None, ...]:
+    return tuple(box.get_attribute(a) for a in ("data-requests", "data-errors", "data-error-rate"))
+
+
+def _group_totals(group: Any) -> tuple[str | None, ...]:
+    return tuple(group.get_attribute(a) for a in ("data-role", "data-requests", "data-errors", "data-error-rate"))
+
+
+def test_browser_charts_draw_a_canary_beside_main(ui: dict[str, Any], browser: Any) -> None:
+    """A canary beside main, as the Kubernetes backends report it (no cluster here: the browser serves a
+    response that the metrics route's own response model accepts): per version totals, a colour per
+    version, event markers. Real traffic is test_browser_charts_from_real_traffic's."""
+    from airflow_provider_modeldeploy.plugins.metrics_api import ServiceMetricsModel, SparklinesModel
+
     server: ApiServer = ui["server"]
     uuid = ui["real"]
     page = _themed_page(browser, server, "admin", "light")
-    payload = _metrics_payload(uuid)
+    payload = ServiceMetricsModel.model_validate(_metrics_payload(uuid)).model_dump(mode="json")
     page.route("**/api/services/*/metrics*", lambda route: route.fulfill(json=payload))
-    spark = {
-        "services": {uuid: {"available": True, "reason": None, "requests_per_minute": [3] * 60, "p95_ms": [9.0] * 60}}
-    }
+    spark = SparklinesModel.model_validate(
+        {"services": {uuid: {"available": True, "reason": None, "requests_per_minute": [3] * 60, "p95_ms": [9.0] * 60}}}
+    ).model_dump(mode="json")
     page.route("**/api/metrics/sparklines*", lambda route: route.fulfill(json=spark))
     page.goto(f"{server.url}/served-models/services/{uuid}")
     page.locator('#metrics[data-state="ready"]').wait_for()
     box = page.locator("#metrics")
-    assert (
-        box.get_attribute("data-requests"),
-        box.get_attribute("data-errors"),
-        box.get_attribute("data-error-rate"),
-    ) == (
-        "200",
-        "10",
-        "0.0500",
-    )
+    assert _box_totals(box) == ("200", "10", "0.0500")
     for chart in ("requests", "errors", "latency"):
         groups = page.locator(f'svg[data-chart="{chart}"] g[data-version]')
-        assert [groups.nth(i).get_attribute("data-role") for i in range(groups.count())] == ["main", "canary"]
-        main, canary = groups.nth(0), groups.nth(1)
-        assert (
-            main.get_attribute("data-requests"),
-            main.get_attribute("data-errors"),
-            main.get_attribute("data-error-rate"),
-        ) == ("150", "5", "0.0333")
-        assert (
-            canary.get_attribute("data-requests"),
-            canary.get_attribute("data-errors"),
-            canary.get_attribute("data-error-rate"),
-        ) == ("50", "5", "0.1000")
+        assert groups.count() == 2
+        assert _group_totals(groups.nth(0)) == ("main", "150", "5", "0.0333")
+        assert _group_totals(groups.nth(1)) == ("canary", "50", "5", "0.1000")
         colours = [groups.nth(i).evaluate("g => getComputedStyle(g).stroke") for i in range(2)]
         assert colours[0] != colours[1], colours
         assert page.locator(f'svg[data-chart="{chart}"] g.marker').count() == 2
@@ -596,27 +592,113 @@ def test_browser_charts_draw_the_metrics_contract(ui: dict[str, Any], browser: A
     assert page.locator("#metrics-legend").inner_text().startswith("v1 (main)")
     page.locator("#window-1d").click()
     page.wait_for_function("document.querySelector('#metrics').dataset.window === '1d'")
-    page.screenshot(path=str(ui_artefacts() / "detail-charts-light.png"), full_page=True)
+    page.screenshot(path=str(ui_artefacts() / "detail-canary-light.png"), full_page=True)
 
-    # The list: a sparkline per running service from one sparklines request.
     page.goto(f"{server.url}/served-models/")
     spark_node = _row(page, uuid).locator(".spark")
     spark_node.wait_for()
     assert spark_node.get_attribute("data-requests") == "180"
-
-    # Unavailable: the reason, not empty or zero charts.
-    page.unroute("**/api/services/*/metrics*")
-    page.route(
-        "**/api/services/*/metrics*",
-        lambda route: route.fulfill(
-            json={"uuid": uuid, "available": False, "reason": "the serving agent keeps no metrics yet"}
-        ),
-    )
-    page.goto(f"{server.url}/served-models/services/{uuid}")
-    page.locator('#metrics[data-state="unavailable"]').wait_for()
-    assert page.locator("#metrics-reason").inner_text() == "the serving agent keeps no metrics yet"
-    assert page.locator("#metrics svg").count() == 0
     page.context.close()
+
+
+TRAFFIC_GOOD, TRAFFIC_BAD = 190, 10
+
+
+def _send_traffic(prediction_url: str) -> None:
+    """200 prediction requests, 10 of them bad (a column the model does not have: MLflow answers 400),
+    until the server's own /metrics counts them all (a request is recorded once its answer is sent)."""
+    from conftest import iris_payload, wait_for
+
+    bad = {"dataframe_split": {"columns": ["no such column", *IRIS_COLUMNS[1:]], "data": [[1.0, 2.0, 3.0, 4.0]]}}
+    statuses = []
+    with httpx.Client(timeout=30) as client:
+        for i in range(TRAFFIC_GOOD + TRAFFIC_BAD):
+            statuses.append(client.post(prediction_url, json=bad if i % 20 == 7 else iris_payload()).status_code)
+        assert statuses.count(200) == TRAFFIC_GOOD and statuses.count(400) == TRAFFIC_BAD, statuses
+        count = f'_count{{model_version="1"}} {float(TRAFFIC_GOOD + TRAFFIC_BAD)}'
+        wait_for(
+            lambda: count in client.get(prediction_url.replace("/invocations", "/metrics")).text,
+            10, "all 200 requests on the server's /metrics",
+        )  # fmt: skip
+
+
+def test_browser_charts_from_real_traffic(ui: dict[str, Any], browser: Any, mlflow_models: dict[str, Any]) -> None:
+    """A real local model server gets 200 requests (10 bad, answered 400 by MLflow); once the serving
+    agent has sampled it, the detail page's charts (light and dark) say 200 requests, 10 errors, 5 % for
+    v1 and the list's sparkline counts the 200. A Seldon service whose connection names no Prometheus
+    shows the reason, not charts, on both pages."""
+    from airflow_provider_modeldeploy.deployers import get_model_deployer
+    from airflow_provider_modeldeploy.hooks.serving_agent import local_agent
+    from airflow_provider_modeldeploy.services import ServiceConfig, ServiceRecord, ServiceState
+
+    server: ApiServer = ui["server"]
+    registry = ui["registry"]
+    shots = ui_artefacts()
+    deployer = get_model_deployer()
+    service = deployer.deploy_model(
+        ServiceConfig(model_uri=mlflow_models["iris_v1"], model_name="iris", endpoint="iris-ui-traffic")
+    )
+    seldon = registry.add_service(
+        ServiceRecord(
+            uuid="5e1d0000-0000-4000-8000-000000000003", backend="seldon", endpoint="iris-seldon-noprom",
+            model_name="iris", model_uri="models:/iris/1", model_version="1", state=ServiceState.ACTIVE,
+            conn_id=SELDON_CONN, prediction_url="http://seldon.example/seldon/models/iris-seldon-noprom/api/v1.0/predictions",
+        )
+    )  # fmt: skip
+    try:
+        _send_traffic(service.prediction_url)
+        assert local_agent(start=False).sample_metrics() >= 1
+        for mode in ("light", "dark"):
+            page = _themed_page(browser, server, "admin", mode)
+            page.goto(f"{server.url}/served-models/services/{service.uuid}")
+            page.locator('#metrics[data-state="ready"]').wait_for()
+            box = page.locator("#metrics")
+            assert _box_totals(box) == ("200", "10", "0.0500")
+            for chart in ("requests", "errors", "latency"):
+                [group] = page.locator(f'svg[data-chart="{chart}"] g[data-version]').all()
+                assert group.get_attribute("data-version") == "1"
+                assert _group_totals(group) == ("main", "200", "10", "0.0500"), chart
+                # Something is drawn: a line over several minutes, or a dot for a lone busy minute.
+                drawn = page.locator(
+                    f'svg[data-chart="{chart}"] path.series[d*="L"], svg[data-chart="{chart}"] circle.dot'
+                )
+                assert drawn.count() >= 1, chart
+                assert page.locator(f'svg[data-chart="{chart}"] g.marker[data-action="deploy"]').count() == 1
+            assert page.locator('#metrics-summary [data-stat="requests"]').inner_text() == "200"
+            assert page.locator('#metrics-summary [data-stat="error-rate"]').inner_text() == "5.0 %"
+            assert page.locator("#metrics-empty").count() == 0
+            assert page.evaluate("document.documentElement.className") == mode
+            page.screenshot(path=str(shots / f"detail-traffic-{mode}.png"), full_page=True)
+
+            page.goto(f"{server.url}/served-models/")
+            page.fill("#f-model", "iris-ui-traffic")
+            page.click("#apply")
+            page.locator("#range").filter(has_text="1-1 of 1").wait_for()
+            spark = _row(page, service.uuid).locator(".spark")
+            spark.wait_for()
+            assert spark.get_attribute("data-requests") == "200"
+            assert float(spark.get_attribute("data-p95-ms")) > 0
+            assert _row(page, service.uuid).locator(".spark path.line").count() == 1
+            page.screenshot(path=str(shots / f"list-traffic-{mode}.png"), full_page=True)
+
+            # No metrics source: the reason, on the detail page and as the list cell's title; no chart.
+            reason = f"no metrics source: connection '{SELDON_CONN}' has no prometheus_url extra"
+            page.goto(f"{server.url}/served-models/services/{seldon.uuid}")
+            page.locator('#metrics[data-state="unavailable"]').wait_for()
+            assert page.locator("#metrics-reason").inner_text().startswith(reason)
+            assert page.locator("#metrics svg").count() == 0 and page.locator("#metrics-summary").count() == 0
+            page.screenshot(path=str(shots / f"detail-no-metrics-{mode}.png"), full_page=True)
+            page.goto(f"{server.url}/served-models/")
+            page.fill("#f-model", "iris-seldon-noprom")
+            page.click("#apply")
+            cell = _row(page, seldon.uuid).locator("td.traffic")
+            cell.filter(has_text="metrics unavailable").wait_for()
+            assert cell.locator("[title]").get_attribute("title").startswith(reason)
+            assert cell.locator(".spark").count() == 0
+            page.context.close()
+    finally:
+        registry.delete_service(seldon.uuid)
+        deployer.delete_model_server(service.uuid, timeout=30, force=True)
 
 
 # -- fuzzing the JSON API ------------------------------------------------------------------------
