@@ -48,6 +48,9 @@ class Launch:
     served_uri: str | None = None
     model_version: str | None = None
     model_run_id: str | None = None
+    #: What the server reports of the model's input (``columns``: name and MLflow type of each,
+    #: ``example``: its serving input example as JSON), kept in the endpoint's history for the UI.
+    inputs: dict[str, Any] | None = None
     address: dict[str, Any] = field(default_factory=dict)
     handle: Any = None
     #: Set by ``_promote`` once the new server takes the endpoint's traffic: from then on nothing
@@ -276,6 +279,7 @@ class BaseModelDeployer(ABC):
                 "previous_uuid": previous.uuid if previous else None,
                 "previous_model_uri": previous.model_uri if previous else None,
                 "previous_model_version": previous.model_version if previous else None,
+                **({"inputs": launch.inputs} if launch.inputs else {}),
                 **({"warnings": launch.warnings} if launch.warnings else {}),
             },
         )  # fmt: skip

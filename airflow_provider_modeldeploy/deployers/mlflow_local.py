@@ -200,6 +200,8 @@ class MLflowLocalDeployer(BaseModelDeployer):
             pid=served["pid"], prediction_url=address["prediction_url"], health_url=address["health_url"],
             served_uri=info.get("served_uri"), model_version=info.get("model_version"),
             model_run_id=info.get("model_run_id"),
+            inputs={"columns": info.get("input_columns"), "example": info.get("input_example")}
+            if info.get("input_columns") or info.get("input_example") else None,
             address={"host": address["host"], "port": address["port"], "agent_url": agent_url},
             handle=(agent, same_agent),
         )  # fmt: skip

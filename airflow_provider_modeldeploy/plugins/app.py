@@ -41,6 +41,7 @@ from airflow_provider_modeldeploy.plugins.authz import (
     require_read,
     visibility,
 )
+from airflow_provider_modeldeploy.plugins.try_request import try_section
 from airflow_provider_modeldeploy.registry.store import HOSTNAME
 from airflow_provider_modeldeploy.services import ServiceRecord, ServiceState
 
@@ -296,6 +297,7 @@ def create_app() -> FastAPI:
     @app.get("/api/services/{uuid}", summary="Everything about one service: properties, lineage, history")
     def get_service(request: Request, user: Reader, uuid: _UUID) -> dict[str, Any]:
         record = _readable(user, uuid)
+        history = _registry().list_events(record.backend, record.endpoint, limit=50)
         return {
             "service": service_json(record, airflow_base(request)),
             "lineage": mask(
@@ -317,7 +319,9 @@ def create_app() -> FastAPI:
                     },
                 }
             ),
-            "history": mask(_registry().list_events(record.backend, record.endpoint, limit=50)),
+            "history": mask(history),
+            # A ready-to-paste request for the prediction URL, from the model's recorded signature.
+            "try": try_section(record, history),
             "can_act": may_act(user, "POST", record.dag_id),
         }
 

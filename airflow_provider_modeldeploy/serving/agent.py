@@ -61,6 +61,15 @@ def _check_uuid(uuid: Any) -> None:
         raise AgentError(f"uuid={uuid!r}: not a service uuid", 400, "uuid", uuid)
 
 
+#: The model's input example kept with a service (for the Served Models page's request example) when
+#: its JSON is at most this long; a larger one is left out, not cut.
+MAX_KEPT_EXAMPLE = 16 * 1024
+
+
+def _small_example(example: Any) -> str | None:
+    return example if isinstance(example, str) and len(example) <= MAX_KEPT_EXAMPLE else None
+
+
 def _limit_args(options: dict[str, Any]) -> list[str]:
     """The model server's arguments for the deployer's limits against abusive clients; an option not
     given is left out, so the server's own default (documented there) applies."""
@@ -157,7 +166,8 @@ class Agent(ServerProcesses):
                 self._spawn(m, listener, timeout)
                 self._save(m)
                 state = self._wait_ready(m, timeout)
-                m.info = {k: state.get(k) for k in ("served_uri", "model_version", "model_run_id")}
+                m.info = {k: state.get(k) for k in ("served_uri", "model_version", "model_run_id", "input_columns")}
+                m.info["input_example"] = _small_example(state.get("input_example"))
                 self._check_staging(m, options.get("smoke_input") or state.get("input_example"))
             except BaseException as exc:
                 self._discard(m, listener)

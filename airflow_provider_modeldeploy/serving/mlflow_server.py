@@ -169,7 +169,26 @@ def resolve_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
     return f"models:/{mv.name}/{mv.version}", str(mv.version), mv.run_id
 
 
-def _load(served_uri: str, model_uri: str) -> tuple[Any, str | None]:
+#: Columns of a signature kept for the UI's request example; a wider model gets none (the example
+#: would be unreadable, and the state file stays small).
+MAX_INPUT_COLUMNS = 200
+
+
+def input_columns(meta: Any) -> list[dict[str, str]] | None:
+    """The model's input columns (name, MLflow type) from its signature: what the Served Models page
+    builds its ``curl`` example from. None for a model without a column signature (tensors, none)."""
+    signature = getattr(meta, "signature", None)
+    if signature is None or signature.inputs is None:
+        return None
+    columns = []
+    for spec in signature.inputs.to_dict():
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("type"), str):
+            return None  # a tensor or unnamed column: not a dataframe the example can name
+        columns.append({"name": spec["name"], "type": spec["type"]})
+    return columns if 0 < len(columns) <= MAX_INPUT_COLUMNS else None
+
+
+def _load(served_uri: str, model_uri: str) -> tuple[Any, str | None, list[dict[str, str]] | None]:
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
@@ -185,10 +204,12 @@ def _load(served_uri: str, model_uri: str) -> tuple[Any, str | None]:
         model = mlflow.pyfunc.load_model(local_path)
     except Exception as exc:
         raise _Failure("model_uri", model_uri, f"cannot load the model: {type(exc).__name__}: {exc}") from None
-    example = None
+    example, columns = None, None
     with contextlib.suppress(Exception):
-        example = Model.load(local_path).get_serving_input(local_path)
-    return model, example
+        meta = Model.load(local_path)
+        columns = input_columns(meta)
+        example = meta.get_serving_input(local_path)
+    return model, example, columns
 
 
 #: Error bodies above this size are cut: MLflow echoes the whole request in some error messages.
@@ -961,7 +982,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         served_uri, version, run_id = resolve_model_uri(args.model_uri)
         resolved = time.monotonic()
-        model, example = _load(served_uri, args.model_uri)
+        model, example, columns = _load(served_uri, args.model_uri)
         _log(f"resolved in {resolved - started:.2f}s, loaded in {time.monotonic() - resolved:.2f}s")
         headers = {"x-modeldeploy-service": args.service_uuid, "x-model-name": args.model_name}
         if version:
@@ -1003,7 +1024,7 @@ def main(argv: list[str] | None = None) -> int:
     master.master_pid = os.getpid()
     master.info = {
         "served_uri": served_uri, "model_version": version, "model_run_id": run_id,
-        "input_example": example, "port": listener.getsockname()[1],
+        "input_example": example, "input_columns": columns, "port": listener.getsockname()[1],
     }  # fmt: skip
     import gc
 
