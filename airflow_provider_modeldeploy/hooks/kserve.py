@@ -60,14 +60,6 @@ class KServeDeployerHook(KubernetesClusterHook):
     conn_type = "modeldeploy_kserve"
     hook_name = "Model Deploy: KServe (Kubernetes)"
 
-    _settings: KServeSettings | None = None
-
-    @property
-    def namespace(self) -> str:
-        if self._settings is None:
-            self._settings = self.get_settings()
-        return self._settings.namespace
-
     def get_settings(self) -> KServeSettings:
         extra = self.extras
         namespace = check_dns1123("namespace", extra.get("namespace") or "default")

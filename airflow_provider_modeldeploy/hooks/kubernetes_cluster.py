@@ -53,6 +53,7 @@ class KubernetesClusterHook(BaseHook):
         self.conn_id = conn_id
         self._connection = connection
         self._k8s: Any = None
+        self._settings: Any = None
 
     @property
     def connection(self) -> Any:
@@ -178,10 +179,16 @@ class KubernetesClusterHook(BaseHook):
     def delete_service_account(self, name: str) -> None:
         self.call(self.core_v1().delete_namespaced_service_account, name, self.namespace)
 
+    def get_settings(self) -> Any:
+        """The backend's settings from the connection's extras, checked; they hold ``namespace``."""
+        raise NotImplementedError
+
     @property
     def namespace(self) -> str:
-        """The connection's namespace (the backend hooks check it)."""
-        raise NotImplementedError
+        """The namespace of every call: the connection's, as the backend hook's settings check it."""
+        if self._settings is None:
+            self._settings = self.get_settings()
+        return self._settings.namespace
 
     def call(self, fn: Callable[..., T], *args: Any, stream: bool = False, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` with a request timeout, retried (backing off) on what may pass."""

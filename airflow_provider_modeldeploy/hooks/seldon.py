@@ -79,14 +79,6 @@ class SeldonDeployerHook(KubernetesClusterHook):
     conn_type = "modeldeploy_seldon"
     hook_name = "Model Deploy: Seldon Core (Kubernetes)"
 
-    _settings: SeldonSettings | None = None
-
-    @property
-    def namespace(self) -> str:
-        if self._settings is None:
-            self._settings = self.get_settings()
-        return self._settings.namespace
-
     def get_settings(self) -> SeldonSettings:
         extra = self.extras
         namespace = check_dns1123("namespace", extra.get("namespace") or "default")
