@@ -61,18 +61,19 @@ def mlflow_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
                 port = sock.getsockname()[1]
-            log = (logs / f"{len(started)}.log").open("wb")
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "mlflow", "models", "serve", "-m", path, "--env-manager", "local",
-                 "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                # mlflow execs ``uvicorn`` by name: the venv's, as an activated venv would find it.
-                env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
-            )  # fmt: skip
+            logfile = logs / f"{len(started)}.log"
+            with logfile.open("wb") as log:  # the child writes to its own copy of the descriptor
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "mlflow", "models", "serve", "-m", path, "--env-manager", "local",
+                     "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                    # mlflow execs ``uvicorn`` by name: the venv's, as an activated venv would find it.
+                    env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+                )  # fmt: skip
             started[path] = (proc, f"http://127.0.0.1:{port}")
 
             def up() -> bool:
-                assert proc.poll() is None, (logs / f"{len(started) - 1}.log").read_text()[-3000:]
+                assert proc.poll() is None, logfile.read_text()[-3000:]
                 try:
                     return httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200
                 except httpx.HTTPError:
