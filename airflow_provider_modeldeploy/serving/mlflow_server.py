@@ -134,6 +134,29 @@ class _Failure(Exception):
         self.field, self.value = field, value
 
 
+def _mlflow_refusal(exc: Exception) -> str:
+    """MLflow's error in one line; a refusal of the tracking server (401, 403: MLflow's basic-auth
+    app, a proxy in front of it) says which server and what the connection gave it."""
+    import mlflow
+
+    from airflow_provider_modeldeploy.masking import mask_text
+
+    message = (getattr(exc, "message", None) or str(exc)).splitlines()[0]
+    code = getattr(exc, "error_code", None)
+    if code not in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        return message
+    server = mask_text(mlflow.get_tracking_uri())
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if code == "PERMISSION_DENIED":
+        return f"the tracking server {server} refused user {user!r} access to this model (HTTP 403)"
+    if user:
+        return f"the tracking server {server} refused the connection's credentials for user {user!r} (HTTP 401)"
+    return (
+        f"the tracking server {server} asks for credentials and the connection has none (HTTP 401): "
+        "set its login and password"
+    )
+
+
 def resolve_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
     """The URI to load, the registered version and the run id. Aliases are resolved here, once."""
     from mlflow import MlflowClient
@@ -165,7 +188,7 @@ def resolve_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
                     raise _Failure("model_uri", model_uri, f"registered model '{name}' has no version in stage '{ref}'")
                 mv = found[0]
     except MlflowException as exc:
-        raise _Failure("model_uri", model_uri, exc.message.splitlines()[0]) from None
+        raise _Failure("model_uri", model_uri, _mlflow_refusal(exc)) from None
     return f"models:/{mv.name}/{mv.version}", str(mv.version), mv.run_id
 
 
@@ -196,8 +219,7 @@ def _load(served_uri: str, model_uri: str) -> tuple[Any, str | None, list[dict[s
     try:
         local_path = mlflow.artifacts.download_artifacts(artifact_uri=served_uri)
     except (MlflowException, OSError) as exc:
-        msg = getattr(exc, "message", None) or str(exc)
-        raise _Failure("model_uri", model_uri, f"cannot download the model: {msg.splitlines()[0]}") from None
+        raise _Failure("model_uri", model_uri, f"cannot download the model: {_mlflow_refusal(exc)}") from None
     if not (Path(local_path) / "MLmodel").exists():
         raise _Failure("model_uri", model_uri, "not an MLflow model (no MLmodel file)")
     try:
