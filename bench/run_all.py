@@ -141,33 +141,87 @@ def register_models(tmp: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+class ColdProviderSide:
+    """The provider on a host with no serving agent: each run gets a runtime and agent-state directory of
+    its own and a new endpoint, so the deploy starts a new agent (as the first deploy on a fresh worker
+    does); the agent is shut down after the run (and would exit by itself after its idle timeout, set
+    short here). The run fails if its server was not started by the new agent."""
+
+    name = "cold"
+    KEYS = (
+        "AIRFLOW__MODELDEPLOY__RUNTIME_DIR",
+        "AIRFLOW__MODELDEPLOY__AGENT_STATE_DIR",
+        "AIRFLOW__MODELDEPLOY__AGENT_IDLE_TIMEOUT",
+    )
+
+    def __init__(self, provider: tts.ProviderSide, tmp: Path) -> None:
+        self.provider, self.tmp, self.count = provider, tmp, 0
+
+    def run(self, client: httpx.Client) -> float:
+        from airflow_provider_modeldeploy.exceptions import AgentUnreachableError
+        from airflow_provider_modeldeploy.hooks.serving_agent import local_agent
+
+        self.count += 1
+        host = self.tmp / f"cold-host-{self.count}"
+        saved = {key: os.environ.get(key) for key in self.KEYS}
+        os.environ.update(zip(self.KEYS, (str(host / "run"), str(host / "agent"), "30"), strict=True))
+        try:
+            # An endpoint of its own: an endpoint keeps the address (and the agent) it was first served
+            # from, so the warm side's would send this deploy to the warm agent.
+            return self.provider.run(client, model_name=f"{tts.MODEL_NAME}-cold-{self.count}")
+        finally:
+            try:
+                local_agent(start=False).shutdown()  # its one server was deleted by the run
+            except AgentUnreachableError:
+                raise RuntimeError(f"cold run {self.count}: the deploy started no serving host of its own") from None
+            finally:
+                self._restore(saved, host)
+
+    @staticmethod
+    def _restore(saved: dict[str, str | None], host: Path) -> None:
+        deadline = time.monotonic() + 15
+        while (host / "run" / "agent.sock").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the agent is gone once its socket is
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        shutil.rmtree(host, ignore_errors=True)
+
+
 def bench_time_to_serve(b: Bench) -> dict[str, Any]:
+    """Warm (this host's serving agent runs, its fork server ready) and cold (a new serving host each
+    run) provider deploys against `mlflow models serve`, interleaved. The same warm-up rule for every
+    side: its first run is reported apart, out of the medians (it pays this process's first imports,
+    the page cache's first reads)."""
     provider = tts.ProviderSide()
-    times: dict[str, list[float]] = {"provider": [], "mlflow": []}
+    cold_side = ColdProviderSide(provider, b.tmp)
+    sides: list[Any] = [provider, cold_side, b.mlflow]
+    times: dict[str, list[float]] = {side.name: [] for side in sides}
+    warmup: dict[str, float] = {}
     try:
         with httpx.Client(timeout=tts.POLL_TIMEOUT) as client:
-            # The first deploy of a session pays one-off costs (imports in this process, a cold page
-            # cache); it is reported separately and not part of the medians.
             if wait_for_warm_host(timeout=0.5):
-                log("[1] a warm serving host of this interpreter already runs: the 'cold' deploy is warm")
-            cold = provider.run(client)
-            log(f"[1] cold provider deploy: {cold:.2f}s")
+                log("[1] a serving host of this interpreter already runs (the warm side's warm-up is warm)")
+            for side in sides:
+                warmup[side.name] = side.run(client)
+                log(f"[1] warm-up {side.name}: {warmup[side.name]:.2f}s")
             warm = wait_for_warm_host()
             log(f"[1] warm serving host {'ready' if warm else 'NOT ready: warm runs start servers directly'}")
             for i in range(b.runs):
-                sides: list[Any] = [provider, b.mlflow] if i % 2 == 0 else [b.mlflow, provider]
-                for side in sides:
+                order = sides[i % 3 :] + sides[: i % 3]  # each side goes first, second and last in turn
+                for side in order:
                     elapsed = side.run(client)
                     times[side.name].append(elapsed)
                     log(f"[1] run {i + 1}/{b.runs} {side.name}: {elapsed:.2f}s")
     finally:
         provider.close()
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratio = med["provider"] / med["mlflow"]
     return {
-        "provider_s": times["provider"], "mlflow_s": times["mlflow"], "cold_provider_s": cold,
-        "median_provider_s": med["provider"], "median_mlflow_s": med["mlflow"], "ratio": ratio,
-        "warm_host": warm, "pass": ratio <= 0.5,
+        "provider_s": times["provider"], "cold_s": times["cold"], "mlflow_s": times["mlflow"], "warmup_s": warmup,
+        "median_provider_s": med["provider"], "median_cold_s": med["cold"], "median_mlflow_s": med["mlflow"],
+        "ratio": med["provider"] / med["mlflow"], "cold_ratio": med["cold"] / med["mlflow"], "warm_host": warm,
     }  # fmt: skip
 
 
@@ -926,7 +980,7 @@ def _provider_throughput(r: dict[str, Any]) -> dict[str, Any]:
 #: Each item's target, from the figures of its result: (the figures it rests on, whether they meet it).
 #: The report judges from these, so that its verdicts always follow the figures it prints.
 TARGETS: dict[str, Callable[[dict[str, Any]], tuple[list[Any], Callable[[], bool]]]] = {
-    "1": lambda r: ([r["ratio"]], lambda: r["ratio"] <= 0.5),
+    "1": lambda r: ([r["ratio"], r.get("cold_ratio")], lambda: r["ratio"] <= 0.5 and r["cold_ratio"] <= 1.0),
     "2": lambda r: (
         [r["p99_ratio"], r["failed"], r["refused"]],
         lambda: r["failed"] == 0 and r["refused"] == 0 and r["p99_ratio"] <= 3,
@@ -985,8 +1039,10 @@ def table(results: dict[str, Any]) -> str:
     r = results.get("1")
     if r and "error" not in r:
         rows.append(
-            f"| 1 | time to serve, warm serving host (cold first deploy: {r['cold_provider_s']:.2f} s) | <= 0.5x `mlflow models serve` | "
-            f"provider {r['median_provider_s']:.2f} s, mlflow {r['median_mlflow_s']:.2f} s | {r['ratio']:.2f}x | {verdict(r, '1')} |"
+            "| 1 | time to serve: warm (this host's serving agent runs), cold (a new serving host each run) | "
+            "warm <= 0.5x, cold <= 1x `mlflow models serve` | "
+            f"warm {r['median_provider_s']:.2f} s, cold {r['median_cold_s']:.2f} s, mlflow {r['median_mlflow_s']:.2f} s | "
+            f"warm {r['ratio']:.2f}x, cold {r['cold_ratio']:.2f}x | {verdict(r, '1')} |"
         )
     r = results.get("2")
     if r and "error" not in r:
@@ -1138,7 +1194,11 @@ removed at the end; every server is stopped, also on errors and Ctrl-C. Raw figu
 1. **Time to serve**: from the start of `deploy_model()` (in a process where the provider is already
    imported) to the first HTTP 200 of `POST /invocations` at the service's URL, against `mlflow models
    serve -m models:/bench-iris/1 --env-manager local` from its start to its first 200. A fresh service
-   each run. The first provider deploy of the session (cold) is reported separately.
+   each run. Two provider sides: *warm*, this host's serving agent already runs (its fork server has
+   MLflow imported), and *cold*, a new serving host each run (its own runtime and agent-state
+   directories: the deploy starts the agent, as the first deploy on a fresh worker does; the agent is
+   shut down after the run). The three sides are interleaved, each going first in turn; each side's
+   first run is a warm-up reported apart, out of the medians.
 2. **Replace under load**: `bench/loadgen.py` (its own process, 16 threads each with one keep-alive
    connection, no retries) hammers the URL while `deploy_model(..., replace=True)` alternates
    `models:/bench-iris/2` and `/1`; every request's outcome and latency is recorded; p99 of requests

@@ -127,11 +127,11 @@ class ProviderSide:
 
         self.deployer = get_model_deployer()
 
-    def run(self, client: httpx.Client) -> float:
+    def run(self, client: httpx.Client, model_name: str = MODEL_NAME) -> float:
         from airflow_provider_modeldeploy.deployers import ServiceConfig
 
         start = time.perf_counter()
-        service = self.deployer.deploy_model(ServiceConfig(model_uri=MODEL_URI, model_name=MODEL_NAME))
+        service = self.deployer.deploy_model(ServiceConfig(model_uri=MODEL_URI, model_name=model_name))
         try:
             wait_for_prediction(client, service.prediction_url)
             return time.perf_counter() - start

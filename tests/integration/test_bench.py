@@ -88,8 +88,11 @@ def test_report_has_every_items_row(tmp_path: Path) -> None:
 
 def flip(n: str, r: dict[str, Any], meet: bool) -> None:
     """Set item ``n``'s main figure just inside (``meet``) or just past its target."""
-    if n in ("1", "7", "8", "9"):
-        bound = {"1": 0.5, "7": 0.25, "8": 1.5, "9": 0.2}[n]
+    if n == "1":  # warm and cold must both meet theirs; one past its target is a miss
+        r["ratio"], r["cold_ratio"] = (0.49, 0.99) if meet else (0.51, 0.99)
+        return
+    if n in ("7", "8", "9"):
+        bound = {"7": 0.25, "8": 1.5, "9": 0.2}[n]
         r["ratio"] = bound * (0.99 if meet else 1.01)
         return
     if n == "2":
@@ -120,6 +123,9 @@ def test_verdicts_follow_the_figures() -> None:
         r["pass"] = True
         flip(n, r, meet=False)
         assert row(bench.table({n: r}), n).endswith("| **FAIL** |"), n
+    r = results()["1"]
+    r.update(ratio=0.49, cold_ratio=1.01)  # warm met, cold missed
+    assert row(bench.table({"1": r}), "1").endswith("| **FAIL** |")
 
 
 def test_a_missing_figure_is_not_judged() -> None:
