@@ -69,7 +69,6 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
     ) -> None:
         super().__init__(conn_id=conn_id, registry=registry)
         self.hook = hook or KServeDeployerHook(conn_id=conn_id)
-        self._settings: KServeSettings | None = None
         self._restored: set[str] = set()
 
     @classmethod
@@ -78,9 +77,7 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
 
     @property
     def settings(self) -> KServeSettings:
-        if self._settings is None:
-            self._settings = self.hook.get_settings()
-        return self._settings
+        return self.hook.settings
 
     def _metrics(self, record: ServiceRecord, window: str) -> Any:
         """From the connection's Prometheus (``prometheus_url``), else not available, saying why."""

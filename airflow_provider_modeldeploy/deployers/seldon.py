@@ -69,7 +69,6 @@ class SeldonDeployer(BaseModelDeployer):
     ) -> None:
         super().__init__(conn_id=conn_id, registry=registry)
         self.hook = hook or SeldonDeployerHook(conn_id=conn_id)
-        self._settings: SeldonSettings | None = None
         self._restored: set[str] = set()
 
     @classmethod
@@ -78,9 +77,7 @@ class SeldonDeployer(BaseModelDeployer):
 
     @property
     def settings(self) -> SeldonSettings:
-        if self._settings is None:
-            self._settings = self.hook.get_settings()
-        return self._settings
+        return self.hook.settings
 
     def _metrics(self, record: ServiceRecord, window: str) -> Any:
         """From the connection's Prometheus (``prometheus_url``), else not available, saying why."""

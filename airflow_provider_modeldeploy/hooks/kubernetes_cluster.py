@@ -184,11 +184,16 @@ class KubernetesClusterHook(BaseHook):
         raise NotImplementedError
 
     @property
-    def namespace(self) -> str:
-        """The namespace of every call: the connection's, as the backend hook's settings check it."""
+    def settings(self) -> Any:
+        """``get_settings()``, checked once per hook: the deployer and every call read this one copy."""
         if self._settings is None:
             self._settings = self.get_settings()
-        return self._settings.namespace
+        return self._settings
+
+    @property
+    def namespace(self) -> str:
+        """The namespace of every call: the connection's, as the backend hook's settings check it."""
+        return self.settings.namespace
 
     def call(self, fn: Callable[..., T], *args: Any, stream: bool = False, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` with a request timeout, retried (backing off) on what may pass."""
