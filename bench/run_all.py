@@ -469,7 +469,7 @@ def seed_registry(url: str, count: int, before: dt.datetime) -> None:
     all updated before ``before`` (so that the real, active services stay on the first page)."""
     import sqlalchemy as sa
 
-    from airflow_provider_modeldeploy.registry.models import ServiceRow
+    from airflow_provider_modeldeploy.registry.models import services
 
     engine = sa.create_engine(url)
     rows = [
@@ -497,7 +497,7 @@ def seed_registry(url: str, count: int, before: dt.datetime) -> None:
     ]
     with engine.begin() as conn:
         for start in range(0, len(rows), 2000):
-            conn.execute(sa.insert(ServiceRow), rows[start : start + 2000])
+            conn.execute(sa.insert(services), rows[start : start + 2000])
     engine.dispose()
 
 

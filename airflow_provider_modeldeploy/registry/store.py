@@ -18,9 +18,8 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, Row, create_engine, delete, event, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
 
 from airflow_provider_modeldeploy import config
 from airflow_provider_modeldeploy.exceptions import (
@@ -29,7 +28,7 @@ from airflow_provider_modeldeploy.exceptions import (
     RegistryUnavailableError,
     ServiceNotFoundError,
 )
-from airflow_provider_modeldeploy.registry.models import EndpointRow, EventRow, ServiceRow, utcnow
+from airflow_provider_modeldeploy.registry.models import endpoints, events, services, utcnow
 from airflow_provider_modeldeploy.services import ServiceRecord, ServiceState
 
 # Kept equal to the files in migrations/versions (a test checks it), so that a process can tell the
@@ -49,7 +48,11 @@ def _aware(value: datetime | None) -> datetime | None:
     return value
 
 
-def row_to_record(row: ServiceRow) -> ServiceRecord:
+#: The tables' columns, as ``S.uuid``, ``E.name``, ``V.created_at``.
+S, E, V = services.c, endpoints.c, events.c
+
+
+def row_to_record(row: Row[Any]) -> ServiceRecord:
     data = {name: getattr(row, name) for name in _RECORD_FIELDS}
     data["state"] = ServiceState(row.state)
     data["config"] = dict(row.config or {})
@@ -95,7 +98,6 @@ class Registry:
     def __init__(self, url: str | None = None) -> None:
         self.url = url or config.registry_url()
         self._engine: Engine | None = None
-        self._sessionmaker: sessionmaker[Session] | None = None
         self._schema_ready = False
 
     # -- connection ------------------------------------------------------------------------------
@@ -104,7 +106,6 @@ class Registry:
     def engine(self) -> Engine:
         if self._engine is None:
             self._engine = self._create_engine()
-            self._sessionmaker = sessionmaker(self._engine, expire_on_commit=False)
         return self._engine
 
     def _create_engine(self) -> Engine:
@@ -126,11 +127,11 @@ class Registry:
         return engine
 
     @contextlib.contextmanager
-    def session(self) -> Iterator[Session]:
+    def session(self) -> Iterator[Connection]:
+        """One short transaction (committed at the end, rolled back on an error)."""
         self.ensure_schema()
-        assert self._sessionmaker is not None
         try:
-            with self._sessionmaker.begin() as session:
+            with self.engine.begin() as session:
                 yield session
         except OperationalError as exc:
             raise RegistryUnavailableError(
@@ -219,18 +220,15 @@ class Registry:
         values["state"] = str(record.state)
         values["created_at"] = values["updated_at"] = utcnow()
         with self.session() as s:
-            s.execute(insert(ServiceRow).values(**values))
+            s.execute(insert(services).values(**values))
         return self.get_service(record.uuid)
 
     def get_service(self, service_uuid: str) -> ServiceRecord:
         with self.session() as s:
-            row = s.get(ServiceRow, service_uuid)
+            row = s.execute(select(services).where(S.uuid == service_uuid)).one_or_none()
             if row is None:
-                matches = s.scalars(
-                    select(ServiceRow)
-                    .where(ServiceRow.uuid.startswith(service_uuid, autoescape=True))
-                    .order_by(ServiceRow.uuid)
-                    .limit(6)
+                matches = s.execute(
+                    select(services).where(S.uuid.startswith(service_uuid, autoescape=True)).order_by(S.uuid).limit(6)
                 ).all()
                 if len(service_uuid) >= 4 and len(matches) == 1:
                     row = matches[0]
@@ -250,14 +248,14 @@ class Registry:
             values["state"] = str(values["state"])
         values["updated_at"] = utcnow()
         with self.session() as s:
-            result = s.execute(update(ServiceRow).where(ServiceRow.uuid == service_uuid).values(**values))
+            result = s.execute(update(services).where(S.uuid == service_uuid).values(**values))
             if result.rowcount == 0:
                 raise ServiceNotFoundError("uuid", service_uuid, "no served model has this uuid")
         return self.get_service(service_uuid)
 
     def delete_service(self, service_uuid: str) -> None:
         with self.session() as s:
-            s.execute(delete(ServiceRow).where(ServiceRow.uuid == service_uuid))
+            s.execute(delete(services).where(S.uuid == service_uuid))
 
     def find_services(
         self,
@@ -273,26 +271,26 @@ class Registry:
         limit: int | None = None,
         offset: int = 0,
     ) -> list[ServiceRecord]:
-        query = select(ServiceRow)
+        query = select(services)
         for column, value in (
-            (ServiceRow.backend, backend),
-            (ServiceRow.endpoint, endpoint),
-            (ServiceRow.model_name, model_name),
-            (ServiceRow.dag_id, dag_id),
-            (ServiceRow.task_id, task_id),
-            (ServiceRow.run_id, run_id),
+            (S.backend, backend),
+            (S.endpoint, endpoint),
+            (S.model_name, model_name),
+            (S.dag_id, dag_id),
+            (S.task_id, task_id),
+            (S.run_id, run_id),
         ):
             if value is not None:
                 query = query.where(column == value)
         if service_uuid is not None:
-            query = query.where(ServiceRow.uuid.startswith(service_uuid, autoescape=True))
+            query = query.where(S.uuid.startswith(service_uuid, autoescape=True))
         if states is not None:
-            query = query.where(ServiceRow.state.in_([str(s) for s in states]))
-        query = query.order_by(ServiceRow.updated_at.desc(), ServiceRow.uuid).offset(offset)
+            query = query.where(S.state.in_([str(s) for s in states]))
+        query = query.order_by(S.updated_at.desc(), S.uuid).offset(offset)
         if limit is not None:
             query = query.limit(limit)
         with self.session() as s:
-            return [row_to_record(row) for row in s.scalars(query)]
+            return [row_to_record(row) for row in s.execute(query)]
 
     #: Columns a page of services may be sorted by (all indexed or cheap at 10,000 rows).
     SORTABLE = ("updated_at", "created_at", "model_name", "model_version", "state", "backend", "endpoint", "dag_id")
@@ -323,40 +321,38 @@ class Registry:
         conditions = []
         if model:
             pattern = f"%{model.lower()}%"
-            conditions.append(
-                func.lower(ServiceRow.model_name).like(pattern) | func.lower(ServiceRow.endpoint).like(pattern)
-            )
+            conditions.append(func.lower(S.model_name).like(pattern) | func.lower(S.endpoint).like(pattern))
         if dag_id:
-            conditions.append(func.lower(ServiceRow.dag_id).like(f"%{dag_id.lower()}%"))
+            conditions.append(func.lower(S.dag_id).like(f"%{dag_id.lower()}%"))
         if states:
-            conditions.append(ServiceRow.state.in_([str(s) for s in states]))
+            conditions.append(S.state.in_([str(s) for s in states]))
         if backend:
-            conditions.append(ServiceRow.backend == backend)
+            conditions.append(S.backend == backend)
         if only_dag_ids is not None:
-            of_dags = ServiceRow.dag_id.in_(sorted(only_dag_ids))
-            conditions.append(of_dags | ServiceRow.dag_id.is_(None) if with_no_dag else of_dags)
-        column = getattr(ServiceRow, sort)
+            of_dags = S.dag_id.in_(sorted(only_dag_ids))
+            conditions.append(of_dags | S.dag_id.is_(None) if with_no_dag else of_dags)
+        column = S[sort]
         # uuid breaks ties so that pages never overlap nor skip rows.
-        order = (column.desc(), ServiceRow.uuid.desc()) if descending else (column.asc(), ServiceRow.uuid.asc())
-        query = select(ServiceRow).where(*conditions).order_by(*order).offset(offset).limit(limit)
+        order = (column.desc(), S.uuid.desc()) if descending else (column.asc(), S.uuid.asc())
+        query = select(services).where(*conditions).order_by(*order).offset(offset).limit(limit)
         with self.session() as s:
-            total = int(s.scalar(select(func.count()).select_from(ServiceRow).where(*conditions)) or 0)
-            return [row_to_record(row) for row in s.scalars(query)], total
+            total = int(s.scalar(select(func.count()).select_from(services).where(*conditions)) or 0)
+            return [row_to_record(row) for row in s.execute(query)], total
 
     def dag_ids(self) -> set[str]:
         """The DAGs that deployed the services of the registry."""
         with self.session() as s:
-            return set(s.scalars(select(ServiceRow.dag_id).where(ServiceRow.dag_id.is_not(None)).distinct()))
+            return set(s.scalars(select(S.dag_id).where(S.dag_id.is_not(None)).distinct()))
 
     def connection_ids(self) -> list[str]:
         """The deployer connections services were deployed through."""
         with self.session() as s:
-            query = select(ServiceRow.conn_id).where(ServiceRow.conn_id.is_not(None)).distinct()
+            query = select(S.conn_id).where(S.conn_id.is_not(None)).distinct()
             return sorted(str(c) for c in s.scalars(query))
 
     def count_services(self) -> int:
         with self.session() as s:
-            return int(s.scalar(select(func.count()).select_from(ServiceRow)) or 0)
+            return int(s.scalar(select(func.count()).select_from(services)) or 0)
 
     def activate(self, service_uuid: str, *, retire: Sequence[str] = (), **values: Any) -> ServiceRecord:
         """In one transaction: delete the retired services and make this one the active one."""
@@ -364,8 +360,8 @@ class Registry:
         try:
             with self.session() as s:
                 if retire:
-                    s.execute(delete(ServiceRow).where(ServiceRow.uuid.in_(list(retire))))
-                s.execute(update(ServiceRow).where(ServiceRow.uuid == service_uuid).values(**values))
+                    s.execute(delete(services).where(S.uuid.in_(list(retire))))
+                s.execute(update(services).where(S.uuid == service_uuid).values(**values))
         except IntegrityError as exc:  # the one-active-per-endpoint index fired
             raise EndpointBusyError(
                 f"uuid={service_uuid!r}: another server of this endpoint is active ({exc.orig})"
@@ -374,26 +370,23 @@ class Registry:
 
     # -- endpoints and their lease ---------------------------------------------------------------
 
-    def get_endpoint(self, backend: str, name: str) -> EndpointRow | None:
+    def get_endpoint(self, backend: str, name: str) -> Row[Any] | None:
+        """The endpoint's row (its columns as attributes), or None."""
         with self.session() as s:
-            return s.get(EndpointRow, (backend, name))
+            return s.execute(select(endpoints).where(E.backend == backend, E.name == name)).one_or_none()
 
     def set_endpoint_address(self, backend: str, name: str, address: dict[str, Any]) -> None:
         with self.session() as s:
-            s.execute(
-                update(EndpointRow)
-                .where(EndpointRow.backend == backend, EndpointRow.name == name)
-                .values(address=address)
-            )
+            s.execute(update(endpoints).where(E.backend == backend, E.name == name).values(address=address))
 
     def delete_endpoint(self, backend: str, name: str) -> None:
         with self.session() as s:
-            s.execute(delete(EndpointRow).where(EndpointRow.backend == backend, EndpointRow.name == name))
+            s.execute(delete(endpoints).where(E.backend == backend, E.name == name))
 
     def _create_endpoint(self, backend: str, name: str, conn_id: str | None) -> bool:
         try:
             with self.session() as s:
-                s.execute(insert(EndpointRow).values(backend=backend, name=name, conn_id=conn_id, address={}))
+                s.execute(insert(endpoints).values(backend=backend, name=name, conn_id=conn_id, address={}))
             return True
         except IntegrityError:
             return False
@@ -433,9 +426,8 @@ class Registry:
             released.set()
             with contextlib.suppress(RegistryUnavailableError), self.session() as s:
                 s.execute(
-                    update(EndpointRow)
-                    .where(EndpointRow.backend == backend, EndpointRow.name == name)
-                    .where(EndpointRow.lock_owner == owner)
+                    update(endpoints)
+                    .where(E.backend == backend, E.name == name, E.lock_owner == owner)
                     .values(lock_owner=None, lock_host=None, lock_pid=None, lock_expires_at=None)
                 )
 
@@ -455,9 +447,8 @@ class Registry:
             try:
                 with self.session() as s:
                     s.execute(
-                        update(EndpointRow)
-                        .where(EndpointRow.backend == backend, EndpointRow.name == name)
-                        .where(EndpointRow.lock_owner == owner)
+                        update(endpoints)
+                        .where(E.backend == backend, E.name == name, E.lock_owner == owner)
                         .values(lock_expires_at=utcnow() + timedelta(seconds=ttl))
                     )
             except Exception as exc:  # the next renewal tries again; the deployment goes on
@@ -471,22 +462,18 @@ class Registry:
             lock_owner=owner, lock_host=HOSTNAME, lock_pid=os.getpid(),
             lock_expires_at=now + timedelta(seconds=ttl),
         )  # fmt: skip
-        key = (EndpointRow.backend == backend, EndpointRow.name == name)
+        key = (E.backend == backend, E.name == name)
         with self.session() as s:
-            free = (EndpointRow.lock_owner.is_(None)) | (EndpointRow.lock_expires_at < now)
-            if s.execute(update(EndpointRow).where(*key).where(free).values(**mine)).rowcount == 1:
+            free = (E.lock_owner.is_(None)) | (E.lock_expires_at < now)
+            if s.execute(update(endpoints).where(*key).where(free).values(**mine)).rowcount == 1:
                 return True
-            row = s.execute(
-                select(EndpointRow.lock_owner, EndpointRow.lock_host, EndpointRow.lock_pid).where(*key)
-            ).one_or_none()
+            row = s.execute(select(E.lock_owner, E.lock_host, E.lock_pid).where(*key)).one_or_none()
             if row is None:
                 raise ServiceNotFoundError("endpoint", name, "endpoint vanished while waiting for it")
             holder_owner, holder_host, holder_pid = row
             # A holder on this host whose process is gone (killed mid-deploy) gives the lease up now.
             if holder_host == HOSTNAME and holder_pid != os.getpid() and not _pid_alive(holder_pid):
-                stolen = s.execute(
-                    update(EndpointRow).where(*key).where(EndpointRow.lock_owner == holder_owner).values(**mine)
-                )
+                stolen = s.execute(update(endpoints).where(*key).where(E.lock_owner == holder_owner).values(**mine))
                 return stolen.rowcount == 1
         return False
 
@@ -505,8 +492,8 @@ class Registry:
         details: dict[str, Any] | None = None,
     ) -> None:
         with self.session() as s:
-            s.add(
-                EventRow(
+            s.execute(
+                insert(events).values(
                     backend=backend, endpoint=endpoint, action=str(action), outcome=outcome,
                     service_uuid=service_uuid, actor=actor, message=message, details=details or {},
                 )
@@ -514,11 +501,8 @@ class Registry:
 
     def list_events(self, backend: str, endpoint: str, limit: int = 50) -> list[dict[str, Any]]:
         with self.session() as s:
-            rows = s.scalars(
-                select(EventRow)
-                .where(EventRow.backend == backend, EventRow.endpoint == endpoint)
-                .order_by(EventRow.id.desc())
-                .limit(limit)
+            rows = s.execute(
+                select(events).where(V.backend == backend, V.endpoint == endpoint).order_by(V.id.desc()).limit(limit)
             ).all()
             return [
                 {

@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 
 from airflow_provider_modeldeploy.exceptions import EndpointBusyError, RegistryUnavailableError, ServiceNotFoundError
 from airflow_provider_modeldeploy.registry import get_registry
-from airflow_provider_modeldeploy.registry.models import Base, EndpointRow
+from airflow_provider_modeldeploy.registry.models import endpoints, metadata
 from airflow_provider_modeldeploy.registry.store import HEAD_REVISION, HOSTNAME, VERSION_TABLE, Registry, utcnow
 from airflow_provider_modeldeploy.services import ServiceRecord, ServiceState
 
@@ -60,7 +60,7 @@ def dead_pid() -> int:
 
 def set_lock(registry: Registry, name: str, **values: Any) -> None:
     with registry.session() as s:
-        s.execute(update(EndpointRow).where(EndpointRow.backend == "mlflow", EndpointRow.name == name).values(**values))
+        s.execute(update(endpoints).where(endpoints.c.backend == "mlflow", endpoints.c.name == name).values(**values))
 
 
 # -- schema ----------------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def test_models_and_migration_are_in_sync(registry_url: str) -> None:
     registry.ensure_schema()
     with registry.engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE, "compare_type": True})
-        diffs = compare_metadata(context, Base.metadata)
+        diffs = compare_metadata(context, metadata)
     assert diffs == []
 
     # The partial unique index exists in the database, unique and on (backend, endpoint).

@@ -158,7 +158,7 @@ def seed_rows(registry: Any, count: int, *, prefix: str = "bulk", backend: str =
     """Registry rows without servers (inactive), for paging and latency: inserted in one transaction."""
     from sqlalchemy import insert
 
-    from airflow_provider_modeldeploy.registry.models import ServiceRow
+    from airflow_provider_modeldeploy.registry.models import services
 
     now = datetime.now(UTC)
     rows = []
@@ -172,5 +172,5 @@ def seed_rows(registry: Any, count: int, *, prefix: str = "bulk", backend: str =
             )
         )  # fmt: skip
     with registry.session() as s:
-        s.execute(insert(ServiceRow), rows)
+        s.execute(insert(services), rows)
     return [r["uuid"] for r in rows]

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from alembic import context
 
-from airflow_provider_modeldeploy.registry.models import Base
+from airflow_provider_modeldeploy.registry.models import metadata
 from airflow_provider_modeldeploy.registry.store import VERSION_TABLE
 
 connection = context.config.attributes["connection"]
 context.configure(
     connection=connection,
-    target_metadata=Base.metadata,
+    target_metadata=metadata,
     version_table=VERSION_TABLE,
     render_as_batch=connection.dialect.name == "sqlite",
 )

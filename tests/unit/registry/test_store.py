@@ -18,7 +18,7 @@ from airflow_provider_modeldeploy.exceptions import (
     RegistryUnavailableError,
     ServiceNotFoundError,
 )
-from airflow_provider_modeldeploy.registry.models import EndpointRow
+from airflow_provider_modeldeploy.registry.models import endpoints
 from airflow_provider_modeldeploy.registry.store import HOSTNAME, Registry, get_registry, safe_url, utcnow
 from airflow_provider_modeldeploy.services import ServiceRecord, ServiceState
 
@@ -153,7 +153,7 @@ def test_an_expired_lease_or_a_dead_holder_on_this_host_is_taken_over(registry: 
         pass
     with registry.session() as s:  # a holder whose TTL ran out, on another host
         s.execute(
-            update(EndpointRow).values(
+            update(endpoints).values(
                 lock_owner="x", lock_host="elsewhere", lock_pid=1, lock_expires_at=utcnow() - timedelta(seconds=1)
             )
         )
@@ -162,7 +162,7 @@ def test_an_expired_lease_or_a_dead_holder_on_this_host_is_taken_over(registry: 
         pass
     with registry.session() as s:  # a live-looking lease of a process of this host that is gone
         s.execute(
-            update(EndpointRow).values(
+            update(endpoints).values(
                 lock_owner="y",
                 lock_host=HOSTNAME,
                 lock_pid=2**22 + 12345,
@@ -174,7 +174,7 @@ def test_an_expired_lease_or_a_dead_holder_on_this_host_is_taken_over(registry: 
         assert registry.get_endpoint("mlflow", "iris").lock_owner == lease.owner
     with registry.session() as s:  # another host's live lease is not: wait, then busy
         s.execute(
-            update(EndpointRow).values(
+            update(endpoints).values(
                 lock_owner="z", lock_host="elsewhere", lock_pid=1, lock_expires_at=utcnow() + timedelta(hours=1)
             )
         )
