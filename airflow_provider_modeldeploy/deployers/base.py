@@ -140,6 +140,10 @@ class BaseModelDeployer(ABC):
     def _forget(self, record: ServiceRecord) -> None:  # noqa: B027 - optional for backends
         """Remove what the backend keeps of a service that is deleted (files, cached state)."""
 
+    def _retired(self, record: ServiceRecord) -> None:  # noqa: B027 - optional for backends
+        """A service replaced at its endpoint (its server stopped, its row gone from the registry):
+        remove what the backend still keeps of it, so that nothing (``sync``) takes it for a service."""
+
     def _discover(self) -> list[ServiceRecord] | None:
         """Every service this backend (through this connection) actually runs, known to the registry
         or not, as records rebuilt from what the backend keeps (labels, state files): uuid, endpoint,
@@ -262,6 +266,11 @@ class BaseModelDeployer(ABC):
             health_url=launch.health_url,
             pid=launch.pid,
         )
+        if retire and previous is not None:
+            try:
+                self._retired(previous)
+            except Exception as exc:  # the deployment succeeded; what is left is only kept, not served
+                launch.warnings.append(f"what the backend keeps of replaced service {previous.uuid} stays: {exc}")
         for warning in launch.warnings:
             log.warning("Service %s serves, but: %s", record.uuid, warning)
         if action is None:

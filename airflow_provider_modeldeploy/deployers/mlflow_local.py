@@ -191,6 +191,9 @@ class MLflowLocalDeployer(BaseModelDeployer):
         health = agent.health()
         agent_url = health.get("advertise_url") or agent.url
         self.registry.update_service(record.uuid, host=health["host"], agent_id=health["agent_id"], agent_url=agent_url)
+        # ... and so does this record: if the deploy fails, it is what _discard and _forget ask that agent
+        # about (the agent keeps the log of a server that failed to start until it is told to forget it).
+        record.host, record.agent_id, record.agent_url = health["host"], health["agent_id"], agent_url
         answer = agent.deploy(spec, timeout)
         served = answer["service"]
         address = served["address"]
@@ -252,6 +255,11 @@ class MLflowLocalDeployer(BaseModelDeployer):
             return
         with contextlib.suppress(ServiceNotFoundError):
             self._call(record, lambda agent: agent.delete(record.uuid, force=True))
+
+    def _retired(self, record: ServiceRecord) -> None:
+        # The agent stopped it on activation but keeps its record and log, as for any stopped service;
+        # the registry no longer has it, and a sync would adopt it again as an inactive service.
+        self._forget(record)
 
     def _probe(self, record: ServiceRecord) -> tuple[ServiceState, str | None] | None:
         if record.state not in (ServiceState.ACTIVE, ServiceState.ERROR) or (not record.agent_url and not record.pid):
