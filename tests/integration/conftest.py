@@ -240,6 +240,9 @@ def _train_models(store: Path) -> dict[str, Any]:
                 info = mlflow.sklearn.log_model(model, name="model", input_example=X.head(2),
                                                 registered_model_name="iris", pip_requirements=sklearn_reqs)
                 out.setdefault("iris_runs", []).append(run.info.run_id)
+                # MLflow 3's logged model (models:/m-<id>) and where its files are
+                out.setdefault("iris_models", []).append(
+                    {{"id": info.model_id, "location": mlflow.get_logged_model(info.model_id).artifact_location}})
         with mlflow.start_run() as run:
             mlflow.pyfunc.log_model(name="model", python_model={str(store / "broken_model.py")!r},
                                     registered_model_name="broken",
@@ -288,7 +291,8 @@ def _trained_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[P
 def mlflow_models(session_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A real MLflow tracking store (SQLite) with registered models, trained once per session.
 
-    iris v1 and v2 (alias ``champion`` -> 1), and ``broken`` v1 whose loading always fails.
+    iris v1 and v2 (alias ``champion`` -> 1; ``iris_runs``: their runs, ``iris_models``: their logged
+    models' ids and artifact locations), and ``broken`` v1 whose loading always fails.
     Artifacts are local files, or under ``MODELDEPLOY_E2E_ARTIFACT_ROOT`` (an ``s3://`` prefix in
     the kind cluster's MinIO, set by docker/kind/run-e2e.sh) where a real Seldon Core can fetch them.
     Each worker has its own copy of the store's database (what its tests register or move there stays

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import textwrap
 import time
+import uuid as uuidlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import psutil
 import pytest
-from conftest import iris_payload
+from conftest import agent_servers, agent_services, iris_payload, service_pids, wait_for
 
 from airflow_provider_modeldeploy.deployers import ServiceConfig, get_model_deployer
 from airflow_provider_modeldeploy.exceptions import DeploymentFailedError, InvalidParameterError
@@ -154,3 +162,249 @@ def test_one_installation_keeps_its_agent_whatever_its_interpreter_is_called(dep
     done = subprocess.run([str(other), "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-1] == str(pid) and local_agent().health()["pid"] == pid
+
+
+# -- README promises of the local backend: model URI forms, a failed smoke prediction, replace=False,
+# -- and the connection's fields, each observed on the running server --------------------------------
+
+#: A pyfunc model that loads, answers each row with the pid of the worker process that scored it after
+#: sleeping the row's ``sleep`` seconds, and raises on a negative one, as its own input example (-1) is.
+PROBE_MODEL = textwrap.dedent(
+    """
+    import os
+    import time
+
+    import mlflow
+
+
+    class Probe(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            seconds = [float(s) for s in model_input["sleep"]]
+            if min(seconds) < 0:
+                raise ValueError("this model refuses a negative sleep")
+            time.sleep(max(seconds))
+            return [os.getpid()] * len(seconds)
+
+
+    mlflow.models.set_model(Probe())
+    """
+)
+
+
+def probe_payload(seconds: float) -> dict[str, Any]:
+    return {"dataframe_split": {"columns": ["sleep"], "data": [[seconds]]}}
+
+
+@pytest.fixture(scope="module")
+def probe_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The probe model, saved by MLflow as a plain model directory (no tracking store involved)."""
+    import mlflow
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    base = tmp_path_factory.mktemp("probe")
+    (base / "probe_model.py").write_text(PROBE_MODEL)
+    mlflow.pyfunc.save_model(
+        str(base / "model"), python_model=str(base / "probe_model.py"),
+        input_example=pd.DataFrame({"sleep": [-1.0]}),
+        signature=ModelSignature(inputs=Schema([ColSpec("double", "sleep")]), outputs=Schema([ColSpec("long")])),
+        pip_requirements=mlflow.pyfunc.get_default_pip_requirements(),
+    )  # fmt: skip
+    yield base / "model"
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def listening(pid: int) -> set[tuple[str, int]]:
+    """The addresses a server's TCP sockets listen on, as the kernel has them."""
+    return {(c.laddr.ip, c.laddr.port) for c in psutil.Process(pid).net_connections("tcp") if c.status == "LISTEN"}
+
+
+def outside_address() -> str | None:
+    """An IPv4 address of this machine that is not loopback (None on a machine without one)."""
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return address.address
+    return None
+
+
+def files_named_after(uuid: str) -> list[Path]:
+    """What the session's agent keeps of a service: runtime files (sockets, state, metrics) and records, logs."""
+    names = (uuid, uuid.replace("-", ""))
+    roots = (os.environ["AIRFLOW__MODELDEPLOY__RUNTIME_DIR"], os.environ["AIRFLOW__MODELDEPLOY__AGENT_STATE_DIR"])
+    return [p for root in roots for p in Path(root).rglob("*") if any(n in p.name for n in names)]
+
+
+def test_uri_forms_replace_in_place_and_a_failed_smoke_or_replace_false_changes_nothing(
+    deployer: Any, mlflow_models: dict[str, Any], probe_model: Path, tmp_path: Path
+) -> None:
+    """``runs:/``, ``models:/<name>/latest``, ``models:/m-<logged model id>`` and a plain path each serve
+    (in sequence on one endpoint, each replacing the last at the same URL), bound to 127.0.0.1 by
+    default; a new model that loads but fails its smoke prediction is discarded and the old server
+    keeps serving; ``replace=False`` on the served endpoint is one clear error that changes nothing."""
+    run_1, run_2 = mlflow_models["iris_runs"]
+    logged_1, logged_2 = mlflow_models["iris_models"]  # MLflow 3's logged models of those runs
+    assert logged_1["id"].startswith("m-"), logged_1
+    location = urlsplit(logged_2["location"])
+    if location.scheme == "file":  # the model directory itself, on this machine's disk
+        path = location.path
+    else:  # a remote artifact store (MODELDEPLOY_E2E_ARTIFACT_ROOT): a local copy of it
+        import mlflow
+
+        path = mlflow.artifacts.download_artifacts(artifact_uri=logged_2["location"], dst_path=str(tmp_path / "iris"))
+    assert Path(path, "MLmodel").is_file(), path
+    forms = [  # model_uri: the URI served, the version and the run recorded
+        (f"runs:/{run_1}/model", f"runs:/{run_1}/model", None, run_1),
+        ("models:/iris/latest", "models:/iris/2", "2", run_2),
+        (f"models:/{logged_1['id']}", f"models:/{logged_1['id']}", None, run_1),
+        (path, path, None, None),
+    ]
+    url = None
+    for uri, served_uri, version, run_id in forms:
+        service = deployer.deploy_model(ServiceConfig(model_uri=uri, model_name="iris-forms"))
+        record = service.record
+        assert (record.served_uri, record.model_version, record.model_run_id) == (served_uri, version, run_id), uri
+        url = url or service.prediction_url
+        assert service.prediction_url == url and service.is_running, uri
+        answer = predict(url)
+        # Both rows' true classes (setosa, virginica), answered by this service.
+        assert answer.status_code == 200 and answer.json() == {"predictions": [0, 2]}, (uri, answer.text)
+        assert answer.headers["x-modeldeploy-service"] == service.uuid
+        assert answer.headers.get("x-model-version") == version
+    history = deployer.get_history("iris-forms")
+    assert [e["action"] for e in reversed(history)] == ["deploy", "replace", "replace", "replace"]
+    assert [e["details"]["model_uri"] for e in reversed(history)] == [form[0] for form in forms]
+    # The replaced services are gone from the registry and from the agent too: no record or log of
+    # theirs is left, which a sync would take for services and adopt.
+    replaced = [e["service_uuid"] for e in reversed(history[1:])]
+    assert [s["uuid"] for s in agent_services("iris-forms")] == [service.uuid]
+    assert [p for uuid in replaced for p in files_named_after(uuid)] == []
+    assert deployer.sync_services(dry_run=True).adopted == []
+
+    # The default bind address: 127.0.0.1 only (no other address of the machine reaches the server).
+    port = urlsplit(url).port
+    assert urlsplit(url).hostname == "127.0.0.1" and listening(record.pid) == {("127.0.0.1", port)}
+    outside = outside_address()
+    if outside is not None:
+        with pytest.raises(httpx.ConnectError):
+            httpx.post(f"http://{outside}:{port}/invocations", json=iris_payload(), timeout=10)
+
+    # A replace whose model loads but fails the smoke prediction (the probe raises on its own input
+    # example): the task fails naming the cause; the old server serves on, and nothing is left of the new.
+    kept = get_registry().get_service(service.uuid)
+    pids, tree = agent_servers(), service_pids(service.uuid)
+    with pytest.raises(DeploymentFailedError) as failed:
+        deployer.deploy_model(ServiceConfig(model_uri=str(probe_model), model_name="iris-forms"))
+    message = str(failed.value)
+    assert message.startswith(f"model_uri={str(probe_model)!r}: the smoke prediction failed with HTTP 400"), message
+    assert "\n" not in message
+    [event, *_] = deployer.get_history("iris-forms")
+    assert (event["action"], event["outcome"]) == ("rollback", "failed"), event
+    assert "smoke prediction failed" in event["message"] and f"service {service.uuid} keeps serving" in event["message"]
+    assert event["details"] == {"model_uri": str(probe_model), "kept_uuid": service.uuid}
+    discarded = event["service_uuid"]
+    assert discarded and discarded != service.uuid
+    now = get_registry().get_service(service.uuid)
+    assert (now.state, now.last_error, now.prediction_url, now.pid) == (ServiceState.ACTIVE, None, url, kept.pid)
+    assert [s.uuid for s in deployer.find_model_server(endpoint="iris-forms")] == [service.uuid]  # nothing pending
+    answer = predict(url)
+    assert answer.status_code == 200 and answer.headers["x-modeldeploy-service"] == service.uuid
+    assert agent_servers() == pids and service_pids(service.uuid) == tree
+    assert [s["uuid"] for s in agent_services("iris-forms")] == [service.uuid]
+    assert files_named_after(discarded) == []
+
+    # replace=False on the served endpoint: one clear error; the service, its processes and the
+    # endpoint's history are as they were.
+    before = (get_registry().get_service(service.uuid).to_dict(), deployer.get_history("iris-forms"), agent_servers())
+    with pytest.raises(InvalidParameterError) as refused:
+        deployer.deploy_model(ServiceConfig(model_uri=mlflow_models["iris_v1"], model_name="iris-forms"), replace=False)
+    assert str(refused.value) == (
+        f"replace=False: endpoint 'iris-forms' is already served by service {service.uuid} (active); "
+        "pass replace=True or choose another endpoint"
+    )
+    after = (get_registry().get_service(service.uuid).to_dict(), deployer.get_history("iris-forms"), agent_servers())
+    assert after == before
+    assert predict(url).headers["x-modeldeploy-service"] == service.uuid
+
+
+def test_connection_fields_host_workers_timeout_and_registry_uri(
+    airflow_home: Path,
+    mlflow_models: dict[str, Any],
+    probe_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A ``modeldeploy_mlflow`` connection's fields, each observed on the running server: ``host``
+    0.0.0.0 binds every address of the machine; ``workers`` 2 server processes share the socket (the
+    probe model answers with the pid of the worker that scored the request); ``timeout`` cuts a longer
+    request (504); ``registry_uri`` is where ``models:/`` is looked up (the tracking server named is
+    not even up)."""
+    from mlflow import MlflowClient
+
+    # The model registry: this worker's copy of the session's store; the tracking server: none (a port
+    # nobody listens on), so that models:/ resolves from the registry or not at all.
+    registry = mlflow_models["tracking_uri"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        tracking = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    name = f"probe-{uuidlib.uuid4().hex[:8]}"
+    client = MlflowClient(tracking_uri=tracking, registry_uri=registry)  # as the connection says
+    client.create_registered_model(name)
+    client.create_model_version(name, source=str(probe_model))
+    extra = {"tracking_uri": tracking, "registry_uri": registry, "workers": 2, "timeout": 2}
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MD_FIELDS", json.dumps({"conn_type": "modeldeploy_mlflow", "host": "0.0.0.0", "extra": extra})
+    )
+    deployer = get_model_deployer("md_fields")
+    service = deployer.deploy_model(
+        ServiceConfig(model_uri=f"models:/{name}/1", model_name="probe-fields", smoke_input=probe_payload(0)),
+        timeout=120,
+    )
+    record = service.record
+    assert (record.conn_id, record.served_uri, record.model_version) == ("md_fields", f"models:/{name}/1", "1")
+    assert {k: record.config[k] for k in ("host", "workers", "timeout", "tracking_uri", "registry_uri")} == {
+        "host": "0.0.0.0",
+        **extra,
+    }
+
+    # host: the endpoint's socket is bound to every address; loopback and the machine's own answer.
+    port = urlsplit(record.prediction_url).port
+    assert listening(record.pid) == {("0.0.0.0", port)}
+    for host in ("127.0.0.1", outside_address()):
+        if host is not None:
+            answer = httpx.post(f"http://{host}:{port}/invocations", json=probe_payload(0), timeout=30)
+            assert answer.status_code == 200, (host, answer.text)
+    url = f"http://127.0.0.1:{port}/invocations"
+
+    # workers: two processes under the master, and both score requests arriving on the one socket.
+    workers = {child.pid for child in psutil.Process(record.pid).children()}
+    assert len(workers) == 2, workers
+
+    def scored_by() -> int:
+        answer = httpx.post(url, json=probe_payload(0.05), headers={"connection": "close"}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["predictions"][0]
+
+    seen: dict[int, int] = {}
+
+    def both_answered() -> bool:
+        with ThreadPoolExecutor(4) as pool:
+            for pid in pool.map(lambda _: scored_by(), range(8)):
+                seen[pid] = seen.get(pid, 0) + 1
+        return set(seen) == workers
+
+    wait_for(both_answered, 60, "both workers to answer requests", lambda: seen)
+    assert set(seen) == workers, seen
+
+    # timeout: a request longer than 2 s is cut at 2 s with 504; a shorter one is answered.
+    started = time.monotonic()
+    cut = httpx.post(url, json=probe_payload(4), timeout=30)
+    took = time.monotonic() - started
+    assert cut.status_code == 504 and "exceeded" in cut.text, cut.text
+    assert 1.9 <= took < 3.9, took
+    assert httpx.post(url, json=probe_payload(0.2), timeout=30).status_code == 200
+
+    tree = service_pids(service.uuid)
+    deployer.delete_model_server(service.uuid, force=True)  # the cut request's model call still sleeps
+    assert not any(alive(pid) for pid in tree)
