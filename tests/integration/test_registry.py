@@ -11,7 +11,7 @@ import sys
 import textwrap
 import time
 import uuid as uuidlib
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -367,8 +367,9 @@ RACE_SCRIPT = textwrap.dedent(
     lineage = Lineage(dag_id="race", run_id=f"run_{index}", task_id="deploy", try_number=1)
     try:
         service = deployer.deploy_model(ServiceConfig(model_uri=model_uri, model_name="iris-race"), lineage=lineage)
+        # When the deployment began under the endpoint's lease: its service's row was made then.
         out = {"ok": True, "uuid": service.uuid, "version": service.record.model_version,
-               "url": service.prediction_url}
+               "url": service.prediction_url, "created_at": service.record.created_at.timestamp()}
     except ModelDeployError as exc:
         out = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     out.update(index=index, started=started, ended=time.time())
@@ -436,8 +437,9 @@ def test_four_processes_deploy_one_endpoint_at_once(
             assert "\n" not in result["error"] and "Traceback" not in text, text[-3000:]
         results.append(result)
     print(f"race on {registry_url.split(':')[0]}: " + json.dumps(results, indent=1))
-    succeeded = sorted((r for r in results if r["ok"]), key=lambda r: r["ended"])
-    assert succeeded, f"no racer succeeded: {results}"
+    # Every racer succeeds: the endpoint's lease serialises them, each waiting for the one before.
+    assert all(r["ok"] for r in results), f"a racer failed: {results}"
+    succeeded = sorted(results, key=lambda r: r["ended"])
 
     # Exactly one active service for the endpoint, the one of the racer that finished last.
     registry = get_registry(registry_url)
@@ -464,6 +466,15 @@ def test_four_processes_deploy_one_endpoint_at_once(
     for before, after in itertools.pairwise(events):
         assert after["details"]["previous_uuid"] == before["service_uuid"]
     assert len({e["actor"] for e in events}) == len(events)
+    # One deployment at a time: each one's interval, from its service's creation under the lease to
+    # its deploy/replace event (both written by the registry), ends before the next one begins.
+    intervals = [
+        (r["created_at"], datetime.fromisoformat(e["created_at"]).timestamp())
+        for r, e in zip(succeeded, events, strict=True)
+    ]
+    assert all(start < end for start, end in intervals), intervals
+    for (_, end), (start, _) in itertools.pairwise(intervals):
+        assert end <= start, f"deployments overlapped: {intervals}"
     endpoint = registry.get_endpoint("mlflow", "iris-race")
     assert endpoint.lock_owner is None and endpoint.address["port"] == urlsplit(active.prediction_url).port
 
