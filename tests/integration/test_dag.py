@@ -27,6 +27,8 @@ from airflow_provider_modeldeploy.triggers.health import HealthOutcome, ServedMo
 CT_DAG = "continuous_training_mlflow"
 WINE = "wine-classifier"
 SEED = 1  # a fixed data split: a retrained model scores exactly like the served one
+WORSE_C = 0.003  # on that split: accuracy 0.963 against the default C's 0.981, above the default threshold
+SERVED_ASSET = "served_model_wine_classifier"
 TEST_DAGS = ROOT / "tests" / "integration" / "dags"
 SENSOR_DAG = "modeldeploy_health_sensor"
 SENSOR_MODEL = "iris-sensor"
@@ -79,6 +81,17 @@ class DagRun:
         return self.xcom["deploy"]
 
 
+def dag_task(dag_id: str, task_id: str) -> Any:
+    """A task of an example DAG, its file imported as the DAG processor would."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"example_{dag_id}", ROOT / "dags" / f"{dag_id}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.dag.get_task(task_id)
+
+
 def served_version(url: str, sample: dict[str, Any]) -> str:
     body = {"dataframe_split": {"columns": sample["columns"], "data": sample["data"]}}
     answer = httpx.post(url, json=body, timeout=30)
@@ -93,7 +106,10 @@ def processes_of(service_uuid: str) -> list[int]:
 
 @pytest.mark.timeout(1800)
 def test_continuous_training_dag_replaces_in_place_and_gates(
-    airflow_home: Path, airflow_db_template: Path, monkeypatch: pytest.MonkeyPatch
+    airflow_home: Path,
+    airflow_db_template: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     # The DAG's own defaults: MLflow's store and the registry both live under this AIRFLOW_HOME.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -127,13 +143,18 @@ def test_continuous_training_dag_replaces_in_place_and_gates(
     assert served_version(url, trained["sample"]) == "2"
     assert processes_of(first.served()["uuid"]) == []  # the old server was drained and stopped
 
-    # Run 3: an unreachable threshold: the gate must refuse, and version 2 keeps serving.
-    third = DagRun(airflow_home, {"seed": SEED, "accuracy_threshold": 1})
+    # Run 3: a worse challenger (stronger regularisation, same split), above the default threshold
+    # (0.85): the gate must refuse it as worse than the served champion, which it scored for real
+    # (version 2, served: the accuracy run 2 measured), and version 2 keeps serving.
+    third = DagRun(airflow_home, {"seed": SEED, "C": WORSE_C})
     assert third.state == "success", third.output[-3000:]
     trained = third.xcom["train"]
     assert trained["version"] == "3" and trained["champion_uuid"] == served["uuid"]
-    assert trained["accuracy"] < 1 and not gate_accepts(trained, 1)
-    assert "Refused: accuracy" in third.output and "below the threshold 1" in third.output
+    assert trained["champion_accuracy"] == pytest.approx(second.xcom["train"]["accuracy"])
+    assert 0.85 <= trained["accuracy"] < trained["champion_accuracy"] and not gate_accepts(trained, 0.85)
+    accuracy, champion = trained["accuracy"], trained["champion_accuracy"]
+    assert f"Refused: accuracy {accuracy:.4f} is worse than the served champion's {champion:.4f}" in third.output
+    assert "Accepted:" not in third.output and "below the threshold" not in third.output
     assert third.states["keep_serving"] == "success"
     assert {third.states[t] for t in ("deploy", "wait_healthy", "smoke_predict", "promote_champion")} == {"skipped"}
     assert "deploy" not in third.xcom
@@ -156,6 +177,32 @@ def test_continuous_training_dag_replaces_in_place_and_gates(
     client = MlflowClient(tracking_uri=f"sqlite:///{airflow_home / 'mlflow' / 'mlflow.db'}")
     assert str(client.get_model_version_by_alias(WINE, "champion").version) == "2"
     assert str(client.get_model_version(WINE, "3").version) == "3"
+
+    # The served model's asset: one event per deployment (runs 1 and 2, from promote_champion) carrying
+    # what was served; none for the refused run 3.
+    events = airflow_db(
+        airflow_home,
+        "SELECT e.source_dag_id, e.source_task_id, e.source_run_id, e.extra FROM asset_event e "
+        "JOIN asset a ON a.id = e.asset_id WHERE a.name = ? ORDER BY e.id",
+        SERVED_ASSET,
+    )
+    assert [(dag, task, run) for dag, task, run, _ in events] == [
+        (CT_DAG, "promote_champion", first.run_id),
+        (CT_DAG, "promote_champion", second.run_id),
+    ], events
+    assert [json.loads(extra) for *_, extra in events] == [
+        {k: run.served()[k] for k in ("uuid", "model_name", "model_version", "prediction_url")}
+        for run in (first, second)
+    ]
+
+    # The gate's other refusal, by the DAG's own gate function on run 3's real figures: a threshold the
+    # challenger does not reach is refused before the champion is compared.
+    gate = dag_task(CT_DAG, "gate").python_callable
+    capsys.readouterr()
+    params = {"accuracy_threshold": 0.99, "deploy_through_alias": False}
+    assert gate(trained, params) == "keep_serving"
+    assert capsys.readouterr().out == f"Refused: accuracy {accuracy:.4f} is below the threshold 0.99\n"
+    assert gate(second.xcom["train"], {**params, "accuracy_threshold": 0}) == "deploy"
 
 
 def final_state(output: str) -> str:
