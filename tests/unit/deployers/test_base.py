@@ -31,6 +31,8 @@ class Fake(BaseModelDeployer):
         self.discovered: list[ServiceRecord] | None = None
         self.calls: list[tuple[str, str]] = []
         self.port = 5200
+        self.retire_error: Exception | None = None
+        self.registry_when_retired: list[list[str]] = []
 
     def _launch(self, record: Any, lease: Any, previous: Any, timeout: float) -> Launch:
         self.calls.append(("launch", record.uuid))
@@ -54,6 +56,12 @@ class Fake(BaseModelDeployer):
     def _stop(self, record: Any, timeout: float, force: bool) -> None:
         self.calls.append(("stop", record.uuid))
         self.running.pop(record.uuid, None)
+
+    def _retired(self, record: Any) -> None:
+        self.calls.append(("retired", record.uuid))
+        self.registry_when_retired.append([r.uuid for r in self.registry.find_services(endpoint=record.endpoint)])
+        if self.retire_error is not None:
+            raise self.retire_error
 
     def _probe(self, record: Any) -> Any:
         if record.state == ServiceState.ACTIVE and record.uuid not in self.running:
@@ -108,6 +116,18 @@ def test_replace_keeps_the_url_and_retires_the_old_service(fake: Fake, registry:
     assert replace["details"]["previous_model_uri"] == "models:/iris/1"
 
 
+def test_a_replaced_service_is_retired_at_its_backend_once_the_registry_dropped_it(
+    fake: Fake, registry: Registry
+) -> None:
+    old = fake.deploy_model(cfg("models:/iris/1"))
+    assert "retired" not in [call for call, _ in fake.calls]  # a first deployment retires nothing
+    fake.retire_error = RuntimeError("the agent is away")
+    new = fake.deploy_model(cfg("models:/iris/2"))  # the new server serves: the deployment succeeded
+    assert fake.calls[-1] == ("retired", old.uuid) and fake.registry_when_retired == [[new.uuid]]
+    details = fake.get_history("iris")[0]["details"]
+    assert details["warnings"] == [f"what the backend keeps of replaced service {old.uuid} stays: the agent is away"]
+
+
 def test_a_failed_replace_keeps_the_old_server_serving_and_the_registry_as_it_was(
     fake: Fake, registry: Registry
 ) -> None:
@@ -121,6 +141,7 @@ def test_a_failed_replace_keeps_the_old_server_serving_and_the_registry_as_it_wa
     event = fake.get_history("iris")[0]
     assert event["action"] == "rollback" and event["outcome"] == "failed"
     assert f"service {old.uuid} keeps serving" in event["message"]
+    assert "retired" not in [call for call, _ in fake.calls]
 
 
 def test_a_failed_first_deployment_leaves_no_trace(fake: Fake, registry: Registry) -> None:
