@@ -11,7 +11,8 @@ the port name), so series carry the labels they carry in a kube-prometheus set-u
 
 * ``seldon-monitoring/seldon-podmonitor``: the PodMonitor Seldon Core documents (seldon-core v1.18.2,
   doc/source/analytics/analytics.md): pods labelled ``app.kubernetes.io/managed-by: seldon-core``,
-  port ``metrics``, path ``/prometheus``.
+  port ``metrics``, path ``/prometheus``. (A ServiceMonitor would add a ``service`` target label, the
+  Kubernetes Service's name, and rename the executor's own ``service`` to ``exported_service``.)
 * ``monitoring/knative-queue-proxy``: a PodMonitor for Knative revisions' queue-proxy (Knative ships
   none for user pods): pods with a ``serving.knative.dev/revision`` label, port ``http-usermetric``
   (9091), path ``/metrics``.

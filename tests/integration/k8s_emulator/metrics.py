@@ -157,9 +157,14 @@ class MetricsEndpoint:
             return "\n".join(line for family in self.families if family.series for line in family.render()) + "\n"
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.httpd.shutdown()
-            self.httpd.server_close()
+        """Stop answering (in the background: ``shutdown`` waits for the serving loop's next poll)."""
+
+        def stop() -> None:
+            with contextlib.suppress(Exception):
+                self.httpd.shutdown()
+                self.httpd.server_close()
+
+        threading.Thread(target=stop, daemon=True).start()
 
 
 class SeldonExecutorMetrics(MetricsEndpoint):

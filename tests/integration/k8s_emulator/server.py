@@ -626,6 +626,7 @@ class Cluster:
                 server.stop()
             self.servers.clear()
             kserve.shutdown()
+            self.write_prometheus_sd()  # no targets left: Prometheus stops scraping them
 
     def route(self, ns: str, name: str) -> ModelServer | None:
         """A ready pod of a predictor picked by the traffic weights (Istio's split), the replicas of
