@@ -91,9 +91,10 @@ class Prometheus:
         return answer.json()["data"]["result"]
 
     def scraped_since(self, since: float, selector: str) -> bool:
-        """Whether every target matching ``selector`` (on ``up``) was scraped after ``since``
-        (a scrape's timestamp is its start: what was answered before ``since`` is in it)."""
-        found = self.query(f"timestamp(up{{{selector}}})")
+        """Whether every target matching ``selector`` (on ``up``) was scraped successfully after
+        ``since`` (a scrape's timestamp is its start: what was answered before ``since`` is in it; a
+        failed scrape, ``up`` 0, does not count)."""
+        found = self.query(f"timestamp(up{{{selector}}}) and up{{{selector}}} == 1")
         return bool(found) and all(float(s["value"][1]) > since for s in found)
 
 
