@@ -741,6 +741,8 @@ def test_knative_metrics_from_a_real_prometheus(
     assert summary.requests - before.summary.requests == 60, (before.summary, summary)
     assert summary.errors - before.summary.errors == 8, (before.summary, summary)
     assert summary.error_rate == pytest.approx(summary.errors / summary.requests)
+    day = kn.metrics(served.uuid, "1d")  # 15-minute steps: the same figures
+    assert (day.step_seconds, day.summary.requests, day.summary.errors) == (900, summary.requests, summary.errors)
     [version] = after.versions
     assert (version.model_version, version.role) == ("iris-prom-predictor", "main")
     points = version.points
