@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for the tests: set up (venv, dependencies), lint, then the unit tests (tests/unit: in-process,
 # mocked clients, under a minute), then the integration tests (tests/integration: real Airflow, MLflow,
-# model-server processes, Chromium, the Kubernetes emulator and the PostgreSQL on 127.0.0.1:5432), these
+# model-server processes, Chromium, Prometheus, the Kubernetes emulator and the PostgreSQL on 127.0.0.1:5432), these
 # in parallel with pytest-xdist. Extra arguments go to both pytest runs, e.g. `bash scripts/test.sh -k cli`;
 # MODELDEPLOY_TEST_WORKERS sets the number of integration workers (0: no xdist, one process).
 set -euo pipefail
@@ -16,6 +16,17 @@ if ! command -v chromium >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
   else
     echo "!! chromium is missing: run 'sudo apt-get install -y chromium chromium-driver' (browser tests will fail)" >&2
+  fi
+fi
+# The Kubernetes backends' metrics tests scrape with Debian's Prometheus: its binary, started by the
+# tests per session on a free port (tests/integration/prometheus_env.py), never the package's service.
+if ! command -v prometheus >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo ">> installing prometheus (apt)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    export MODELDEPLOY_TEST_PROMETHEUS=required  # installable here: its tests fail instead of skipping
+  else
+    echo "!! prometheus is missing: run 'sudo apt-get install -y prometheus' (the real-Prometheus metrics tests are skipped)" >&2
   fi
 fi
 

@@ -130,27 +130,53 @@ def follow_logs(open_stream: Callable[[str], Any], pods: list[str], prefix: bool
                 stream.release_conn()
 
 
-#: PromQL per backend: requests by status and version, latency buckets by ``le`` and version
-#: (``{selector}`` and ``{step}`` are filled in). Seldon Core 1's executor and KServe's Knative
-#: queue-proxy metrics, as their default installs name them.
+#: Per backend: the counters read (requests by status and version, latency buckets by ``le`` and
+#: version), the selector (``{namespace}``, ``{name}`` filled in), and the unit of ``le``.
+#:
+#: * Seldon Core 1's executor (seldon-core v1.18.2, executor/api/metric/constants.go, server.go,
+#:   rest/server.go): ``seldon_api_executor_server_requests_seconds`` (seconds) labelled
+#:   deployment_name (the SeldonDeployment), predictor_name, predictor_version, service, method, code;
+#:   ``service="predictions"`` only: the executor counts its health checks (``status``) and metadata
+#:   calls in the same histogram. ``namespace`` is Prometheus' (a PodMonitor's relabelling).
+#: * Knative's queue-proxy in front of a KServe predictor in Knative mode (knative/serving up to
+#:   knative-v1.18, pkg/queue/request_metric.go; 1.19 moved to OpenTelemetry's ``kn.*`` names):
+#:   ``revision_app_request_count`` and ``revision_app_request_latencies`` (milliseconds) labelled
+#:   namespace_name, configuration_name (``<isvc>-predictor``), revision_name, response_code_class...
+#:   The queue-proxy knows no routes: health checks through the ingress count as requests.
 PROMQL: dict[str, dict[str, Any]] = {
     "seldon": {
-        "selector": 'namespace="{namespace}",deployment_name="{name}"',
-        "requests": "sum by (code, predictor_name) "
-        "(increase(seldon_api_executor_server_requests_seconds_count{{{selector}}}[{step}s]))",
-        "buckets": "sum by (le, predictor_name) "
-        "(increase(seldon_api_executor_server_requests_seconds_bucket{{{selector}}}[{step}s]))",
+        "selector": 'namespace="{namespace}",deployment_name="{name}",service="predictions"',
+        "requests": ("seldon_api_executor_server_requests_seconds_count", "code, predictor_name"),
+        "buckets": ("seldon_api_executor_server_requests_seconds_bucket", "le, predictor_name"),
         "status": "code", "version": "predictor_name", "le_scale": 1.0,
     },
     "kserve": {
         "selector": 'namespace_name="{namespace}",configuration_name=~"{name}-predictor.*"',
-        "requests": "sum by (response_code_class, configuration_name) "
-        "(increase(revision_app_request_count{{{selector}}}[{step}s]))",
-        "buckets": "sum by (le, configuration_name) "
-        "(increase(revision_app_request_latencies_bucket{{{selector}}}[{step}s]))",
+        "requests": ("revision_app_request_count", "response_code_class, configuration_name"),
+        "buckets": ("revision_app_request_latencies_bucket", "le, configuration_name"),
         "status": "response_code_class", "version": "configuration_name", "le_scale": 0.001,  # milliseconds
     },
 }  # fmt: skip
+#: How far back a counter's last sample is looked for (Prometheus' own lookback delta).
+LOOKBACK = "5m"
+
+
+def increase_query(metric: str, by: str, selector: str, step: int) -> str:
+    """PromQL for the exact increase of the counters ``metric{selector}`` in each ``step`` seconds up
+    to the evaluation time, summed by ``by``: the last sample minus the last sample a step earlier,
+    per series; a series with no sample a step earlier (it appeared since: a new pod, or a status or
+    bucket met for the first time) counts its whole value (counters start at 0), and so does one
+    whose value fell (a restarted container: counted since its restart).
+
+    Not ``increase()``: it only sees what changes *between* samples inside its range, so a series'
+    first scraped value is lost (the first requests of each pod and status code: a single error is
+    never shown), the gap between two steps' ranges is lost, and the rest is extrapolated to the
+    range's edges: on a real Prometheus, 61 Seldon predictions read as 65 and their 8 errors as 7,
+    a deploy's lone smoke prediction as none. These steps add up to exactly what the pods counted (``last_over_time`` also skips the staleness markers a
+    failed scrape leaves, which would count a series' whole value again)."""
+    now = f"last_over_time({metric}{{{selector}}}[{LOOKBACK}])"
+    before = f"last_over_time({metric}{{{selector}}}[{LOOKBACK}] offset {step}s)"
+    return f"sum by ({by}) (({now} - {before}) >= 0 or {now})"
 
 
 def kubernetes_metrics(deployer: Any, record: Any, window: str, namespace: str) -> Any:
@@ -166,6 +192,13 @@ def kubernetes_metrics(deployer: Any, record: Any, window: str, namespace: str) 
             f"no metrics source: connection {deployer.conn_id or deployer.hook.default_conn_name!r} has no "
             f"prometheus_url extra; set it to a Prometheus that scrapes the {deployer.backend} predictor pods",
         )  # fmt: skip
+    if deployer.backend == "kserve" and deployer.settings.deployment_mode != "Knative":
+        return ServiceMetrics.unavailable(
+            record.uuid, window,
+            f"no metrics source: connection {deployer.conn_id or deployer.hook.default_conn_name!r} deploys in KServe's "
+            f"{deployer.settings.deployment_mode} mode, which runs no Knative queue-proxy (the source of KServe's "
+            "request metrics read here); deployment_mode Knative has them",
+        )  # fmt: skip
     promql = PROMQL[deployer.backend]
     start, end, step = window_bounds(window)
     selector = promql["selector"].format(namespace=namespace, name=record.endpoint)
@@ -173,7 +206,7 @@ def kubernetes_metrics(deployer: Any, record: Any, window: str, namespace: str) 
     slices: list[dict[str, Any]] = []
     try:
         for kind in ("requests", "buckets"):
-            query = promql[kind].format(selector=selector, step=step)
+            query = increase_query(*promql[kind], selector=selector, step=step)
             for series in client.query_range(query, start + step, end, step):
                 labels = series.get("metric") or {}
                 if kind == "requests":

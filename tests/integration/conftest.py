@@ -181,6 +181,21 @@ def no_server_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 @pytest.fixture(scope="session")
+def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real Prometheus (tests/integration/prometheus_env.py), one per session and xdist worker. Without
+    the binary the test is skipped saying so, unless it had to be there: scripts/test.sh installs it where
+    it can (as root with apt, as in CI) and then sets ``MODELDEPLOY_TEST_PROMETHEUS=required``."""
+    from prometheus_env import INSTALL_HINT, binary, running_prometheus
+
+    if binary() is None:
+        if os.environ.get("MODELDEPLOY_TEST_PROMETHEUS") == "required" or os.environ.get("CI"):
+            pytest.fail(f"prometheus is not installed, and these tests must run here: {INSTALL_HINT}")
+        pytest.skip(f"prometheus is not installed: {INSTALL_HINT}")
+    with running_prometheus(tmp_path_factory.mktemp("prometheus")) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
 def session_dir() -> Iterator[Path]:
     # Not under /tmp: the multi-host tests' hosts each have a private /tmp, and read the MLflow store here.
     path = Path(tempfile.mkdtemp(prefix="modeldeploy-tests-", dir="/var/tmp"))

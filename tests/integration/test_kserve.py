@@ -687,3 +687,76 @@ def test_example_dag_parses_without_backend_imports() -> None:
     assert dag.get_task("deploy_canary").conn_id == "modeldeploy_kserve"
     assert dag.get_task("promote").upstream_task_ids == {"smoke_predict"}
     assert dag.get_task("rollback_canary").upstream_task_ids == {"wait_canary", "smoke_predict"}
+
+
+def test_knative_metrics_from_a_real_prometheus(
+    airflow_home: Path, mlflow_models: dict[str, Any], cluster: Cluster, prometheus: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A real Prometheus scrapes the predictor pod's Knative queue-proxy (revision_app_request_count
+    and revision_app_request_latencies in milliseconds, as knative-v1.18 exports them) through a
+    PodMonitor's relabelling; the deployer's metrics must count exactly what the pod answered: 60
+    requests sent, 5 answered 400 and 3 answered 500, on top of the deploy's own health checks and
+    smoke prediction (the queue-proxy counts every request, whatever its route)."""
+    if not cluster.emulated:
+        pytest.skip("docker/kind runs KServe in Standard mode (no queue-proxy)")
+    from prometheus_env import after_a_scrape, send
+
+    from airflow_provider_modeldeploy.deployers import get_model_deployer
+
+    prometheus.watch(cluster)
+    conn = kserve_conn(cluster, deployment_mode="Knative", prometheus_url=prometheus.url)
+    monkeypatch.setenv("AIRFLOW_CONN_KSERVE_PROM", conn)
+    kn = get_model_deployer("kserve_prom")
+    served = kn.deploy_model(cfg(mlflow_models["iris_v1"], "iris-prom"), timeout=cluster.timeout)
+    [pod] = isvc_pods(cluster, "iris-prom")
+    job = f'job="monitoring/knative-queue-proxy",pod="{pod.metadata.name}"'
+
+    def answered() -> int:
+        """The requests the pod's runtime answered (its access log, one line each)."""
+        log = cluster.core.read_namespaced_pod_log(pod.metadata.name, cluster.namespace, container="kserve-container")
+        return log.count(' HTTP/1.1" ')
+
+    before = after_a_scrape(prometheus, job, lambda: kn.metrics(served.uuid, "1h"))
+    assert before.available and before.source == "prometheus", before.reason
+    assert before.summary.requests == answered() >= 2, before.summary  # health check(s) and smoke prediction
+
+    bad, failing = {"instances": "not a list"}, {"instances": [[1.0, 2.0]]}
+    bodies = [bad if i % 12 == 5 else failing if i % 20 == 11 else V1_PAYLOAD for i in range(60)]
+    traffic = send(served.prediction_url, bodies)
+    assert (traffic.statuses.count(200), traffic.statuses.count(400), traffic.statuses.count(500)) == (52, 5, 3)
+    after = after_a_scrape(prometheus, job, lambda: kn.metrics(served.uuid, "1h"))
+
+    # The queue-proxy's labels and the PodMonitor's, as a kube-prometheus set-up has them.
+    [series] = prometheus.query(f'revision_app_request_count{{{job},response_code="500"}}')
+    assert series["metric"] == {
+        "__name__": "revision_app_request_count", "response_code": "500", "response_code_class": "5xx",
+        "namespace_name": cluster.namespace, "service_name": "iris-prom-predictor",
+        "configuration_name": "iris-prom-predictor", "revision_name": "iris-prom-predictor-00001",
+        "pod_name": pod.metadata.name, "container_name": "queue-proxy", "namespace": cluster.namespace,
+        "pod": pod.metadata.name, "container": "queue-proxy", "endpoint": "http-usermetric",
+        "job": "monitoring/knative-queue-proxy", "instance": series["metric"]["instance"],
+    } and series["value"][1] == "3"  # fmt: skip
+    summary = after.summary
+    assert summary.requests - before.summary.requests == 60, (before.summary, summary)
+    assert summary.errors - before.summary.errors == 8, (before.summary, summary)
+    assert summary.error_rate == pytest.approx(summary.errors / summary.requests)
+    day = kn.metrics(served.uuid, "1d")  # 15-minute steps: the same figures
+    assert (day.step_seconds, day.summary.requests, day.summary.errors) == (900, summary.requests, summary.errors)
+    [version] = after.versions
+    assert (version.model_version, version.role) == ("iris-prom-predictor", "main")
+    points = version.points
+    assert sum(p.requests for p in points) == summary.requests == answered()
+    assert (sum(p.client_errors for p in points), sum(p.server_errors for p in points)) == (5, 3)
+    # Latency from the queue-proxy's buckets, in milliseconds: the quantiles are Prometheus' own
+    # histogram_quantile of the pod's buckets (the pod is this window's only one), and the median
+    # lies within the bucket holding the slowest answer the test saw.
+    for q, value in ((0.5, summary.p50_ms), (0.95, summary.p95_ms), (0.99, summary.p99_ms)):
+        [own] = prometheus.query(
+            f"histogram_quantile({q}, sum by (le) (revision_app_request_latencies_bucket{{{job}}}))"
+        )
+        assert value == pytest.approx(float(own["value"][1]), abs=0.001), (q, summary)
+    bound = next(b for b in (5, 10, 20, 40, 60, 80, 100, 150, 200, 250, 300, 350, 400, 450, 500, 600, 700, 800,
+                             900, 1000, 2000, 5000, 10000) if b >= traffic.slowest * 1000)  # fmt: skip
+    assert 0 < summary.p50_ms <= bound, (summary, traffic.slowest)
+    kn.delete_model_server(served.uuid)

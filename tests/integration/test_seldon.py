@@ -628,3 +628,74 @@ def test_unmanaged_seldon_deployment_is_never_taken_over_and_restores_are_exact(
     after["metadata"].pop("generation", None), before["metadata"].pop("generation", None)
     assert after == before  # the resources the failed spec added are gone too
     first.delete()
+
+
+def test_metrics_from_a_real_prometheus(
+    airflow_home: Path, mlflow_models: dict[str, Any], cluster: Cluster, prometheus: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A real Prometheus scrapes the executor's histogram (seldon_api_executor_server_requests_seconds,
+    as Seldon Core v1.18.2 exposes it) through a PodMonitor's relabelling; the deployer's metrics (what
+    ``describe``, the plugin API and the Served Models page show) must count exactly the predictions
+    sent: 60 requests, 5 answered 400 and 3 answered 500, the health checks not among them."""
+    if not cluster.emulated:
+        pytest.skip("a real cluster is scraped by its own Prometheus")
+    from prometheus_env import after_a_scrape, send
+
+    from airflow_provider_modeldeploy.deployers import get_model_deployer
+
+    prometheus.watch(cluster)
+    monkeypatch.setenv("AIRFLOW_CONN_SELDON_PROM", cluster.conn_json(prometheus_url=prometheus.url))
+    seldon = get_model_deployer("seldon_prom")
+    served = seldon.deploy_model(cfg(mlflow_models["iris_v1"], "iris-prom"), timeout=cluster.timeout)
+    [pod] = cluster.pods("iris-prom")
+    job = f'job="seldon-monitoring/seldon-podmonitor",pod="{pod.metadata.name}"'
+
+    def predictions_in_log() -> int:
+        log = cluster.core.read_namespaced_pod_log(pod.metadata.name, cluster.namespace, container="model")
+        return log.count('"POST /api/v1.0/predictions HTTP/1.1"')
+
+    before = after_a_scrape(prometheus, job, lambda: seldon.metrics(served.uuid, "1h"))
+    assert before.available and before.source == "prometheus", before.reason
+    # The deploy's smoke prediction(s) only: its health checks (service="status") are no predictions.
+    assert before.summary.requests == predictions_in_log() >= 1, before.summary
+    [checks] = prometheus.query(f'sum(seldon_api_executor_server_requests_seconds_count{{{job},service="status"}})')
+    assert float(checks["value"][1]) >= 1, checks
+
+    bad, failing = {"bogus": 1}, {"data": {"names": IRIS_COLUMNS, "ndarray": [[1.0, 2.0]]}}
+    bodies = [bad if i % 12 == 5 else failing if i % 20 == 11 else SELDON_PAYLOAD for i in range(60)]
+    traffic = send(served.prediction_url, bodies)
+    assert (traffic.statuses.count(200), traffic.statuses.count(400), traffic.statuses.count(500)) == (52, 5, 3)
+    after = after_a_scrape(prometheus, job, lambda: seldon.metrics(served.uuid, "1h"))
+
+    # The labels as a kube-prometheus set-up has them: the executor's own (predictor_version is empty:
+    # Prometheus keeps no empty label) and the PodMonitor's.
+    [series] = prometheus.query(f'seldon_api_executor_server_requests_seconds_count{{{job},code="400"}}')
+    assert series["metric"] | {"__name__": "x"} == {
+        "__name__": "x", "code": "400", "deployment_name": "iris-prom", "predictor_name": "main",
+        "service": "predictions", "method": "post", "namespace": cluster.namespace,
+        "pod": pod.metadata.name, "container": "seldon-container-engine", "endpoint": "metrics",
+        "job": "seldon-monitoring/seldon-podmonitor", "instance": series["metric"]["instance"],
+    } and series["value"][1] == "5"  # fmt: skip
+    summary = after.summary
+    assert summary.requests - before.summary.requests == 60, (before.summary, summary)
+    assert summary.errors - before.summary.errors == 8, (before.summary, summary)
+    assert summary.error_rate == pytest.approx(summary.errors / summary.requests)
+    day = seldon.metrics(served.uuid, "1d")  # 15-minute steps: the same figures
+    assert (day.step_seconds, day.summary.requests, day.summary.errors) == (900, summary.requests, summary.errors)
+    [version] = after.versions
+    assert (version.model_version, version.role) == ("main", "main")
+    points = version.points
+    assert sum(p.requests for p in points) == summary.requests == predictions_in_log()
+    assert (sum(p.client_errors for p in points), sum(p.server_errors for p in points)) == (5, 3)
+    # Latency from the executor's buckets, in seconds: the quantiles (in ms) are Prometheus' own
+    # histogram_quantile of the pod's prediction buckets (the pod is this window's only one), and the
+    # median lies within the bucket holding the slowest answer the test saw.
+    buckets = f'seldon_api_executor_server_requests_seconds_bucket{{{job},service="predictions"}}'
+    for q, value in ((0.5, summary.p50_ms), (0.95, summary.p95_ms), (0.99, summary.p99_ms)):
+        [own] = prometheus.query(f"histogram_quantile({q}, sum by (le) ({buckets}))")
+        assert value == pytest.approx(float(own["value"][1]) * 1000, abs=0.001), (q, summary)
+    bound = next(b for b in (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
+                 if b >= traffic.slowest)  # fmt: skip
+    assert 0 < summary.p50_ms <= bound * 1000, (summary, traffic.slowest)
+    served.delete()

@@ -64,6 +64,9 @@ class PredictorPod:
         self.state_path = self.dir / "state.json"
         self.error: str | None = None
         self.proc: Any = None
+        #: Knative mode: the revision the pod belongs to, and its queue-proxy's metrics (see ``knative``)
+        self.revision: str | None = None
+        self.queue_proxy: Any = None
         self.inner: Any = None
         models = self.dir / "mnt" / "models"
         try:
@@ -84,6 +87,16 @@ class PredictorPod:
                  "--model-name", isvc, "--state-file", str(self.state_path)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )  # fmt: skip
+
+    def knative(self, revision: str) -> None:
+        """Make this a pod of Knative revision ``revision`` (of configuration and service
+        ``<isvc>-predictor``, as KServe names them): its labels, and the queue-proxy in front of the
+        runtime, counting what it answers (metrics.py)."""
+        from k8s_emulator.metrics import QueueProxyMetrics
+
+        self.revision = revision
+        component = f"{self.isvc}-predictor"
+        self.queue_proxy = QueueProxyMetrics(self.ns, component, component, revision, self.pod_name)
 
     def _download(self, target: Path) -> None:
         parts = urlsplit(self.storage_uri)
@@ -137,6 +150,8 @@ class PredictorPod:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self.queue_proxy is not None:
+            self.queue_proxy.close()
 
     def access_log(self, method: str, path: str, code: int) -> None:
         if self.inner is not None:  # MLServer logs its requests; the sklearn stand-in logs its own
@@ -144,11 +159,17 @@ class PredictorPod:
 
     def pod(self, ns: str) -> dict[str, Any]:
         phase, _ = self.phase()
+        knative = {}
+        if self.queue_proxy is not None:
+            resource = self.queue_proxy.resource
+            knative = {"serving.knative.dev/revision": self.revision,
+                       "serving.knative.dev/configuration": resource["configuration_name"],
+                       "serving.knative.dev/service": resource["service_name"]}  # fmt: skip
         return {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": self.pod_name, "namespace": ns, "uid": self.key,
                          "labels": {"serving.kserve.io/inferenceservice": self.isvc, "component": "predictor",
-                                    "app": f"isvc.{self.isvc}-{self.predictor}"}},
+                                    "app": f"isvc.{self.isvc}-{self.predictor}", **knative}},
             "spec": {"initContainers": [{"name": "storage-initializer", "image": "kserve/storage-initializer",
                                          "args": [self.storage_uri, "/mnt/models"]}],
                      "containers": [{"name": CONTAINER, "image": f"emulated/{self.runtime}"}]},
@@ -237,6 +258,7 @@ def _reconcile_one(cluster: Any, ns: str, name: str, obj: dict[str, Any]) -> Non
         (c["predictor"], int(c["trafficPercent"])) for c in spec.get("canary") or []
     ]
     wanted: dict[str, tuple[PredictorPod, int]] = {}
+    fresh: list[PredictorPod] = []
     canary_total = sum(pct for _, pct in predictors if pct is not None)
     for p, pct in predictors:
         model = p.get("model") or {}
@@ -244,11 +266,15 @@ def _reconcile_one(cluster: Any, ns: str, name: str, obj: dict[str, Any]) -> Non
         key = (*_key(ns, name), pname, f"{model.get('runtime')}|{model.get('modelFormat')}|{model.get('storageUri')}")
         if key not in cluster.servers:
             cluster.servers[key] = PredictorPod(cluster.workdir, ns, name, pname, model)
+            fresh.append(cluster.servers[key])
         wanted[pname] = (cluster.servers[key], 100 - canary_total if pct is None else pct)
     revision_spec = _revision_spec(spec)
     if revision_spec != st.revision_spec:
         st.revision, st.revision_spec = st.revision + 1, revision_spec
     created = f"{name}-predictor-{st.revision:05d}"
+    if mode == "Knative":
+        for pod in fresh:
+            pod.knative(created)
     phases = {pn: s.phase() for pn, (s, _) in wanted.items()}
     failed = [(pn, err) for pn, (ph, err) in phases.items() if ph == "failed"]
     if failed:
@@ -342,6 +368,7 @@ def _activate(cluster: Any, ns: str, name: str) -> None:
     st = STATES[(ns, name)]
     for pname, (key, model) in st.zeroed.items():
         cluster.servers[key] = PredictorPod(cluster.workdir, ns, name, pname, model)
+        cluster.servers[key].knative(st.ready_revision or f"{name}-predictor-{st.revision:05d}")
         st.serving[pname] = (cluster.servers[key], 100)
     st.zeroed = {}
 
@@ -386,10 +413,9 @@ def pick(cluster: Any, ns: str, name: str, lock: Any) -> PredictorPod | None:
 
 
 def ingress(cluster: Any, lock: Any, method: str, path: str, body: Any) -> tuple[int, Any]:
-    """(status, JSON answer) of ``/serving/<ns>/<name>/<route>``, as the runtime behind it answers."""
+    """(status, JSON answer) of ``/serving/<ns>/<name>/<route>``, as the runtime behind it answers;
+    in Knative mode counted by the pod's queue-proxy (not the mesh's 503s: no pod answered them)."""
     import re
-
-    from k8s_emulator.server import v2_route
 
     found = re.fullmatch(r"/serving/([^/]+)/([^/]+)/(.*)", path)
     if not found:
@@ -399,6 +425,17 @@ def ingress(cluster: Any, lock: Any, method: str, path: str, body: Any) -> tuple
     if server is None or server.port is None or server.phase()[0] != "ready":
         # What the mesh answers while no pod of the revision is ready (a scale-up from zero, a restart).
         return 503, {"error": "no healthy upstream"}
+    began = time.perf_counter()
+    code, answer = _forward(server, name, method, route, body)
+    if server.queue_proxy is not None:
+        server.queue_proxy.observe(code, time.perf_counter() - began)
+    return code, answer
+
+
+def _forward(server: PredictorPod, name: str, method: str, route: str, body: Any) -> tuple[int, Any]:
+    """The runtime's answer to ``route`` (the pod's own routes)."""
+    from k8s_emulator.server import v2_route
+
     if server.inner is not None:  # MLServer: v2 only, the model under the InferenceService's name
         if not route.startswith("v2/"):
             return 404, {"detail": "Not Found"}

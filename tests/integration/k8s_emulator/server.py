@@ -28,6 +28,9 @@ chosen runtime for real and an ingress at ``/serving/<ns>/<name>/...``; ServiceA
 Test control: ``POST /emulator/conflicts {"count": n}`` makes the next n writes that carry a
 resourceVersion lose a race to a (simulated) concurrent writer: the object changes and they get 409.
 ``POST /emulator/scale-to-zero {"namespace": ns, "name": isvc}``: see kserve.py.
+``POST /emulator/prometheus-sd {"file": path}``: from then on the emulator keeps ``path`` (Prometheus'
+file_sd format) listing its pods' metrics ports (metrics.py: Seldon's executor, Knative's
+queue-proxy) with the ``__meta_kubernetes_*`` labels kubernetes_sd would give them.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 
 from k8s_emulator import crd_validation, kserve
+from k8s_emulator.metrics import SeldonExecutorMetrics, executor_service
 
 SERVER_MODULE = "airflow_provider_modeldeploy.serving.mlflow_server"
 SD = ("apis/machinelearning.seldon.io/v1", "seldondeployments", "SeldonDeployment")
@@ -167,6 +171,8 @@ class ModelServer:
         self.node, self.implementation = node, implementation  # the graph node: container and V2 model name
         self.parameters = {p.get("name"): p.get("value") for p in parameters or []}
         self.started = time.time()
+        #: the executor's metrics port (Seldon's pods; see metrics.py), set by the Seldon stand-in
+        self.metrics: SeldonExecutorMetrics | None = None
         # Seldon's Deployment is "<sdep>-<predictor>-<componentSpec index>-<container names>"
         # (GetDeploymentName, operator/apis/machinelearning.seldon.io/v1/seldondeployment_types.go,
         # v1.18.2); its ReplicaSet's pods "<deployment>-<pod-template-hash>-<5 chars>" (Kubernetes).
@@ -229,6 +235,8 @@ class ModelServer:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
         self.state_path.unlink(missing_ok=True)
+        if self.metrics is not None:
+            self.metrics.close()
 
     def access_log(self, method: str, path: str, code: int) -> None:
         """The line the model container's web server logs for a request (uvicorn's format, as
@@ -318,6 +326,9 @@ class Cluster:
         self.unready_since: dict[tuple[str, str, str], float] = {}  # (ns, sd, Deployment): progress clock
         self.progress_deadline = float(os.environ.get("EMULATOR_PROGRESS_DEADLINE", "600"))
         self.stopping = threading.Event()
+        #: Test control (POST /emulator/prometheus-sd): where to keep the pods' metrics targets
+        self.prometheus_sd: Path | None = None
+        self._sd_written = ""
 
     def next_rv(self) -> str:
         self.rv += 1
@@ -493,6 +504,9 @@ class Cluster:
                         uri,
                         graph.get("parameters"),
                     )
+                    # The executor's labels: executor/api/rest/server.go wrapMetrics (v1.18.2).
+                    version = (p.get("annotations") or {}).get("version", "")
+                    self.servers[key].metrics = SeldonExecutorMetrics(name, p["name"], version)
                 pods.append(self.servers[key])
             deployments[f"{name}-{p['name']}-0-{graph['name']}"] = (replicas, pods)
             if replicas > 0:
@@ -561,9 +575,49 @@ class Cluster:
             try:
                 self.reconcile()
                 kserve.reconcile(self, LOCK)
+                self.write_prometheus_sd()
             except Exception as exc:  # keep the loop alive; the test sees the state not moving
                 print(f"operator: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
             self.stopping.wait(0.1)
+
+    def prometheus_targets(self) -> list[dict[str, Any]]:
+        """The metrics ports of the pods as Prometheus' kubernetes_sd (role pod) discovers them: one
+        target per container port, with its ``__meta_kubernetes_*`` labels (pod labels sanitized as
+        Prometheus does), for the scrape config's relabelling to turn into what a PodMonitor makes."""
+        targets = []
+        with LOCK:
+            for ns in sorted({key[0] for key in self.servers}):
+                pods = {p["metadata"]["name"]: p for p in self.pods(ns)}
+                for key, server in self.servers.items():
+                    endpoint = getattr(server, "metrics", None) or getattr(server, "queue_proxy", None)
+                    if key[0] != ns or endpoint is None or server.pod_name not in pods:
+                        continue
+                    pod = pods[server.pod_name]
+                    seldon = isinstance(endpoint, SeldonExecutorMetrics)
+                    labels = {
+                        "__meta_kubernetes_namespace": ns,
+                        "__meta_kubernetes_pod_name": server.pod_name,
+                        "__meta_kubernetes_pod_phase": pod["status"]["phase"],
+                        "__meta_kubernetes_pod_container_name": "seldon-container-engine" if seldon else "queue-proxy",
+                        "__meta_kubernetes_pod_container_port_name": "metrics" if seldon else "http-usermetric",
+                    }
+                    for k, v in (pod["metadata"].get("labels") or {}).items():
+                        name = re.sub(r"[^a-zA-Z0-9_]", "_", k)
+                        labels[f"__meta_kubernetes_pod_label_{name}"] = v
+                        labels[f"__meta_kubernetes_pod_labelpresent_{name}"] = "true"
+                    targets.append({"targets": [f"127.0.0.1:{endpoint.port}"], "labels": labels})
+        return sorted(targets, key=lambda t: t["labels"]["__meta_kubernetes_pod_name"])
+
+    def write_prometheus_sd(self) -> None:
+        """Keep the file_sd file the test's Prometheus reads up to date (written whole, renamed in)."""
+        if self.prometheus_sd is None:
+            return
+        text = json.dumps(self.prometheus_targets(), indent=1)
+        if text != self._sd_written:
+            tmp = self.prometheus_sd.with_name(self.prometheus_sd.name + ".tmp")
+            tmp.write_text(text)
+            tmp.rename(self.prometheus_sd)
+            self._sd_written = text
 
     def shutdown(self) -> None:
         self.stopping.set()
@@ -572,6 +626,7 @@ class Cluster:
                 server.stop()
             self.servers.clear()
             kserve.shutdown()
+            self.write_prometheus_sd()  # no targets left: Prometheus stops scraping them
 
     def route(self, ns: str, name: str) -> ModelServer | None:
         """A ready pod of a predictor picked by the traffic weights (Istio's split), the replicas of
@@ -670,6 +725,11 @@ class Handler(BaseHTTPRequestHandler):
             if parts.path == "/emulator/scale-to-zero":
                 code, answer = kserve.scale_to_zero(self.cluster, body["namespace"], body["name"], LOCK)
                 return self._send(code, answer)
+            if parts.path == "/emulator/prometheus-sd":
+                with LOCK:
+                    self.cluster.prometheus_sd = Path(body["file"])
+                    self.cluster._sd_written = ""
+                return self._send(200, {"file": body["file"]})
             if parts.path == "/emulator/conflicts":
                 with LOCK:
                     self.cluster.conflicts = int((body or {}).get("count", 1))
@@ -863,7 +923,11 @@ class Handler(BaseHTTPRequestHandler):
         server = self.cluster.route(ns, name)
         if server is None:
             return self._send(503, "no healthy upstream", text=True)
+        began = time.perf_counter()
         code, answer = (seldon_route if protocol == "seldon" else seldon_v2_route)(server, method, route, body)
+        service = executor_service(protocol, method, route)
+        if server.metrics is not None and service is not None:
+            server.metrics.observe(service, method, code, time.perf_counter() - began)
         server.access_log(method, route, code)
         headers = {"Seldon-Puid": self.headers.get("Seldon-Puid") or str(uuidlib.uuid4())}
         if answer is None:

@@ -163,7 +163,15 @@ def test_kubernetes_reads_the_connections_prometheus(monkeypatch: pytest.MonkeyP
     assert result.available and result.source == "prometheus"
     assert (result.summary.requests, result.summary.errors) == (200, 10)
     assert result.summary.p50_ms == pytest.approx(10.0)
-    assert 'deployment_name="iris"' in asked[0] and "[60s]" in asked[0]
+    # Exact per-step increases of the executor's prediction counters (not increase(): see increase_query).
+    assert asked[0] == (
+        "sum by (code, predictor_name) ((last_over_time(seldon_api_executor_server_requests_seconds_count"
+        '{namespace="models",deployment_name="iris",service="predictions"}[5m]) - '
+        "last_over_time(seldon_api_executor_server_requests_seconds_count"
+        '{namespace="models",deployment_name="iris",service="predictions"}[5m] offset 60s)) >= 0 or '
+        "last_over_time(seldon_api_executor_server_requests_seconds_count"
+        '{namespace="models",deployment_name="iris",service="predictions"}[5m]))'
+    )
 
 
 def test_kubernetes_prometheus_failure_is_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -175,5 +183,21 @@ def test_kubernetes_prometheus_failure_is_a_reason(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(prometheus, "PrometheusClient", lambda url: real(url, transport=down, attempts=1))
     deployer = mock.Mock(conn_id="k8s", backend="kserve")
     deployer.hook.extras = {"prometheus_url": "http://prom:9090"}
+    deployer.settings.deployment_mode = "Knative"
     result: Any = kubernetes_common.kubernetes_metrics(deployer, mock.Mock(uuid="u", endpoint="iris"), "1d", "ns")
     assert not result.available and "HTTP 503" in result.reason and result.step_seconds == 900
+
+
+def test_kserve_standard_mode_has_no_queue_proxy_metrics() -> None:
+    """KServe's Standard (RawDeployment) mode runs no Knative queue-proxy: not available, saying so
+    (never the zeros an empty Prometheus answer would make)."""
+    from airflow_provider_modeldeploy.deployers import kubernetes_common
+
+    deployer = mock.Mock(conn_id="kserve_prod", backend="kserve")
+    deployer.hook.extras = {"prometheus_url": "http://prom:9090"}
+    deployer.settings.deployment_mode = "Standard"
+    result = kubernetes_common.kubernetes_metrics(deployer, mock.Mock(uuid="u", endpoint="iris"), "1h", "ns")
+    assert not result.available and result.summary.requests == 0
+    assert "connection 'kserve_prod' deploys in KServe's Standard mode, which runs no Knative queue-proxy" in (
+        result.reason
+    )
