@@ -218,74 +218,22 @@ def kill_agent_and_servers(services: list[Any]) -> None:
             kill_tree(service.record.pid)
 
 
-def take_pid(pid: int) -> subprocess.Popen[bytes] | None:
-    """An unrelated program (``sleep``) started as process ``pid``, which is free: a pid the kernel gave
-    to someone else, as it does once pids wrap. Through ``/proc/sys/kernel/ns_last_pid`` (root); None
-    where that is not allowed, or when another process of the machine took the pid first."""
-    for _ in range(50):
-        if psutil.pid_exists(pid):
-            return None
-        try:
-            Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
-        except OSError:
-            return None
-        proc = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL, start_new_session=True)
-        if proc.pid == pid:
-            return proc
-        proc.kill()
-        proc.wait()
-    return None
-
-
 def test_killed_agent_leaves_servers_serving_and_a_new_one_adopts_them(
     deployer: Any, mlflow_models: dict[str, Any]
 ) -> None:
-    """The agent killed: its servers serve on and the next agent adopts them. One of them dies too
-    while no agent runs, and an unrelated process gets its pid: the new agent tells it from the server
-    by its start time, never signals it (not when it restarts the service, nor on stop and delete), and
-    starts the service again at its URL, the registry naming the new server."""
     service = deployer.deploy_model(ServiceConfig(model_uri=mlflow_models["iris_v1"], model_name="iris-orphan"))
-    reused = deployer.deploy_model(
-        ServiceConfig(model_uri=mlflow_models["iris_v1"], model_name="iris-reused", port=free_port())
-    )
     agent = psutil.Process(local_agent().health()["pid"])
     agent.send_signal(signal.SIGKILL)
     agent.wait(10)
     assert predict(service.prediction_url).status_code == 200  # no agent: the server serves on
-    old_pid = reused.record.pid
-    kill_tree(old_pid)
-    wait_for(lambda: not psutil.pid_exists(old_pid), 30, f"pid {old_pid} to be free (its zombie reaped)")
-    squatter = take_pid(old_pid)
-    try:
-        # The next use starts an agent, which takes the server back from its records: stop works.
-        fresh = get_model_deployer()
-        assert fresh.get_model_server(service.uuid).is_running
-        assert local_agent().health()["pid"] != agent.pid
-        fresh.stop_model_server(service.uuid)
-        assert gone(service.record.pid)
-        with pytest.raises(httpx.ConnectError):
-            predict(service.prediction_url)
-
-        # The dead one is started again (the squatter was not taken for it) and the registry says so.
-        restarted = wait_for(
-            lambda: (r := fresh.get_model_server(reused.uuid).record).pid not in (None, old_pid) and r, 120,
-            "the new agent to start the dead server again",
-        )  # fmt: skip
-        assert restarted.state == ServiceState.ACTIVE and restarted.prediction_url == reused.prediction_url
-        assert restarted.pid in agent_servers() and predict(reused.prediction_url).status_code == 200
-        event = get_registry().list_events("mlflow", "iris-reused", 1)[0]
-        assert event["action"] == "restart" and f"process {old_pid} exited" in event["message"], event
-        fresh.stop_model_server(reused.uuid)
-        fresh.delete_model_server(reused.uuid)
-        assert gone(restarted.pid) and not get_registry().find_services(endpoint="iris-reused")
-        if squatter is None:
-            pytest.skip(f"pid {old_pid} could not be given to another process here (ns_last_pid needs root)")
-        assert squatter.poll() is None, f"the process that got pid {old_pid} was signalled ({squatter.returncode})"
-        assert psutil.Process(old_pid).cmdline() == ["sleep", "600"]
-    finally:
-        if squatter is not None:
-            squatter.kill()
-            squatter.wait(10)
+    # The next use starts an agent, which takes the server back from its records: stop works.
+    fresh = get_model_deployer()
+    assert fresh.get_model_server(service.uuid).is_running
+    assert local_agent().health()["pid"] != agent.pid
+    fresh.stop_model_server(service.uuid)
+    assert gone(service.record.pid)
+    with pytest.raises(httpx.ConnectError):
+        predict(service.prediction_url)
 
 
 def test_an_agent_started_on_first_use_exits_when_idle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -312,6 +260,86 @@ def test_an_agent_started_on_first_use_exits_when_idle(tmp_path: Path, monkeypat
             with contextlib.suppress(psutil.Error):
                 proc.kill()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def take_pid(pid: int) -> subprocess.Popen[bytes] | None:
+    """An unrelated program (``sleep``) started as process ``pid``, which is free: a pid the kernel gave
+    to someone else, as it does once pids wrap. Through ``/proc/sys/kernel/ns_last_pid`` (root); None
+    where that is not allowed, or when another process of the machine took the pid first."""
+    for _ in range(50):
+        if psutil.pid_exists(pid):
+            return None
+        try:
+            Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+        except OSError:
+            return None
+        proc = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL, start_new_session=True)
+        if proc.pid == pid:
+            return proc
+        proc.kill()
+        proc.wait()
+    return None
+
+
+def test_reboot_like_restart(airflow_home: Path, mlflow_models: dict[str, Any]) -> None:
+    """Every process of the serving host gone. With the agent's records kept, the next agent starts
+    each server again at its URL; with them lost too, sync marks the services inactive and start
+    restores each at its recorded URL. Meanwhile an unrelated program got a dead server's pid (pids are
+    reused): the agents tell it from the server by its start time and never signal it, not when they
+    restart the service, nor when they stop and delete it."""
+    deployer = get_model_deployer()
+    services = [
+        deployer.deploy_model(ServiceConfig(model_uri=mlflow_models[uri], model_name=name, port=free_port()))
+        for uri, name in (("iris_v1", "iris-reboot-a"), ("iris_v2", "iris-reboot-b"))
+    ]
+    kill_agent_and_servers(services)
+    old_pid = services[0].record.pid
+    wait_for(lambda: not psutil.pid_exists(old_pid), 30, f"pid {old_pid} to be free (its zombie reaped)")
+    squatter = take_pid(old_pid)
+    try:
+        restart_then_lose_the_records(airflow_home, deployer, services)
+        [restart] = [e for e in get_registry().list_events("mlflow", "iris-reboot-a") if e["action"] == "restart"]
+        assert restart["message"].startswith(f"the model server process {old_pid} exited; restarted as pid ")
+        for service in services:  # an agent's stop, as delete does it, does not reach the squatter either
+            deployer.delete_model_server(service.uuid)
+        if squatter is None:
+            pytest.skip(f"pid {old_pid} could not be given to another process here (ns_last_pid needs root)")
+        assert squatter.poll() is None, f"the process given pid {old_pid} was signalled ({squatter.returncode})"
+        assert psutil.Process(old_pid).cmdline() == ["sleep", "600"]
+    finally:
+        if squatter is not None:
+            squatter.kill()
+            squatter.wait(10)
+
+
+def restart_then_lose_the_records(airflow_home: Path, deployer: Any, services: list[Any]) -> None:
+    """The reboot: the next agent restarts the servers from its records; then all dies again with the
+    records, and sync and start take over."""
+    [report] = cli_json(airflow_home, "sync")  # starts an agent, which restores what it supervised
+    assert report["lost"] == [] and report["adopted"] == []
+    for service in services:
+        wait_for(lambda s=service: deployer.get_model_server(s.uuid).record.pid != s.record.pid, 60, "a restart")
+        answer = predict(service.prediction_url)
+        assert answer.status_code == 200 and answer.headers["x-model-version"] == service.record.model_version
+        assert deployer.get_model_server(service.uuid).record.pid in agent_servers()  # the registry names it
+
+    services = [deployer.get_model_server(s.uuid) for s in services]
+    kill_agent_and_servers(services)
+    shutil.rmtree(Path(os.environ["AIRFLOW__MODELDEPLOY__AGENT_STATE_DIR"]) / "services")
+    [preview] = cli_json(airflow_home, "sync", "--dry-run")
+    assert sorted(preview["lost"]) == sorted(s.uuid for s in services)
+    assert {get_registry().get_service(uuid).state for uuid in preview["lost"]} == {ServiceState.ACTIVE}
+    [report] = cli_json(airflow_home, "sync")
+    assert sorted(report["lost"]) == sorted(s.uuid for s in services) and report["adopted"] == []
+    rows = {r["uuid"]: r for r in cli_json(airflow_home, "list")}
+    for service in services:
+        assert rows[service.uuid]["state"] == "inactive"
+        assert "not running in the mlflow backend any more" in rows[service.uuid]["last_error"]
+    for service in services:
+        [started] = cli_json(airflow_home, "start", service.uuid)
+        assert started["prediction_url"] == service.prediction_url
+        answer = predict(service.prediction_url)
+        assert answer.status_code == 200 and answer.headers["x-model-version"] == service.record.model_version
 
 
 # -- a replace that fails, under load --------------------------------------------------------------
