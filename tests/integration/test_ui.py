@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -256,7 +257,7 @@ def _signed_in(browser: Any, server: ApiServer, user: str, path: str = "/") -> A
     page.locator("input[name=username]").fill(user)
     page.locator("input[name=password]").fill(server.passwords[user])
     page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url(lambda url: "/auth/login" not in url)
+    page.wait_for_url(lambda url: urlsplit(url).path == path)  # back where the browser was sent from
     assert [c["name"] for c in context.cookies() if c["name"] == "_token"] == ["_token"]
     return page
 
