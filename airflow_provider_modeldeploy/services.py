@@ -36,6 +36,14 @@ class ServiceState(StrEnum):
     ERROR = "error"
 
 
+def states_of(running: bool | None) -> list[ServiceState] | None:
+    """The registry states a ``running=`` filter selects, for the query itself: filtering after a
+    page is read would return short pages (a page of 25 with 10 stopped services holds 15)."""
+    if running is None:
+        return None
+    return [s for s in ServiceState if (s == ServiceState.ACTIVE) == running]
+
+
 class EventAction(StrEnum):
     DEPLOY = "deploy"
     REPLACE = "replace"

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_provider_modeldeploy import config
 from airflow_provider_modeldeploy.exceptions import InvalidParameterError
-from airflow_provider_modeldeploy.services import Lineage, Service, ServiceConfig, ServiceState
+from airflow_provider_modeldeploy.services import Lineage, Service, ServiceConfig, ServiceState, states_of
 
 if TYPE_CHECKING:
     from airflow_provider_modeldeploy.deployers.base import BaseModelDeployer, SyncReport
@@ -144,7 +144,7 @@ def find_services(
         uuid = None
     records = registry.find_services(
         service_uuid=uuid, model_name=model_name, endpoint=endpoint, dag_id=dag_id,
-        task_id=task_id, run_id=run_id, limit=limit, offset=offset,
+        task_id=task_id, run_id=run_id, states=states_of(running), limit=limit, offset=offset,
     )  # fmt: skip
     deployers: dict[tuple[str, str | None], BaseModelDeployer | None] = {}
     services = []
@@ -160,7 +160,7 @@ def find_services(
                 deployers[key] = None
         deployer = deployers[key]
         services.append(deployer.service_for(record) if deployer is not None else Service(record, None))
-    if running is not None:
+    if running is not None:  # checked against the backend since: a server found dead is not shown running
         services = [s for s in services if s.is_running == running]
     return services
 

@@ -30,6 +30,7 @@ from airflow_provider_modeldeploy.services import (
     ServiceConfig,
     ServiceRecord,
     ServiceState,
+    states_of,
 )
 
 if TYPE_CHECKING:
@@ -343,10 +344,10 @@ class BaseModelDeployer(ABC):
         """Services of this backend matching every given filter, newest first, states refreshed."""
         records = self.registry.find_services(
             backend=self.backend, model_name=model_name, dag_id=dag_id, task_id=task_id, run_id=run_id,
-            service_uuid=service_uuid, endpoint=endpoint, limit=limit, offset=offset,
+            service_uuid=service_uuid, endpoint=endpoint, states=states_of(running), limit=limit, offset=offset,
         )  # fmt: skip
         services = [self._service(self._refresh(r)) for r in records]
-        if running is not None:
+        if running is not None:  # checked against the backend since: a server found dead is not shown running
             services = [s for s in services if s.is_running == running]
         return services
 

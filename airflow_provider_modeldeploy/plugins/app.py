@@ -480,10 +480,13 @@ def _wants_html(request: Request) -> bool:
 def _html_message(request: Request, text: str, status: int) -> HTMLResponse:
     """A sentence and a way back, for people: the pages never show JSON errors or tracebacks."""
     base = airflow_base(request)
-    body = (
-        f"<!doctype html><title>Served Models</title><p>{_html(mask_text(text))}.</p>"
-        f'<p><a href="{base}{URL_PREFIX}/">Served Models</a> · <a href="{base}/" target="_top">Airflow</a></p>'
-    )
+    links = [f'<a href="{base}{URL_PREFIX}/">Served Models</a>', f'<a href="{base}/" target="_top">Airflow</a>']
+    if status == 401:  # the way in: Airflow's login (whichever auth manager), which brings the browser back here
+        back = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        links.insert(
+            0, f'<a id="sign-in" href="{base}/api/v2/auth/login?next={_quote(back)}" target="_top">Sign in</a>'
+        )
+    body = f"<!doctype html><title>Served Models</title><p>{_html(mask_text(text))}.</p><p>{' · '.join(links)}</p>"
     return HTMLResponse(body, status_code=status)
 
 

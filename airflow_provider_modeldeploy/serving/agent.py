@@ -299,7 +299,10 @@ class Agent(ServerProcesses):
                 if line:
                     yield line.rstrip("\n")
                     continue
-                if m.wanted == "stopped" or m.phase == "failed" or self.services.get(uuid) is not m:
+                # Until the server is gone, not merely asked to stop: what it writes while it stops
+                # (draining, stopped) is the end of the stream, never cut off.
+                gone = m.phase in ("stopped", "failed") or (m.wanted == "stopped" and not self.alive(m))
+                if gone or self.services.get(uuid) is not m:
                     return
                 time.sleep(0.25)
 

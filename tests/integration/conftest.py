@@ -355,9 +355,9 @@ def airflow_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
     _delete_all_services()
 
 
-@pytest.fixture
-def pg_registry_url() -> Iterator[str]:
-    """A private schema in the real PostgreSQL's ``test`` database, dropped afterwards."""
+@contextlib.contextmanager
+def pg_schema() -> Iterator[str]:
+    """The URL of a private schema in the real PostgreSQL's ``test`` database, dropped afterwards."""
     import sqlalchemy as sa
 
     schema = f"md_{uuid.uuid4().hex[:10]}"
@@ -367,10 +367,29 @@ def pg_registry_url() -> Iterator[str]:
             conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
     except sa.exc.OperationalError as exc:  # pragma: no cover - the machine's PostgreSQL is required
         pytest.fail(f"PostgreSQL at {PG_BASE} is not reachable: {exc}")
-    yield f"{PG_BASE}?options=-csearch_path%3D{schema}"
-    with engine.begin() as conn:
-        conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-    engine.dispose()
+    try:
+        yield f"{PG_BASE}?options=-csearch_path%3D{schema}"
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        engine.dispose()
+
+
+def migrated_pg_registry(url: str) -> str:
+    """Migrate the registry at ``url`` by the explicit step a shared registry takes (``db-upgrade``)."""
+    from airflow_provider_modeldeploy.registry.store import Registry
+
+    migrating = Registry(url)
+    migrating.upgrade()
+    migrating.dispose()
+    return url
+
+
+@pytest.fixture
+def pg_registry_url() -> Iterator[str]:
+    """A private schema in the real PostgreSQL's ``test`` database, dropped afterwards."""
+    with pg_schema() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -381,13 +400,8 @@ def registry_url(request: pytest.FixtureRequest, airflow_home: Path) -> Iterator
         os.environ["AIRFLOW__MODELDEPLOY__REGISTRY_SQL_ALCHEMY_CONN"] = url
         yield url
     else:
-        url = request.getfixturevalue("pg_registry_url")
         # A shared registry is migrated by an explicit step, as `airflow served-models db-upgrade` does.
-        from airflow_provider_modeldeploy.registry.store import Registry
-
-        migrating = Registry(url)
-        migrating.upgrade()
-        migrating.dispose()
+        url = migrated_pg_registry(request.getfixturevalue("pg_registry_url"))
         os.environ["AIRFLOW__MODELDEPLOY__REGISTRY_SQL_ALCHEMY_CONN"] = url
         yield url
         _delete_all_services()

@@ -1,14 +1,19 @@
 """``airflow served-models``: the real Airflow CLI in subprocesses, over a real model server.
 
 One service is deployed for the module through the Python API; the CLI subprocesses find it because
-they get the same AIRFLOW_HOME (hence registry) and MLFLOW_TRACKING_URI. The read-only commands are
+they get the same AIRFLOW_HOME, registry and MLFLOW_TRACKING_URI. The registry is on the real
+PostgreSQL (a schema of the module's own, migrated by the explicit step a shared registry takes): the
+CLI on SQLite runs in test_faults.py, test_registry.py and test_ui.py. The read-only commands are
 tested first; ``test_stop_start_delete`` changes the service and runs last.
 """
 
 from __future__ import annotations
 
 import json
+import queue
 import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +22,16 @@ import httpx
 import psutil
 import pytest
 import yaml
-from conftest import _delete_all_services, iris_payload, run_airflow, server_pids, use_airflow_home
+from conftest import (
+    _delete_all_services,
+    airflow_env,
+    iris_payload,
+    migrated_pg_registry,
+    pg_schema,
+    run_airflow,
+    server_pids,
+    use_airflow_home,
+)
 
 from airflow_provider_modeldeploy.deployers import ServiceConfig, get_model_deployer
 
@@ -28,9 +42,11 @@ UNKNOWN = "00000000-0000-4000-8000-000000000000"
 
 @pytest.fixture(scope="module")
 def cli_home(tmp_path_factory: pytest.TempPathFactory, mlflow_models: dict[str, Any]) -> Iterator[Path]:
-    """Like ``airflow_home``, for the whole module: one deployment serves every CLI test."""
-    with pytest.MonkeyPatch.context() as mp:
+    """Like ``airflow_home``, for the whole module (one deployment serves every CLI test), with the
+    registry in a PostgreSQL schema of its own."""
+    with pytest.MonkeyPatch.context() as mp, pg_schema() as url:
         home = use_airflow_home(tmp_path_factory.mktemp("cli") / "airflow", mp)
+        mp.setenv("AIRFLOW__MODELDEPLOY__REGISTRY_SQL_ALCHEMY_CONN", migrated_pg_registry(url))
         try:
             yield home
         finally:
@@ -85,18 +101,53 @@ def test_provider_is_registered(cli_home: Path) -> None:
     assert "airflow-provider-modeldeploy" in packages
 
 
-def test_list_json_and_filters(cli_home: Path, service: Any) -> None:
-    [row] = listed(cli_home)
-    assert set(row) >= LIST_KEYS
-    assert row["uuid"] == service.uuid
-    assert row["state"] == "active"
-    assert row["model_name"] == MODEL and row["model_version"] == "1"
-    assert row["dag_id"] is None and row["task_id"] is None  # deployed from Python, not by a task
-    assert row["prediction_url"] == service.prediction_url
+def lineage_rows(registry: Any) -> list[Any]:
+    """Registry rows (no server) deployed by tasks: ``ct``'s ``deploy`` in every state, stopped ones
+    between running ones, and the same DAG's or task's name elsewhere. Newest last."""
+    from airflow_provider_modeldeploy.services import ServiceRecord, ServiceState
 
-    assert [r["uuid"] for r in listed(cli_home, "--model", MODEL)] == [service.uuid]
-    assert listed(cli_home, "--model", "no-such-model") == []
-    assert [r["uuid"] for r in listed(cli_home, "--running")] == [service.uuid]
+    a, i, e = ServiceState.ACTIVE, ServiceState.INACTIVE, ServiceState.ERROR
+    lineage = [("ct", "deploy", s) for s in (a, i, a, i, i, a, e, a)] + [("ct", "train", a), ("ct_2", "deploy", a)]
+    made = []
+    for n, (dag_id, task_id, state) in enumerate(lineage):
+        record = ServiceRecord(
+            uuid=f"0000000{n}-0000-4000-8000-00000000ca9e", backend="mlflow", endpoint=f"paged-{n}",
+            model_name=f"paged-{n}", model_uri="models:/paged/1", state=state, dag_id=dag_id, task_id=task_id,
+            run_id=f"scheduled__{n}",
+        )  # fmt: skip
+        made.append(registry.add_service(record))
+    return made
+
+
+def test_list_json_and_filters(cli_home: Path, service: Any) -> None:
+    from airflow_provider_modeldeploy.registry import get_registry
+
+    registry = get_registry()
+    rows = lineage_rows(registry)
+    try:
+        everything = listed(cli_home)
+        [row] = [r for r in everything if r["uuid"] == service.uuid]
+        assert set(row) >= LIST_KEYS
+        assert row["state"] == "active"
+        assert row["model_name"] == MODEL and row["model_version"] == "1"
+        assert row["dag_id"] is None and row["task_id"] is None  # deployed from Python, not by a task
+        assert row["prediction_url"] == service.prediction_url
+        assert {r["uuid"]: (r["dag_id"], r["task_id"], r["state"]) for r in everything} == {
+            service.uuid: (None, None, "active"),
+            **{r.uuid: (r.dag_id, r.task_id, r.state) for r in rows},
+        }
+
+        assert [r["uuid"] for r in listed(cli_home, "--model", MODEL)] == [service.uuid]
+        assert listed(cli_home, "--model", "no-such-model") == []
+        # Lineage filters, --running and a page: --running is part of the query, so the page is full
+        # (newest first: the 2nd and 3rd running services of ct/deploy), whatever is stopped between.
+        running = [r.uuid for r in registry.find_services(dag_id="ct", task_id="deploy") if r.state == "active"]
+        assert len(running) == 4
+        page = listed(cli_home, "--running", "--dag-id", "ct", "--task-id", "deploy", "--limit", "2", "--offset", "1")
+        assert [r["uuid"] for r in page] == running[1:3], (page, running)
+    finally:
+        for row in rows:
+            registry.delete_service(row.uuid)
 
 
 def test_list_yaml_plain_and_table(cli_home: Path, service: Any) -> None:
@@ -184,11 +235,58 @@ def test_a_service_whose_connection_is_gone_is_listed_unchecked(cli_home: Path, 
         registry.delete_service(orphan.uuid)
 
 
+class Follower:
+    """``airflow served-models logs <uuid> -f`` running, its lines read as they come."""
+
+    def __init__(self, home: Path, uuid: str) -> None:
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "airflow"), "served-models", "logs", uuid, "--tail", "1", "-f"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+            env=airflow_env(home, PYTHONUNBUFFERED="1"),
+        )  # fmt: skip
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout or ():
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def next_line(self, timeout: float) -> str | None:
+        """The next line, None at the end of the stream."""
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail(f"no line from logs -f in {timeout}s (exit {self.proc.poll()})")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
 def test_stop_start_delete(cli_home: Path, service: Any) -> None:
     url, pid = service.prediction_url, service.record.pid
 
-    # stop: listed as inactive, not running, and get-url says so in one line.
-    out = ok(cli(cli_home, "stop", service.uuid))
+    # logs -f: the stream is open (the last line so far), it goes on with what the server writes while
+    # it stops, and ends by itself once the server is gone (exit 0).
+    follower = Follower(cli_home, service.uuid)
+    try:
+        assert follower.next_line(120)
+
+        # stop: listed as inactive, not running, and get-url says so in one line.
+        out = ok(cli(cli_home, "stop", service.uuid))
+        followed = []
+        while (line := follower.next_line(60)) is not None:
+            followed.append(line)
+        assert follower.proc.wait(30) == 0, (follower.proc.stderr.read() if follower.proc.stderr else "")[-3000:]
+    finally:
+        follower.close()
+    assert any("draining" in line for line in followed), followed
+    assert followed and followed[-1].endswith("] stopped"), followed
     assert service.uuid in out and "inactive" in out
     [row] = listed(cli_home)
     assert row["uuid"] == service.uuid and row["state"] == "inactive"

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -26,13 +27,14 @@ from urllib.parse import urlsplit
 import httpx
 import psutil
 import pytest
-from conftest import agent_services, iris_payload, run_airflow, use_airflow_home, wait_for
+from conftest import agent_servers, agent_services, iris_payload, run_airflow, use_airflow_home, wait_for
 
 from airflow_provider_modeldeploy.deployers import ServiceConfig, get_model_deployer
 from airflow_provider_modeldeploy.exceptions import DeploymentFailedError
 from airflow_provider_modeldeploy.hooks.serving_agent import local_agent
 from airflow_provider_modeldeploy.registry import get_registry
 from airflow_provider_modeldeploy.services import Lineage, ServiceState
+from airflow_provider_modeldeploy.serving.agent_api import socket_path
 
 
 def cli_json(home: Path, *args: str) -> Any:
@@ -234,22 +236,92 @@ def test_killed_agent_leaves_servers_serving_and_a_new_one_adopts_them(
         predict(service.prediction_url)
 
 
+def test_an_agent_started_on_first_use_exits_when_idle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``[modeldeploy] agent_idle_timeout``: an agent of its own (runtime and state directories), serving
+    nothing, exits once that long has passed since its last request, not before; its socket and its
+    fork server go with it."""
+    run_dir = Path(tempfile.mkdtemp(prefix="md-idle-"))  # short: unix socket paths are limited
+    monkeypatch.setenv("AIRFLOW__MODELDEPLOY__RUNTIME_DIR", str(run_dir))
+    monkeypatch.setenv("AIRFLOW__MODELDEPLOY__AGENT_STATE_DIR", str(tmp_path / "agent"))
+    monkeypatch.setenv("AIRFLOW__MODELDEPLOY__AGENT_IDLE_TIMEOUT", "1")
+    family: list[psutil.Process] = []
+    try:
+        client = local_agent()  # starts it
+        agent = psutil.Process(client.health()["pid"])
+        family = [agent, *agent.children()]  # and its fork server
+        asked = time.monotonic()
+        client.health()  # a request: idle from now on
+        assert gone(agent.pid, timeout=30), "the idle agent did not exit"
+        assert time.monotonic() - asked >= 1, "the agent exited before its idle timeout"
+        assert len(family) == 2 and all(gone(p.pid) for p in family) and not socket_path(run_dir).exists()
+        assert "idle for 1s with no model server; exiting" in (tmp_path / "agent" / "agent.log").read_text()
+    finally:
+        for proc in family:  # should it not have exited (psutil never signals a pid reused since)
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def take_pid(pid: int) -> subprocess.Popen[bytes] | None:
+    """An unrelated program (``sleep``) started as process ``pid``, which is free: a pid the kernel gave
+    to someone else, as it does once pids wrap. Through ``/proc/sys/kernel/ns_last_pid`` (root); None
+    where that is not allowed, or when another process of the machine took the pid first."""
+    for _ in range(50):
+        if psutil.pid_exists(pid):
+            return None
+        try:
+            Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+        except OSError:
+            return None
+        proc = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL, start_new_session=True)
+        if proc.pid == pid:
+            return proc
+        proc.kill()
+        proc.wait()
+    return None
+
+
 def test_reboot_like_restart(airflow_home: Path, mlflow_models: dict[str, Any]) -> None:
     """Every process of the serving host gone. With the agent's records kept, the next agent starts
     each server again at its URL; with them lost too, sync marks the services inactive and start
-    restores each at its recorded URL."""
+    restores each at its recorded URL. Meanwhile an unrelated program got a dead server's pid (pids are
+    reused): the agents tell it from the server by its start time and never signal it, not when they
+    restart the service, nor when they stop and delete it."""
     deployer = get_model_deployer()
     services = [
         deployer.deploy_model(ServiceConfig(model_uri=mlflow_models[uri], model_name=name, port=free_port()))
         for uri, name in (("iris_v1", "iris-reboot-a"), ("iris_v2", "iris-reboot-b"))
     ]
     kill_agent_and_servers(services)
+    old_pid = services[0].record.pid
+    wait_for(lambda: not psutil.pid_exists(old_pid), 30, f"pid {old_pid} to be free (its zombie reaped)")
+    squatter = take_pid(old_pid)
+    try:
+        restart_then_lose_the_records(airflow_home, deployer, services)
+        [restart] = [e for e in get_registry().list_events("mlflow", "iris-reboot-a") if e["action"] == "restart"]
+        assert restart["message"].startswith(f"the model server process {old_pid} exited; restarted as pid ")
+        for service in services:  # an agent's stop, as delete does it, does not reach the squatter either
+            deployer.delete_model_server(service.uuid)
+        if squatter is None:
+            pytest.skip(f"pid {old_pid} could not be given to another process here (ns_last_pid needs root)")
+        assert squatter.poll() is None, f"the process given pid {old_pid} was signalled ({squatter.returncode})"
+        assert psutil.Process(old_pid).cmdline() == ["sleep", "600"]
+    finally:
+        if squatter is not None:
+            squatter.kill()
+            squatter.wait(10)
+
+
+def restart_then_lose_the_records(airflow_home: Path, deployer: Any, services: list[Any]) -> None:
+    """The reboot: the next agent restarts the servers from its records; then all dies again with the
+    records, and sync and start take over."""
     [report] = cli_json(airflow_home, "sync")  # starts an agent, which restores what it supervised
     assert report["lost"] == [] and report["adopted"] == []
     for service in services:
         wait_for(lambda s=service: deployer.get_model_server(s.uuid).record.pid != s.record.pid, 60, "a restart")
         answer = predict(service.prediction_url)
         assert answer.status_code == 200 and answer.headers["x-model-version"] == service.record.model_version
+        assert deployer.get_model_server(service.uuid).record.pid in agent_servers()  # the registry names it
 
     services = [deployer.get_model_server(s.uuid) for s in services]
     kill_agent_and_servers(services)

@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -121,6 +122,8 @@ def test_every_route_needs_an_airflow_user(ui: dict[str, Any]) -> None:
         # A browser that is signed out gets a sentence, not JSON.
         page = anonymous.get("/", headers={"Accept": "text/html"})
         assert page.status_code == 401 and "sign in" in page.text.lower()
+        # ... and a way in: Airflow's login, which brings the browser back to this page (the browser test signs in).
+        assert 'href="/api/v2/auth/login?next=%2Fserved-models%2F"' in page.text, page.text
     # A forged cookie is not a session.
     with httpx.Client(base_url=f"{server.url}/served-models", cookies={"_token": "forged"}) as forged:
         assert forged.get("/api/services").status_code in (401, 403)
@@ -240,6 +243,25 @@ def _page_as(browser: Any, server: ApiServer, user: str) -> Any:
     return page
 
 
+def _signed_in(browser: Any, server: ApiServer, user: str, path: str = "/") -> Any:
+    """A browser page signed in as a person does: at ``path``, signed out, Airflow's UI sends the browser to
+    SimpleAuthManager's login page (the Served Models page links to it), whose form (user name and
+    password) gets the session cookie and goes back to ``path``."""
+    context = browser.new_context(viewport={"width": 1500, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(f"{server.url}{path}")
+    if path.startswith("/served-models"):
+        page.get_by_role("link", name="Sign in").click()  # the page's own way in, as a signed-out person sees it
+    page.wait_for_url(re.compile(r".*/auth/login\?next=.*"))
+    page.locator("input[name=username]").fill(user)
+    page.locator("input[name=password]").fill(server.passwords[user])
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(lambda url: urlsplit(url).path == path)  # back where the browser was sent from
+    assert [c["name"] for c in context.cookies() if c["name"] == "_token"] == ["_token"]
+    return page
+
+
 def _row(page: Any, uuid: str) -> Any:
     return page.locator(f'tr[data-uuid="{uuid}"]')
 
@@ -254,13 +276,11 @@ def test_browser_list_detail_and_actions(ui: dict[str, Any], browser: Any) -> No
     server: ApiServer = ui["server"]
     shots = ui["artefacts"] / "screenshots"
     shots.mkdir(exist_ok=True)
-    page = _page_as(browser, server, "admin")
-
-    # The navigation of Airflow's own UI offers the view.
-    page.goto(f"{server.url}/")
-    page.get_by_text("Served Models").first.wait_for()
+    # Signed in through Airflow's login page, then the navigation of Airflow's own UI offers the view.
+    page = _signed_in(browser, server, "admin")
+    page.get_by_text("Served Models").first.click()
     # Inside the UI, the page runs in Airflow's frame and signs in with the UI's session cookie.
-    page.goto(f"{server.url}/plugin/served-models")
+    page.wait_for_url(re.compile(r".*/plugin/served-models"))
     page.frame_locator("iframe").locator("#range").filter(has_text="of 63").wait_for()
 
     page.goto(f"{server.url}/served-models/")
@@ -336,8 +356,8 @@ def test_browser_list_detail_and_actions(ui: dict[str, Any], browser: Any) -> No
 
 def test_browser_viewer_sees_no_actions(ui: dict[str, Any], browser: Any) -> None:
     server: ApiServer = ui["server"]
-    page = _page_as(browser, server, "viewer")
-    page.goto(f"{server.url}/served-models/")
+    # The page itself sends a signed-out browser to the login page, which brings it back once signed in.
+    page = _signed_in(browser, server, "viewer", "/served-models/")
     page.locator("#range").filter(has_text="of 62").wait_for()
     assert _row(page, ui["real"]).locator(".state").inner_text() == "Running"
     assert page.locator("button[data-action]").count() == 0

@@ -3,8 +3,9 @@ versions, cookie writes only from the page's own origin, long actions in a bound
 
 A real ``airflow api-server`` with Airflow's SimpleAuthManager in multi-team form (users
 ``name:role:team``): DAGs belong to teams through their bundle, exactly the metadata rows Airflow's
-DAG processor writes for a team's bundle. The registry holds rows only (no model server): every
-outcome here is decided before a backend is touched, or by an agent that never answers.
+DAG processor writes for a team's bundle. The registry (on the real PostgreSQL) holds rows only (no
+model server): every outcome here is decided before a backend is touched, or by an agent that never
+answers.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ROOT
+from conftest import ROOT, migrated_pg_registry, pg_schema
 from ui_helpers import ApiServer, running_api_server
 
 from airflow_provider_modeldeploy.registry.store import HOSTNAME
@@ -84,7 +85,9 @@ def authz(tmp_path_factory: pytest.TempPathFactory, airflow_db_template: Path) -
 
     base = tmp_path_factory.mktemp("authz")
     home = base / "airflow"
-    url = f"sqlite:///{home / 'modeldeploy' / 'registry.db'}"
+    # The registry on the real PostgreSQL (the other UI tests read SQLite), migrated by the explicit step.
+    schema = pg_schema()
+    url = migrated_pg_registry(schema.__enter__())
     saved = dict(os.environ)
     silent = SilentAgent()
     os.environ.update(
@@ -116,6 +119,8 @@ def authz(tmp_path_factory: pytest.TempPathFactory, airflow_db_template: Path) -
         silent.close()
         os.environ.clear()
         os.environ.update(saved)
+        get_registry(url).dispose()
+        schema.__exit__(None, None, None)
 
 
 def _listed(server: ApiServer, user: str) -> set[str]:

@@ -15,6 +15,7 @@ from airflow_provider_modeldeploy.services import (
     ServiceConfig,
     ServiceRecord,
     ServiceState,
+    states_of,
 )
 
 # -- validation helpers ------------------------------------------------------------------------------
@@ -176,3 +177,10 @@ def test_service_actions_go_to_its_deployer_with_its_uuid() -> None:
 def test_service_repr_names_model_version_state_and_url() -> None:
     text = repr(Service(record(model_version="3", state=ServiceState.ACTIVE, prediction_url="http://u"), None))
     assert "model='iris'" in text and "version='3'" in text and "state=active" in text and "'http://u'" in text
+
+
+def test_states_of_a_running_filter() -> None:
+    """``running=`` as registry states, for the query (paging after filtering would give short pages)."""
+    assert states_of(None) is None
+    assert states_of(True) == [ServiceState.ACTIVE]
+    assert states_of(False) == [ServiceState.PENDING, ServiceState.INACTIVE, ServiceState.ERROR]
