@@ -15,8 +15,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import IRIS_COLUMNS, ROOT, iris_payload, run_airflow, wait_for
-from ui_helpers import running_api_server
+from conftest import IRIS_COLUMNS, iris_payload, run_airflow, wait_for
+from ui_helpers import running_api_server, ui_environment
 
 GOOD, BAD = 190, 10
 
@@ -27,7 +27,9 @@ def _metrics_dirs(uuid: str) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def traffic(tmp_path_factory: pytest.TempPathFactory, mlflow_models: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def traffic(
+    tmp_path_factory: pytest.TempPathFactory, mlflow_models: dict[str, Any], airflow_db_template: Path
+) -> Iterator[dict[str, Any]]:
     """An api-server on a registry with one deployed iris service that got 200 requests (10 bad)."""
     from airflow_provider_modeldeploy.deployers import get_model_deployer
     from airflow_provider_modeldeploy.hooks.serving_agent import local_agent
@@ -35,49 +37,44 @@ def traffic(tmp_path_factory: pytest.TempPathFactory, mlflow_models: dict[str, A
 
     home = tmp_path_factory.mktemp("metrics") / "airflow"
     url = f"sqlite:///{home / 'modeldeploy' / 'registry.db'}"
-    saved = dict(os.environ)
-    os.environ.update(
-        AIRFLOW_HOME=str(home), AIRFLOW__MODELDEPLOY__REGISTRY_SQL_ALCHEMY_CONN=url, _MODELDEPLOY_NO_METASTORE="1",
-        AIRFLOW__CORE__LOAD_EXAMPLES="False", AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
-    )  # fmt: skip
-    try:
-        with running_api_server(home) as server, contextlib.ExitStack() as stack:
-            deployer = get_model_deployer()
-            service = deployer.deploy_model(
-                ServiceConfig(model_uri=mlflow_models["iris_v1"], model_name="iris", endpoint="iris-metrics", workers=2)
+    with (
+        ui_environment(home, url, _MODELDEPLOY_NO_METASTORE="1"),
+        running_api_server(home, template=airflow_db_template) as server,
+        contextlib.ExitStack() as stack,
+    ):
+        deployer = get_model_deployer()
+        service = deployer.deploy_model(
+            ServiceConfig(model_uri=mlflow_models["iris_v1"], model_name="iris", endpoint="iris-metrics", workers=2)
+        )
+        stack.callback(deployer.delete_model_server, service.uuid)
+        records = {"dataframe_records": [dict(zip(IRIS_COLUMNS, [5.1, 3.5, 1.4, 0.2], strict=True))] * 2}
+        bad = {"dataframe_split": {"columns": ["no such column", *IRIS_COLUMNS[1:]], "data": [[1, 2, 3, 4]]}}
+        statuses: list[int] = []
+        with httpx.Client(timeout=30) as client:
+            for i in range(GOOD + BAD):
+                if i % 20 == 7:
+                    body: Any = bad
+                elif i % 3 == 0:
+                    body = records  # the fast path; the others: dataframe_split, also fast
+                elif i % 3 == 1:
+                    body = {**iris_payload(), "params": {}}  # not the fast path's: MLflow's app, pandas
+                else:
+                    body = iris_payload()
+                statuses.append(client.post(service.prediction_url, json=body).status_code)
+            # A request is recorded once its answer is sent: the client may be quicker than the worker.
+            page = wait_for(
+                lambda: (
+                    (p := client.get(service.prediction_url.replace("/invocations", "/metrics")))
+                    and f'_count{{model_version="1"}} {float(GOOD + BAD)}' in p.text
+                    and p
+                ),
+                10,
+                "all 200 requests on /metrics",
             )
-            stack.callback(deployer.delete_model_server, service.uuid)
-            records = {"dataframe_records": [dict(zip(IRIS_COLUMNS, [5.1, 3.5, 1.4, 0.2], strict=True))] * 2}
-            bad = {"dataframe_split": {"columns": ["no such column", *IRIS_COLUMNS[1:]], "data": [[1, 2, 3, 4]]}}
-            statuses: list[int] = []
-            with httpx.Client(timeout=30) as client:
-                for i in range(GOOD + BAD):
-                    if i % 20 == 7:
-                        body: Any = bad
-                    elif i % 3 == 0:
-                        body = records  # the fast path; the others: dataframe_split, also fast
-                    elif i % 3 == 1:
-                        body = {**iris_payload(), "params": {}}  # not the fast path's: MLflow's app, pandas
-                    else:
-                        body = iris_payload()
-                    statuses.append(client.post(service.prediction_url, json=body).status_code)
-                # A request is recorded once its answer is sent: the client may be quicker than the worker.
-                page = wait_for(
-                    lambda: (
-                        (p := client.get(service.prediction_url.replace("/invocations", "/metrics")))
-                        and f'_count{{model_version="1"}} {float(GOOD + BAD)}' in p.text
-                        and p
-                    ),
-                    10,
-                    "all 200 requests on /metrics",
-                )
-            assert statuses.count(200) == GOOD and statuses.count(400) == BAD, statuses
-            dirs = _metrics_dirs(service.uuid)
-            assert local_agent(start=False).sample_metrics() >= 1
-            yield {"server": server, "home": home, "deployer": deployer, "service": service, "page": page, "dirs": dirs}
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        assert statuses.count(200) == GOOD and statuses.count(400) == BAD, statuses
+        dirs = _metrics_dirs(service.uuid)
+        assert local_agent(start=False).sample_metrics() >= 1
+        yield {"server": server, "home": home, "deployer": deployer, "service": service, "page": page, "dirs": dirs}
 
 
 def test_the_metrics_page_is_prometheus_text(traffic: dict[str, Any]) -> None:

@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from conftest import ROOT, run_airflow
-from ui_helpers import ApiServer, running_api_server, seed_rows
+from conftest import run_airflow
+from ui_helpers import ApiServer, running_api_server, seed_rows, ui_environment
 
 from airflow_provider_modeldeploy.registry.store import HOSTNAME
 
@@ -51,46 +51,40 @@ def ui(
     base = tmp_path_factory.mktemp("ui")
     home = base / "airflow"
     url = f"sqlite:///{home / 'modeldeploy' / 'registry.db'}"
-    saved = dict(os.environ)
-    os.environ.update(
-        AIRFLOW_HOME=str(home), AIRFLOW__MODELDEPLOY__REGISTRY_SQL_ALCHEMY_CONN=url, _MODELDEPLOY_NO_METASTORE="1",
-        AIRFLOW__CORE__LOAD_EXAMPLES="False", AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
-    )  # fmt: skip
-    try:
-        env = {f"AIRFLOW_CONN_{SELDON_CONN.upper()}": SELDON_CONN_JSON}
-        with running_api_server(home, template=airflow_db_template, **env) as server:
-            registry = get_registry(url)
-            deployer = get_model_deployer()
-            real = deployer.deploy_model(
-                ServiceConfig(model_uri=mlflow_models["iris_v1"], model_name="iris", endpoint="iris-ui"),
-                lineage=Lineage(dag_id="iris_ct", run_id="manual__ui", task_id="deploy", try_number=1),
+    env = {f"AIRFLOW_CONN_{SELDON_CONN.upper()}": SELDON_CONN_JSON}
+    with (
+        ui_environment(home, url, _MODELDEPLOY_NO_METASTORE="1"),
+        running_api_server(home, template=airflow_db_template, **env) as server,
+    ):
+        registry = get_registry(url)
+        deployer = get_model_deployer()
+        real = deployer.deploy_model(
+            ServiceConfig(model_uri=mlflow_models["iris_v1"], model_name="iris", endpoint="iris-ui"),
+            lineage=Lineage(dag_id="iris_ct", run_id="manual__ui", task_id="deploy", try_number=1),
+        )
+        failed = registry.add_service(
+            ServiceRecord(
+                uuid="e" * 8 + "-0000-4000-8000-000000000001", backend="mlflow", endpoint="broken-ui",
+                model_name="broken", model_uri="models:/broken/1", model_version="1", state=ServiceState.ERROR,
+                last_error="model weights are corrupted", dag_id="broken_ct", run_id="manual__b", task_id="deploy",
+                config={"api_token": SECRET, "workers": 1},
             )
-            failed = registry.add_service(
-                ServiceRecord(
-                    uuid="e" * 8 + "-0000-4000-8000-000000000001", backend="mlflow", endpoint="broken-ui",
-                    model_name="broken", model_uri="models:/broken/1", model_version="1", state=ServiceState.ERROR,
-                    last_error="model weights are corrupted", dag_id="broken_ct", run_id="manual__b", task_id="deploy",
-                    config={"api_token": SECRET, "workers": 1},
-                )
-            )  # fmt: skip
-            seldon = registry.add_service(
-                ServiceRecord(
-                    uuid="5e1d0000-0000-4000-8000-000000000002", backend="seldon", endpoint="iris-seldon",
-                    model_name="iris", model_uri="models:/iris/2", model_version="2", state=ServiceState.INACTIVE,
-                    prediction_url="http://seldon.example/seldon/ns/iris-seldon/api/v1.0/predictions",
-                )
-            )  # fmt: skip
-            bulk = seed_rows(registry, BULK)
-            yield {
-                "server": server, "registry": registry, "url": url, "home": home, "artefacts": base,
-                "real": real.uuid, "failed": failed.uuid, "seldon": seldon.uuid, "bulk": bulk,
-            }  # fmt: skip
-            for service in registry.find_services(backend="mlflow"):
-                if service.pid or service.state == ServiceState.ACTIVE:
-                    deployer.delete_model_server(service.uuid, timeout=10, force=True)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        )  # fmt: skip
+        seldon = registry.add_service(
+            ServiceRecord(
+                uuid="5e1d0000-0000-4000-8000-000000000002", backend="seldon", endpoint="iris-seldon",
+                model_name="iris", model_uri="models:/iris/2", model_version="2", state=ServiceState.INACTIVE,
+                prediction_url="http://seldon.example/seldon/ns/iris-seldon/api/v1.0/predictions",
+            )
+        )  # fmt: skip
+        bulk = seed_rows(registry, BULK)
+        yield {
+            "server": server, "registry": registry, "url": url, "home": home, "artefacts": base,
+            "real": real.uuid, "failed": failed.uuid, "seldon": seldon.uuid, "bulk": bulk,
+        }  # fmt: skip
+        for service in registry.find_services(backend="mlflow"):
+            if service.pid or service.state == ServiceState.ACTIVE:
+                deployer.delete_model_server(service.uuid, timeout=10, force=True)
 
 
 def _call(client: httpx.Client, method: str, path: str) -> httpx.Response:

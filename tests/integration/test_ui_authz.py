@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import sqlite3
 import threading
@@ -24,8 +23,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ROOT, migrated_pg_registry, pg_schema
-from ui_helpers import ApiServer, running_api_server
+from conftest import migrated_pg_registry, pg_schema
+from ui_helpers import ApiServer, running_api_server, ui_environment
 
 from airflow_provider_modeldeploy.registry.store import HOSTNAME
 
@@ -88,15 +87,9 @@ def authz(tmp_path_factory: pytest.TempPathFactory, airflow_db_template: Path) -
     # The registry on the real PostgreSQL (the other UI tests read SQLite), migrated by the explicit step.
     schema = pg_schema()
     url = migrated_pg_registry(schema.__enter__())
-    saved = dict(os.environ)
     silent = SilentAgent()
-    os.environ.update(
-        AIRFLOW_HOME=str(home), AIRFLOW__MODELDEPLOY__REGISTRY_SQL_ALCHEMY_CONN=url,
-        AIRFLOW__CORE__LOAD_EXAMPLES="False", AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
-        AIRFLOW__MODELDEPLOY__AGENT_TOKEN=TOKEN,
-    )  # fmt: skip
     try:
-        with running_api_server(
+        with ui_environment(home, url, AIRFLOW__MODELDEPLOY__AGENT_TOKEN=TOKEN), running_api_server(
             home, users=USERS, migrated=lambda h: _seed_dags(h / "airflow.db"), template=airflow_db_template,
             AIRFLOW__CORE__MULTI_TEAM="True", AIRFLOW__MODELDEPLOY__UI_MAX_CONCURRENT_ACTIONS="1",
         ) as server:  # fmt: skip
@@ -117,8 +110,6 @@ def authz(tmp_path_factory: pytest.TempPathFactory, airflow_db_template: Path) -
             yield {"server": server, "registry": registry, "rows": rows, "silent": silent}
     finally:
         silent.close()
-        os.environ.clear()
-        os.environ.update(saved)
         get_registry(url).dispose()
         schema.__exit__(None, None, None)
 

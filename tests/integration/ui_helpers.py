@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
 import signal
 import socket
@@ -82,6 +83,22 @@ def server_env(home: Path, users: dict[str, str] | None = None, **extra: str) ->
         AIRFLOW__API__SECRET_KEY=secrets.token_hex(16),
         **extra,
     )
+
+
+@contextlib.contextmanager
+def ui_environment(home: Path, registry_url: str, **extra: str) -> Iterator[None]:
+    """This process's environment for a module of UI tests (its deploys and registry reads): its
+    AIRFLOW_HOME and registry, the repository's DAGs and no examples, and ``extra``; restored on exit."""
+    saved = dict(os.environ)
+    os.environ.update(
+        AIRFLOW_HOME=str(home), AIRFLOW__MODELDEPLOY__REGISTRY_SQL_ALCHEMY_CONN=registry_url,
+        AIRFLOW__CORE__LOAD_EXAMPLES="False", AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"), **extra,
+    )  # fmt: skip
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @contextlib.contextmanager
