@@ -15,7 +15,7 @@ import copy
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 from airflow_provider_modeldeploy.deployers.base import BaseModelDeployer, Launch, default_actor
@@ -83,7 +83,26 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
         """From the connection's Prometheus (``prometheus_url``), else not available, saying why."""
         from airflow_provider_modeldeploy.deployers.kubernetes_common import kubernetes_metrics
 
-        return kubernetes_metrics(self, record, window, self.settings.namespace)
+        return kubernetes_metrics(self, record, window, self.settings.namespace, role_of=self._revision_roles(record))
+
+    def _revision_roles(self, record: ServiceRecord) -> Callable[[str], str]:
+        """Each Knative revision's role, from the InferenceService's traffic status: the revision
+        tagged ``latest`` in a split is the canary, the others with traffic are main, and revisions
+        without traffic (replaced in the window) are previous."""
+        try:
+            obj = self.hook.get_inference_service(record.endpoint)
+        except Exception as exc:  # the API's or the network's, after retries: the chart draws, all main
+            log.warning("Cannot read InferenceService %s for its revisions' roles: %s", record.endpoint, exc)
+            obj = None
+        traffic = (((obj or {}).get("status") or {}).get("components") or {}).get("predictor", {}).get("traffic") or []
+        if not traffic:
+            return lambda revision: "main"
+        split = len([t for t in traffic if t.get("percent")]) > 1
+        roles = {
+            t.get("revisionName"): "canary" if split and t.get("tag") == "latest" else "main"
+            for t in traffic if t.get("percent")
+        }  # fmt: skip
+        return lambda revision: roles.get(revision, "previous")
 
     # -- options and names -----------------------------------------------------------------------
 

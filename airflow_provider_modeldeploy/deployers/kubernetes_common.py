@@ -152,13 +152,15 @@ PROMQL: dict[str, dict[str, Any]] = {
     },
     "kserve": {
         "selector": 'namespace_name="{namespace}",configuration_name=~"{name}-predictor.*"',
-        "requests": ("revision_app_request_count", "response_code_class, configuration_name"),
-        "buckets": ("revision_app_request_latencies_bucket", "le, configuration_name"),
-        "status": "response_code_class", "version": "configuration_name", "le_scale": 0.001,  # milliseconds
+        "requests": ("revision_app_request_count", "response_code_class, revision_name"),
+        "buckets": ("revision_app_request_latencies_bucket", "le, revision_name"),
+        "status": "response_code_class", "version": "revision_name", "le_scale": 0.001,  # milliseconds
     },
 }  # fmt: skip
-#: How far back a counter's last sample is looked for (Prometheus' own lookback delta).
-LOOKBACK = "5m"
+#: How far back a counter's last sample is looked for: Prometheus' own lookback delta (5 minutes), or
+#: the step if longer. The last step ends in the future (the step in progress): at that end, a 5-minute
+#: lookback of a 15-minute step would find none of the step's samples for its first 10 minutes.
+LOOKBACK_SECONDS = 300
 
 
 def increase_query(metric: str, by: str, selector: str, step: int) -> str:
@@ -174,14 +176,23 @@ def increase_query(metric: str, by: str, selector: str, step: int) -> str:
     range's edges: on a real Prometheus, 61 Seldon predictions read as 65 and their 8 errors as 7,
     a deploy's lone smoke prediction as none. These steps add up to exactly what the pods counted (``last_over_time`` also skips the staleness markers a
     failed scrape leaves, which would count a series' whole value again)."""
-    now = f"last_over_time({metric}{{{selector}}}[{LOOKBACK}])"
-    before = f"last_over_time({metric}{{{selector}}}[{LOOKBACK}] offset {step}s)"
+    lookback = max(LOOKBACK_SECONDS, step)
+    now = f"last_over_time({metric}{{{selector}}}[{lookback}s])"
+    before = f"last_over_time({metric}{{{selector}}}[{lookback}s] offset {step}s)"
     return f"sum by ({by}) (({now} - {before}) >= 0 or {now})"
 
 
-def kubernetes_metrics(deployer: Any, record: Any, window: str, namespace: str) -> Any:
+def by_predictor_name(version: str) -> str:
+    """Seldon's role of a predictor: the canary predictor is named so; the rest is main."""
+    return "canary" if "canary" in version else "main"
+
+
+def kubernetes_metrics(
+    deployer: Any, record: Any, window: str, namespace: str, role_of: Callable[[str], str] = by_predictor_name
+) -> Any:
     """A Kubernetes service's metrics from the Prometheus its connection names (``prometheus_url``);
-    without one, not available, saying what to configure."""
+    without one, not available, saying what to configure. ``role_of``: a series' version label (a
+    Seldon predictor, a Knative revision) -> main, canary or previous."""
     from airflow_provider_modeldeploy.hooks.prometheus import PrometheusClient, PrometheusError
     from airflow_provider_modeldeploy.metrics import ServiceMetrics, build, window_bounds
 
@@ -224,5 +235,5 @@ def kubernetes_metrics(deployer: Any, record: Any, window: str, namespace: str) 
         return ServiceMetrics.unavailable(record.uuid, window, str(exc))
     return build(
         record.uuid, window, slices, source="prometheus", events=deployer._chart_history(record),
-        role_of=lambda version: "canary" if "canary" in version else "main",
+        role_of=role_of,
     )  # fmt: skip

@@ -712,9 +712,9 @@ def test_knative_metrics_from_a_real_prometheus(
     [pod] = isvc_pods(cluster, "iris-prom")
     job = f'job="monitoring/knative-queue-proxy",pod="{pod.metadata.name}"'
 
-    def answered() -> int:
-        """The requests the pod's runtime answered (its access log, one line each)."""
-        log = cluster.core.read_namespaced_pod_log(pod.metadata.name, cluster.namespace, container="kserve-container")
+    def answered(name: str = pod.metadata.name) -> int:
+        """The requests a pod's runtime answered (its access log, one line each)."""
+        log = cluster.core.read_namespaced_pod_log(name, cluster.namespace, container="kserve-container")
         return log.count(' HTTP/1.1" ')
 
     before = after_a_scrape(prometheus, job, lambda: kn.metrics(served.uuid, "1h"))
@@ -743,8 +743,8 @@ def test_knative_metrics_from_a_real_prometheus(
     assert summary.error_rate == pytest.approx(summary.errors / summary.requests)
     day = kn.metrics(served.uuid, "1d")  # 15-minute steps: the same figures
     assert (day.step_seconds, day.summary.requests, day.summary.errors) == (900, summary.requests, summary.errors)
-    [version] = after.versions
-    assert (version.model_version, version.role) == ("iris-prom-predictor", "main")
+    [version] = after.versions  # one Knative revision
+    assert (version.model_version, version.role) == ("iris-prom-predictor-00001", "main")
     points = version.points
     assert sum(p.requests for p in points) == summary.requests == answered()
     assert (sum(p.client_errors for p in points), sum(p.server_errors for p in points)) == (5, 3)
@@ -759,4 +759,21 @@ def test_knative_metrics_from_a_real_prometheus(
     bound = next(b for b in (5, 10, 20, 40, 60, 80, 100, 150, 200, 250, 300, 350, 400, 450, 500, 600, 700, 800,
                              900, 1000, 2000, 5000, 10000) if b >= traffic.slowest * 1000)  # fmt: skip
     assert 0 < summary.p50_ms <= bound, (summary, traffic.slowest)
-    kn.delete_model_server(served.uuid)
+
+    # A canary (30 %) beside main: a series per Knative revision, its role from the InferenceService's
+    # traffic split, each counting exactly what its own pod answered.
+    canary = kn.deploy_model(
+        cfg(mlflow_models["iris_v2"], "iris-prom", canary_traffic_percent=30), timeout=cluster.timeout
+    )
+    pods = {p.metadata.labels["serving.knative.dev/revision"]: p.metadata.name for p in isvc_pods(cluster, "iris-prom")}
+    assert sorted(pods) == ["iris-prom-predictor-00001", "iris-prom-predictor-00002"], pods
+    assert send(served.prediction_url, [V1_PAYLOAD] * 40).statuses == [200] * 40
+    both = f'job="monitoring/knative-queue-proxy",pod=~"{"|".join(pods.values())}"'
+    # One InferenceService: the canary's service now stands for the endpoint (see the canary test).
+    split = after_a_scrape(prometheus, both, lambda: kn.metrics(canary.uuid, "1h"))
+    roles = {v.model_version: v.role for v in split.versions}
+    assert roles == {"iris-prom-predictor-00001": "main", "iris-prom-predictor-00002": "canary"}, roles
+    counted = {v.model_version: sum(p.requests for p in v.points) for v in split.versions}
+    assert counted == {revision: answered(name) for revision, name in pods.items()}
+    assert counted["iris-prom-predictor-00002"] > 2, counted  # more than its own health check and smoke test
+    kn.delete_model_server(canary.uuid)
