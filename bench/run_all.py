@@ -56,6 +56,10 @@ sys.path.insert(0, str(BENCH))
 import time_to_serve as tts  # noqa: E402  (a sibling script, importable once BENCH is on the path)
 
 PY = sys.executable
+#: ``python -c`` that never imports the checkout's package: -c puts the working directory first on
+#: sys.path, and from the repository's root that is the source tree, not the installed wheel (whose
+#: serving agent would then be restarted as "older code" by every such process, its servers lost).
+PY_C = (PY, "-P", "-c")
 AIRFLOW = str(Path(PY).parent / "airflow")
 HEAVY = ("mlflow", "kubernetes", "sklearn", "pandas")
 CT_DAG = "continuous_training_mlflow"
@@ -447,7 +451,7 @@ def bench_import_cost(b: Bench) -> dict[str, Any]:
     samples = []
     for _ in range(max(b.runs, 5)):
         done = subprocess.run(
-            [PY, "-c", IMPORT_PROBE.format(heavy=HEAVY)], capture_output=True, text=True, env=env, check=True
+            [*PY_C, IMPORT_PROBE.format(heavy=HEAVY)], capture_output=True, text=True, env=env, check=True
         )
         samples.append(json.loads(done.stdout.strip().splitlines()[-1]))
     over = statistics.median(s["provider_s"] for s in samples) * 1000
@@ -514,7 +518,7 @@ for _ in range({repeat}):
 assert len(rows) == 100 and len(services) == 100
 # The real servers are on the first page, and the state refresh found them running.
 active = sorted(s.uuid for s in services if s.is_running)
-assert active == sorted({active!r}), (active, {active!r})
+assert active == sorted({active!r}), [(s.uuid, str(s.record.state), s.record.last_error) for s in services if s.uuid in {active!r}]
 m = statistics.median
 print(json.dumps({{"query_s": m(q), "find_s": m(f)}}))
 """
@@ -563,7 +567,7 @@ def bench_registry_scale(b: Bench) -> dict[str, Any]:
             order = list(sizes) if i % 2 == 0 else list(sizes)[::-1]
             for count in order:
                 probe = subprocess.run(
-                    [PY, "-c", REGISTRY_PROBE.format(count=count, repeat=10 if b.quick else 20, active=uuids)],
+                    [*PY_C, REGISTRY_PROBE.format(count=count, repeat=10 if b.quick else 20, active=uuids)],
                     env=envs[count], capture_output=True, text=True,
                 )  # fmt: skip
                 if probe.returncode:
@@ -682,7 +686,7 @@ def bench_dag_cycle(b: Bench, time_to_serve_s: float | None) -> dict[str, Any]:
                 f"beyond training {n['beyond_training_s']:.2f}s (set-up {n['dags_test_setup_s']:.2f}s)")  # fmt: skip
     finally:
         subprocess.run(
-            [PY, "-c", "from airflow_provider_modeldeploy.deployers import find_services\n"
+            [*PY_C, "from airflow_provider_modeldeploy.deployers import find_services\n"
              "for s in find_services(): s.deployer.delete_model_server(s.uuid, force=True)"],
             env={**example_env, "_MODELDEPLOY_NO_METASTORE": "1"}, capture_output=True, check=False,
         )  # fmt: skip
@@ -857,19 +861,19 @@ def bench_remote_stop(b: Bench) -> dict[str, Any]:
                 if agent.poll() is not None or time.monotonic() > end:
                     raise RuntimeError(f"the serving agent did not start: {tts.tail(log_path)}")
                 time.sleep(0.2)
-            done = net["serving"].run([PY, "-c", DEPLOY_ONE, tts.MODEL_URI], env=env("serving"), timeout=300)
+            done = net["serving"].run([*PY_C, DEPLOY_ONE, tts.MODEL_URI], env=env("serving"), timeout=300)
             if done.returncode:
                 raise RuntimeError(f"deploy failed: {done.stderr[-1500:]}")
             uuid = done.stdout.split()[-1]
             times: dict[str, list[float]] = {"serving": [], "cli": []}
             for i in range(b.runs):
                 for host in ("serving", "cli") if i % 2 == 0 else ("cli", "serving"):
-                    done = net[host].run([PY, "-c", TIMED_STOPS, uuid, "3"], env=env(host), timeout=600)
+                    done = net[host].run([*PY_C, TIMED_STOPS, uuid, "3"], env=env(host), timeout=600)
                     if done.returncode:
                         raise RuntimeError(f"stop from {host} failed: {done.stderr[-1500:]}")
                     times[host] += json.loads(done.stdout.splitlines()[-1])
                     log(f"[8] run {i + 1}/{b.runs} from {host}: {statistics.median(times[host]) * 1000:.0f} ms so far")
-            net["serving"].run([PY, "-c", f"{TIMED_STOPS.split('for _')[0]}deployer.delete_model_server(uuid)", uuid],
+            net["serving"].run([*PY_C, f"{TIMED_STOPS.split('for _')[0]}deployer.delete_model_server(uuid)", uuid],
                                env=env("serving"), timeout=120)  # fmt: skip
         finally:
             agent.send_signal(signal.SIGTERM)
