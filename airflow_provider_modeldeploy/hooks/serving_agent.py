@@ -191,6 +191,15 @@ def local_agent(start: bool = True) -> AgentClient:
         health = client.health(attempts=1 if start else 3)  # no agent yet: start one at once
         if not start or not health.get("auto") or health.get("stamp") == agent_api.code_stamp():
             return client
+        if health.get("state") not in (None, agent_api.state_stamp(config.agent_state_dir())):
+            # Another installation's agent on this socket (another AIRFLOW_HOME, the same user): an agent
+            # started here would not know its servers, which would serve on with no agent. (None: an
+            # agent from before this check, restarted as before.)
+            log.warning(
+                "The serving agent (pid %s) runs other code and keeps another installation's records: "
+                "it is used as it is, not restarted", health.get("pid"),
+            )  # fmt: skip
+            return client
         log.info("Restarting the serving agent (pid %s): it runs an older provider", health.get("pid"))
         with contextlib.suppress(AgentUnreachableError):
             client.shutdown()

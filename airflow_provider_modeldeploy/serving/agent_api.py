@@ -65,6 +65,13 @@ def code_stamp() -> str:
     return hashlib.sha256("\0".join(stamp).encode()).hexdigest()[:16]
 
 
+def state_stamp(state_dir: Path) -> str:
+    """Which records an agent keeps (its state directory), without showing the path: a client restarts
+    an agent of older code only if the new agent, started with the client's state directory, would
+    find the old one's servers there."""
+    return hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:16]
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     server_version = "modeldeploy-agent/1"
     protocol_version = "HTTP/1.0"  # one request per connection; a streamed log ends with the connection
@@ -169,6 +176,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             "agent_id": agent.agent_id, "host": HOSTNAME, "pid": os.getpid(), "api": API_VERSION,
             "stamp": code_stamp(), "auto": agent.auto, "advertise_url": agent.advertise_url,
             "forkserver_ready": agent.forkserver_ready.is_set(), "services": len(agent.services),
+            "state": state_stamp(agent.state_dir),
         }  # fmt: skip
 
     def _metrics(self, uuid: str, query: dict[str, str]) -> dict[str, Any]:

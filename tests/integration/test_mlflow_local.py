@@ -164,6 +164,33 @@ def test_one_installation_keeps_its_agent_whatever_its_interpreter_is_called(dep
     assert done.stdout.split()[-1] == str(pid) and local_agent().health()["pid"] == pid
 
 
+def test_another_installations_agent_is_used_not_restarted(
+    deployer: Any, mlflow_models: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Two installations of one user (two AIRFLOW_HOMEs, other code: a wheel and a checkout) share the
+    runtime directory's agent socket. A client of the other one never restarts the agent: the new agent
+    would keep that client's records and know none of the running servers. A client of the same
+    installation with newer code does restart it, and the new agent adopts the servers."""
+    from airflow_provider_modeldeploy.hooks.serving_agent import local_agent
+    from airflow_provider_modeldeploy.serving import agent_api
+
+    service = deployer.deploy_model(ServiceConfig(model_uri=mlflow_models["iris_v1"], model_name="iris-two-installs"))
+    try:
+        pid, own = local_agent().health()["pid"], os.environ["AIRFLOW__MODELDEPLOY__AGENT_STATE_DIR"]
+        monkeypatch.setattr(agent_api, "code_stamp", lambda: "other code")
+        monkeypatch.setenv("AIRFLOW__MODELDEPLOY__AGENT_STATE_DIR", str(tmp_path / "other-installation"))
+        assert local_agent().health()["pid"] == pid
+        assert local_agent().status(service.uuid)["phase"] == "active"
+
+        monkeypatch.setenv("AIRFLOW__MODELDEPLOY__AGENT_STATE_DIR", own)  # this installation's records
+        assert local_agent().health()["pid"] != pid
+        assert local_agent().status(service.uuid)["phase"] == "active"
+        assert httpx.post(service.prediction_url, json=iris_payload(), timeout=30).status_code == 200
+    finally:
+        monkeypatch.undo()
+        deployer.delete_model_server(service.uuid)
+
+
 # -- README promises of the local backend: model URI forms, a failed smoke prediction, replace=False,
 # -- and the connection's fields, each observed on the running server --------------------------------
 
