@@ -166,12 +166,15 @@ def test_kubernetes_reads_the_connections_prometheus(monkeypatch: pytest.MonkeyP
     # Exact per-step increases of the executor's prediction counters (not increase(): see increase_query).
     assert asked[0] == (
         "sum by (code, predictor_name) ((last_over_time(seldon_api_executor_server_requests_seconds_count"
-        '{namespace="models",deployment_name="iris",service="predictions"}[5m]) - '
+        '{namespace="models",deployment_name="iris",service="predictions"}[300s]) - '
         "last_over_time(seldon_api_executor_server_requests_seconds_count"
-        '{namespace="models",deployment_name="iris",service="predictions"}[5m] offset 60s)) >= 0 or '
+        '{namespace="models",deployment_name="iris",service="predictions"}[300s] offset 60s)) >= 0 or '
         "last_over_time(seldon_api_executor_server_requests_seconds_count"
-        '{namespace="models",deployment_name="iris",service="predictions"}[5m]))'
+        '{namespace="models",deployment_name="iris",service="predictions"}[300s]))'
     )
+    # A day's 15-minute steps look back a whole step: the last one ends in the future, and 5 minutes
+    # before that end hold none of its samples for its first 10 minutes.
+    assert "[900s])" in kubernetes_common.increase_query("m", "code", 'a="b"', 900)
 
 
 def test_kubernetes_prometheus_failure_is_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,6 +22,7 @@ UUID = "a9e17000-0000-4000-8000-000000000001"
 
 class StandInAgent:
     agent_id, auto, advertise_url, services = "agent-1", False, None, {"x": 1}
+    state_dir = Path("/var/lib/agent-1")
 
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
@@ -99,6 +100,8 @@ def test_health_says_who_the_agent_is(agent: StandInAgent) -> None:
     status, body = json_call(agent, "GET", "/v1/health")
     assert status == 200 and body["agent_id"] == "agent-1" and body["api"] == "v1" and body["services"] == 1
     assert body["stamp"] == agent_api.code_stamp() and body["forkserver_ready"] is False
+    # Which records it keeps, as a stamp a client compares with its own, never the path itself.
+    assert body["state"] == agent_api.state_stamp(Path("/var/lib/agent-1")) and "/var/lib" not in json.dumps(body)
     assert agent.last_request > 0  # every request counts against the idle timeout
 
 
