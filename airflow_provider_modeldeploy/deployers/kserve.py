@@ -83,7 +83,9 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
         """From the connection's Prometheus (``prometheus_url``), else not available, saying why."""
         from airflow_provider_modeldeploy.deployers.kubernetes_common import kubernetes_metrics
 
-        return kubernetes_metrics(self, record, window, self.settings.namespace, role_of=self._revision_roles(record))
+        return kubernetes_metrics(
+            self, record, window, self.settings.namespace, roles=lambda: self._revision_roles(record)
+        )
 
     def _revision_roles(self, record: ServiceRecord) -> Callable[[str], str]:
         """Each Knative revision's role, from the InferenceService's traffic status: the revision

@@ -188,11 +188,13 @@ def by_predictor_name(version: str) -> str:
 
 
 def kubernetes_metrics(
-    deployer: Any, record: Any, window: str, namespace: str, role_of: Callable[[str], str] = by_predictor_name
-) -> Any:
+    deployer: Any, record: Any, window: str, namespace: str,
+    roles: Callable[[], Callable[[str], str]] = lambda: by_predictor_name,
+) -> Any:  # fmt: skip
     """A Kubernetes service's metrics from the Prometheus its connection names (``prometheus_url``);
-    without one, not available, saying what to configure. ``role_of``: a series' version label (a
-    Seldon predictor, a Knative revision) -> main, canary or previous."""
+    without one, not available, saying what to configure. ``roles()``: how a series' version label (a
+    Seldon predictor, a Knative revision) maps to main, canary or previous; asked only once Prometheus has
+    answered (it may read the cluster: not for a connection that has no metrics source)."""
     from airflow_provider_modeldeploy.hooks.prometheus import PrometheusClient, PrometheusError
     from airflow_provider_modeldeploy.metrics import ServiceMetrics, build, window_bounds
 
@@ -235,5 +237,5 @@ def kubernetes_metrics(
         return ServiceMetrics.unavailable(record.uuid, window, str(exc))
     return build(
         record.uuid, window, slices, source="prometheus", events=deployer._chart_history(record),
-        role_of=role_of,
+        role_of=roles(),
     )  # fmt: skip
