@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import IRIS_COLUMNS, IRIS_ROWS, ROOT, airflow_env, migrated_airflow_db, wait_for
+from cryptography.fernet import Fernet
 from ui_helpers import free_port, stop_process_tree
 
 from airflow_provider_modeldeploy.deployers import get_model_deployer
@@ -146,6 +147,7 @@ class Airflow:
         dags.mkdir()
         shutil.copy(ROOT / "dags" / f"{DAG_ID}.py", dags)  # only this DAG: the others are not under test
         api_port = free_port()
+        self.fernet_key = Fernet.generate_key()
         self.env = airflow_env(
             home,
             AIRFLOW__CORE__DAGS_FOLDER=str(dags),
@@ -154,6 +156,10 @@ class Airflow:
             AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False",
             AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{api_port}/execution/",
             AIRFLOW__API_AUTH__JWT_SECRET="alias-watcher-test-jwt-secret",
+            # One key for all four, as a deployment configures it: left to Airflow, each component
+            # writes a new airflow.cfg on its first start, and one starting meanwhile can read the file
+            # empty (no key: the triggerer could not read the kwargs the scheduler encrypted, and died).
+            AIRFLOW__CORE__FERNET_KEY=self.fernet_key.decode(),
             AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC="1",
             AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
             AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC="1",
@@ -284,7 +290,9 @@ def test_alias_moves_are_deployed_in_place(airflow: Airflow, tracking: TrackingS
     assert len(airflow.runs()) == 3 and predict_version(url) == "2"
 
     # The tracking credentials never show: not in the trigger's stored kwargs, the events, or a log.
-    stored = " ".join(str(row) for row in airflow_db(airflow.home, "SELECT kwargs FROM trigger"))
+    fernet = Fernet(airflow.fernet_key)  # the kwargs as stored, decrypted: what the triggerer reads
+    stored = " ".join(fernet.decrypt(row).decode() for (row,) in airflow_db(airflow.home, "SELECT kwargs FROM trigger"))
+    assert "models:/iris@champion" in stored
     task_logs = " ".join(p.read_text(errors="replace") for p in (airflow.home / "logs").rglob("*") if p.is_file())
     shown = stored + json.dumps(payloads) + " ".join(airflow.log(c) for c in airflow.procs) + task_logs
     assert PASSWORD not in shown
