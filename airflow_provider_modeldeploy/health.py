@@ -102,8 +102,10 @@ def check_health(health_url: str, prediction_url: str | None = None, sample_inpu
     """(healthy, reason): GET health_url, then POST sample_input to prediction_url when given."""
     import httpx
 
+    from airflow_provider_modeldeploy.hooks.tls import default_tls
+
     try:
-        with httpx.Client(timeout=_TIMEOUT) as client:
+        with httpx.Client(timeout=_TIMEOUT, verify=default_tls()) as client:
             health = client.get(health_url)
             prediction = None
             if health.status_code == 200 and sample_input is not None and prediction_url:
@@ -121,8 +123,10 @@ async def acheck_health(
     """The same check, for triggers (non-blocking)."""
     import httpx
 
+    from airflow_provider_modeldeploy.hooks.tls import default_tls
+
     try:
-        async with httpx.AsyncClient(timeout=_TIMEOUT) as client:
+        async with httpx.AsyncClient(timeout=_TIMEOUT, verify=default_tls()) as client:
             health = await client.get(health_url)
             prediction = None
             if health.status_code == 200 and sample_input is not None and prediction_url:

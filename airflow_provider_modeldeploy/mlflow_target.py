@@ -210,6 +210,7 @@ class ModelDeployDeploymentClient(BaseDeploymentClient):
     def predict(self, deployment_name=None, inputs=None, endpoint=None):
         import httpx
 
+        from airflow_provider_modeldeploy.hooks.tls import default_tls
         from airflow_provider_modeldeploy.masking import mask_text
 
         self._no_endpoint(endpoint)
@@ -222,7 +223,7 @@ class ModelDeployDeploymentClient(BaseDeploymentClient):
                 INVALID_PARAMETER_VALUE,
             )
         try:
-            answer = httpx.post(service.prediction_url, json=_scoring_body(inputs), timeout=60)
+            answer = httpx.post(service.prediction_url, json=_scoring_body(inputs), timeout=60, verify=default_tls())
         except httpx.HTTPError as exc:
             raise MlflowException(
                 mask_text(f"deployment {deployment_name!r} at {service.prediction_url}: {type(exc).__name__}: {exc}"),

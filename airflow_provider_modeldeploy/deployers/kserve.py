@@ -470,10 +470,12 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
         """Health (503 while the predictor warms up is waited out), then the smoke prediction if given."""
         import httpx
 
+        from airflow_provider_modeldeploy.hooks.tls import default_tls
+
         deadline = time.monotonic() + min(timeout, 120)
         while True:
             try:
-                health = httpx.get(health_url, timeout=10)
+                health = httpx.get(health_url, timeout=10, verify=default_tls())
                 if health.status_code == 200:
                     break
                 reason = f"HTTP {health.status_code}"
@@ -490,7 +492,7 @@ class KServeDeployer(CredentialsMixin, BaseModelDeployer):
         while True:
             answer = httpx.post(
                 prediction_url, content=body if isinstance(body, str) else json.dumps(body),
-                headers={"content-type": "application/json"}, timeout=60,
+                headers={"content-type": "application/json"}, timeout=60, verify=default_tls(),
             )  # fmt: skip
             if answer.status_code != 200:
                 raise DeploymentFailedError(

@@ -457,10 +457,12 @@ class SeldonDeployer(BaseModelDeployer):
     def _smoke(self, record: ServiceRecord, prediction_url: str, health_url: str, timeout: float) -> None:
         import httpx
 
+        from airflow_provider_modeldeploy.hooks.tls import default_tls
+
         deadline = time.monotonic() + min(timeout, 60)
         while True:  # the ingress may take a moment to route to the new pods
             try:
-                health = httpx.get(health_url, timeout=10)
+                health = httpx.get(health_url, timeout=10, verify=default_tls())
                 if health.status_code == 200:
                     break
                 reason = f"HTTP {health.status_code}"
@@ -474,7 +476,7 @@ class SeldonDeployer(BaseModelDeployer):
             return
         answer = httpx.post(
             prediction_url, content=body if isinstance(body, str) else json.dumps(body),
-            headers={"content-type": "application/json"}, timeout=60,
+            headers={"content-type": "application/json"}, timeout=60, verify=default_tls(),
         )  # fmt: skip
         from airflow_provider_modeldeploy.health import answer_message, prediction_problem
 

@@ -23,10 +23,14 @@ class PrometheusClient:
         import httpx
         from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_fixed
 
+        from airflow_provider_modeldeploy.hooks.tls import default_tls
+
         @retry(retry=retry_if_exception_type(httpx.TransportError), stop=stop_after_attempt(self.attempts),
                wait=wait_fixed(0.5), reraise=True)  # fmt: skip
         def call() -> httpx.Response:
-            with httpx.Client(timeout=httpx.Timeout(self.timeout, connect=3.0), transport=self.transport) as client:
+            with httpx.Client(
+                timeout=httpx.Timeout(self.timeout, connect=3.0), transport=self.transport, verify=default_tls()
+            ) as client:
                 return client.get(
                     f"{self.url}/api/v1/query_range", params={"query": query, "start": start, "end": end, "step": step}
                 )

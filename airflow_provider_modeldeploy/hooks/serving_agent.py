@@ -56,12 +56,14 @@ class AgentClient:
     def _client(self, timeout: float) -> Any:
         import httpx
 
+        from airflow_provider_modeldeploy.hooks.tls import default_tls
+
         limits = httpx.Timeout(timeout, connect=3.0)
         if self.url.startswith(UNIX_PREFIX):
-            transport = httpx.HTTPTransport(uds=self.url[len(UNIX_PREFIX) :])
+            transport = httpx.HTTPTransport(uds=self.url[len(UNIX_PREFIX) :], verify=default_tls())
             return httpx.Client(transport=transport, base_url="http://agent", timeout=limits)
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        return httpx.Client(base_url=self.url.rstrip("/"), timeout=limits, headers=headers)
+        return httpx.Client(base_url=self.url.rstrip("/"), timeout=limits, headers=headers, verify=default_tls())
 
     def _unreachable(self, reason: str) -> AgentUnreachableError:
         return AgentUnreachableError(self.host, self.url, reason)

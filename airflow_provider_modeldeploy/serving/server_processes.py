@@ -278,8 +278,12 @@ class ServerProcesses:
     def _check_staging(self, m: Managed, smoke_input: Any) -> None:
         import httpx
 
+        from airflow_provider_modeldeploy.hooks.tls import default_tls
+
         staging = str(self._paths(m.uuid)["staging"])
-        with httpx.Client(transport=httpx.HTTPTransport(uds=staging), base_url="http://staging", timeout=60) as c:
+        with httpx.Client(
+            transport=httpx.HTTPTransport(uds=staging, verify=default_tls()), base_url="http://staging", timeout=60
+        ) as c:
             try:
                 health = c.get("/health")
                 if health.status_code != 200:
