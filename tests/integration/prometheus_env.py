@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from local_http import HTTP
 
 INSTALL_HINT = "run 'sudo apt-get install -y prometheus' (scripts/test.sh installs it when run as root)"
 
@@ -82,20 +83,21 @@ class Prometheus:
         """Scrape the emulated ``cluster``'s pods (the emulator keeps a file_sd file for it)."""
         assert cluster.emulated, "a real cluster is scraped by its own Prometheus"
         target = self.workdir / "sd" / f"emulator-{cluster.emulator_url.rsplit(':', 1)[1]}.json"
-        httpx.post(f"{cluster.emulator_url}/emulator/prometheus-sd", json={"file": str(target)},
+        HTTP.post(f"{cluster.emulator_url}/emulator/prometheus-sd", json={"file": str(target)},
                    timeout=10).raise_for_status()  # fmt: skip
 
     def query(self, promql: str) -> list[dict[str, Any]]:
-        answer = httpx.get(f"{self.url}/api/v1/query", params={"query": promql}, timeout=10)
+        answer = HTTP.get(f"{self.url}/api/v1/query", params={"query": promql}, timeout=10)
         answer.raise_for_status()
         return answer.json()["data"]["result"]
 
-    def scraped_since(self, since: float, selector: str) -> bool:
-        """Whether every target matching ``selector`` (on ``up``) was scraped successfully after
+    def scraped_since(self, since: float, selector: str, targets: int = 1) -> bool:
+        """Whether every target matching ``selector`` (on ``up``), at least ``targets`` of them (a new
+        pod is a target only once Prometheus read the file_sd file again), was scraped successfully after
         ``since`` (a scrape's timestamp is its start: what was answered before ``since`` is in it; a
         failed scrape, ``up`` 0, does not count)."""
         found = self.query(f"timestamp(up{{{selector}}}) and up{{{selector}}} == 1")
-        return bool(found) and all(float(s["value"][1]) > since for s in found)
+        return len(found) >= targets and all(float(s["value"][1]) > since for s in found)
 
 
 def _free_port() -> int:
@@ -131,7 +133,7 @@ def running_prometheus(workdir: Path) -> Iterator[Prometheus]:
         ready = False
         while proc.poll() is None and time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
+                if HTTP.get(f"{url}/-/ready", timeout=2).status_code == 200:
                     ready = True
                     break
             time.sleep(0.05)
@@ -162,7 +164,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 def dump(prometheus: Prometheus) -> str:
     """The targets as Prometheus sees them, for a failure message."""
     try:
-        active = httpx.get(f"{prometheus.url}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+        active = HTTP.get(f"{prometheus.url}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
     except (httpx.HTTPError, ValueError, KeyError) as exc:
         return f"(targets unreadable: {exc})"
     return json.dumps([{k: t.get(k) for k in ("labels", "health", "lastError", "lastScrape")} for t in active])
@@ -191,12 +193,13 @@ def send(url: str, bodies: list[Any], clients: int = 4) -> Traffic:
     return Traffic([status for status, _ in answers], max(seconds for _, seconds in answers))
 
 
-def after_a_scrape(prometheus: Prometheus, selector: str, read: Any, timeout: float = 30) -> Any:
-    """``read()`` once Prometheus scraped every target of ``selector`` after now (what the pods counted
-    until now is then in its TSDB): polled with a deadline, never a fixed sleep."""
+def after_a_scrape(prometheus: Prometheus, selector: str, read: Any, timeout: float = 30, targets: int = 1) -> Any:
+    """``read()`` once Prometheus scraped every target of ``selector`` (``targets`` of them at least)
+    after now (what the pods counted until now is then in its TSDB): polled with a deadline, never a
+    fixed sleep."""
     since = time.time()
     deadline = time.monotonic() + timeout
-    while not prometheus.scraped_since(since, selector):
+    while not prometheus.scraped_since(since, selector, targets):
         assert time.monotonic() < deadline, f"no scrape of {selector} after {since}: {dump(prometheus)}"
         time.sleep(0.1)
     return read()

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+from local_http import HTTP
 
 TESTS = Path(__file__).resolve().parent
 GROUP, VERSION, PLURAL = "machinelearning.seldon.io", "v1", "seldondeployments"
@@ -150,7 +150,7 @@ class Cluster:
         via_emulator = emulator_control and self.emulated
         race = Race("emulator/concurrent-writer" if via_emulator else RACE_ANNOTATION)
         if via_emulator:
-            httpx.post(f"{self.emulator_url}/emulator/conflicts", json={"count": 1}, timeout=10).raise_for_status()
+            HTTP.post(f"{self.emulator_url}/emulator/conflicts", json={"count": 1}, timeout=10).raise_for_status()
         hook = deployer.hook
         patch = hook.patch_deployment
 

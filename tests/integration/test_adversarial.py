@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import psutil
 import pytest
 from conftest import iris_payload, use_airflow_home, wait_for
+from local_http import HTTP
 
 from airflow_provider_modeldeploy.deployers import ServiceConfig, get_model_deployer
 from airflow_provider_modeldeploy.exceptions import InvalidParameterError
@@ -71,7 +71,7 @@ class Server:
         """Master and worker are the processes deployed (none died), and a prediction answers in 10 s."""
         assert self.master.is_running() and self.master.status() != psutil.STATUS_ZOMBIE
         assert {p.pid for p in self.master.children()} == self.workers, "a worker died and was replaced"
-        answer = httpx.post(self.url, json=iris_payload(), timeout=10)
+        answer = HTTP.post(self.url, json=iris_payload(), timeout=10)
         assert answer.status_code == 200 and len(answer.json()["predictions"]) == 2, answer.text[:300]
 
 
@@ -186,7 +186,7 @@ def test_an_endless_header_line_gets_431_with_bounded_memory(server: Server) -> 
 def test_headers_within_the_limit_are_answered(server: Server) -> None:
     """Input: a prediction with 12 KiB of extra headers. Outcome: 200 (the limit is not over-eager)."""
     headers = {f"x-pad-{i}": "p" * 100 for i in range(100)}
-    answer = httpx.post(server.url, json=iris_payload(), headers=headers, timeout=10)
+    answer = HTTP.post(server.url, json=iris_payload(), headers=headers, timeout=10)
     assert answer.status_code == 200, answer.text[:300]
 
 
@@ -278,7 +278,7 @@ def test_requests_over_the_concurrency_limit_get_503_until_the_stalled_ones_time
             sock.sendall(server.head(Content_Type="application/json", Content_Length="1000") + b"{")
             stalled.append(sock)
         time.sleep(0.5)  # their headers are parsed: they hold the worker's request slots
-        answer = httpx.post(server.url, json=iris_payload(), timeout=10)
+        answer = HTTP.post(server.url, json=iris_payload(), timeout=10)
         assert answer.status_code == 503 and answer.headers["retry-after"] == "1", answer.text[:300]
         wait_for(lambda: all(closed_by_server(s) is not None for s in stalled), 4 * TIMEOUT, "the stalled to end")
     finally:

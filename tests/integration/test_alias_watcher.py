@@ -25,6 +25,7 @@ import httpx
 import pytest
 from conftest import IRIS_COLUMNS, IRIS_ROWS, ROOT, airflow_env, migrated_airflow_db, wait_for
 from cryptography.fernet import Fernet
+from local_http import HTTP
 from ui_helpers import free_port, stop_process_tree
 
 from airflow_provider_modeldeploy.deployers import get_model_deployer
@@ -77,7 +78,7 @@ class TrackingServer:
         def up() -> bool:
             assert self.proc is not None and self.proc.poll() is None, self.log()
             with contextlib.suppress(httpx.HTTPError):
-                return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+                return HTTP.get(f"{self.url}/health", timeout=2).status_code == 200
             return False
 
         wait_for(up, 180, "the MLflow tracking server", self.log)
@@ -229,7 +230,7 @@ def airflow(
 
 
 def predict_version(url: str) -> str:
-    answer = httpx.post(url, json={"dataframe_split": {"columns": IRIS_COLUMNS, "data": IRIS_ROWS}}, timeout=30)
+    answer = HTTP.post(url, json={"dataframe_split": {"columns": IRIS_COLUMNS, "data": IRIS_ROWS}}, timeout=30)
     assert answer.status_code == 200, answer.text
     return answer.headers["x-model-version"]
 

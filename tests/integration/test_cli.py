@@ -32,6 +32,7 @@ from conftest import (
     server_pids,
     use_airflow_home,
 )
+from local_http import HTTP
 
 from airflow_provider_modeldeploy.deployers import ServiceConfig, get_model_deployer
 
@@ -186,7 +187,7 @@ def test_describe_json_has_history(cli_home: Path, service: Any) -> None:
 def test_get_url_serves_predictions(cli_home: Path, service: Any) -> None:
     url = ok(cli(cli_home, "get-url", service.uuid)).strip()
     assert url == service.prediction_url
-    answer = httpx.post(url, json=iris_payload(), timeout=30)
+    answer = HTTP.post(url, json=iris_payload(), timeout=30)
     assert answer.status_code == 200 and len(answer.json()["predictions"]) == 2
     assert answer.headers["x-model-version"] == "1"
 
@@ -293,7 +294,7 @@ def test_stop_start_delete(cli_home: Path, service: Any) -> None:
     assert listed(cli_home, "--running") == []
     assert not alive(pid)
     with pytest.raises(httpx.ConnectError):
-        httpx.post(url, json=iris_payload(), timeout=10)
+        HTTP.post(url, json=iris_payload(), timeout=10)
     error = one_line_error(cli(cli_home, "get-url", service.uuid))
     assert error == f"error: uuid={service.uuid!r}: the service is inactive, it has no live prediction URL"
 
@@ -301,7 +302,7 @@ def test_stop_start_delete(cli_home: Path, service: Any) -> None:
     out = ok(cli(cli_home, "start", service.uuid))
     assert service.uuid in out and "active" in out
     assert ok(cli(cli_home, "get-url", service.uuid)).strip() == url
-    assert httpx.post(url, json=iris_payload(), timeout=30).status_code == 200
+    assert HTTP.post(url, json=iris_payload(), timeout=30).status_code == 200
     [row] = listed(cli_home, "--running")
     assert row["uuid"] == service.uuid
     started = get_model_deployer().get_model_server(service.uuid)
@@ -339,7 +340,7 @@ def test_rollback_and_promote(cli_home: Path, mlflow_models: dict[str, Any]) -> 
 
     [row] = json.loads(ok(cli(cli_home, "rollback", second.uuid, "--output", "json")))
     assert row["state"] == "active" and row["prediction_url"] == url and row["model_version"] == "1"
-    answer = httpx.post(url, json=iris_payload(), timeout=30)
+    answer = HTTP.post(url, json=iris_payload(), timeout=30)
     assert answer.status_code == 200 and answer.headers["x-model-version"] == "1"
     event = deployer.get_history("iris-cli-rb")[0]
     assert (event["action"], event["outcome"], event["details"]["previous_uuid"]) == (

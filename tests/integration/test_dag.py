@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 import pytest
 from conftest import ROOT, airflow_env, iris_payload, migrated_airflow_db, run_airflow
+from local_http import HTTP
 
 from airflow_provider_modeldeploy.deployers import find_services, get_model_deployer
 from airflow_provider_modeldeploy.triggers.health import HealthOutcome, ServedModelHealthTrigger
@@ -94,7 +94,7 @@ def dag_task(dag_id: str, task_id: str) -> Any:
 
 def served_version(url: str, sample: dict[str, Any]) -> str:
     body = {"dataframe_split": {"columns": sample["columns"], "data": sample["data"]}}
-    answer = httpx.post(url, json=body, timeout=30)
+    answer = HTTP.post(url, json=body, timeout=30)
     assert answer.status_code == 200, answer.text
     assert len(answer.json()["predictions"]) == len(sample["data"])
     return answer.headers["x-model-version"]
@@ -252,7 +252,7 @@ def test_tasks_test_deploy_then_deferrable_sensor(
     assert (service.record.dag_id, service.record.task_id) == (SENSOR_DAG, "deploy")
     assert service.record.model_uri == mlflow_models["iris_v1"] and service.record.model_version == "1"
     url = service.prediction_url
-    assert httpx.post(url, json=iris_payload(), timeout=30).status_code == 200
+    assert HTTP.post(url, json=iris_payload(), timeout=30).status_code == 200
 
     # A healthy service: the sensor's first poke succeeds, nothing is deferred.
     waited = ok(run_airflow(airflow_home, "tasks", "test", SENSOR_DAG, "wait", **env))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from local_http import HTTP
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -75,7 +76,7 @@ def mlflow_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
             def up() -> bool:
                 assert proc.poll() is None, logfile.read_text()[-3000:]
                 try:
-                    return httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200
+                    return HTTP.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200
                 except httpx.HTTPError:
                     return False
 
@@ -158,10 +159,9 @@ async def _post(app: Any, body: bytes, content_type: str | None) -> tuple[int, s
 
 def mlflow_answer(base: str, body: bytes, content_type: str | None) -> tuple[int, str | None, bytes]:
     """What the real ``mlflow models serve`` answers (its own headers aside: the compared triple)."""
-    import httpx
 
     headers = {"content-type": content_type} if content_type else {}
-    answer = httpx.post(f"{base}/invocations", content=body, headers=headers, timeout=120)
+    answer = HTTP.post(f"{base}/invocations", content=body, headers=headers, timeout=120)
     return answer.status_code, answer.headers.get("content-type"), answer.content
 
 

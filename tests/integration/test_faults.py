@@ -28,6 +28,7 @@ import httpx
 import psutil
 import pytest
 from conftest import agent_servers, agent_services, iris_payload, run_airflow, use_airflow_home, wait_for
+from local_http import HTTP
 
 from airflow_provider_modeldeploy.deployers import ServiceConfig, get_model_deployer
 from airflow_provider_modeldeploy.exceptions import DeploymentFailedError
@@ -78,7 +79,7 @@ def free_port() -> int:
 
 
 def predict(url: str, **kwargs: Any) -> httpx.Response:
-    return httpx.post(url, json=iris_payload(), timeout=30, **kwargs)
+    return HTTP.post(url, json=iris_payload(), timeout=30, **kwargs)
 
 
 def test_killed_server_is_restarted_at_the_same_url_and_stays_active(
@@ -494,7 +495,7 @@ def test_bad_payload_gets_a_4xx_with_mlflows_error_body(payload_server: Any, nam
     body, content_type = BAD_PAYLOADS[name]
     url = payload_server.prediction_url
     headers = {"content-type": content_type} if content_type else {}
-    answer = httpx.post(url, content=body, headers=headers, timeout=120)
+    answer = HTTP.post(url, content=body, headers=headers, timeout=120)
     assert 400 <= answer.status_code < 500, (answer.status_code, answer.text[:500])
     assert len(answer.content) < 16 * 1024, "the error echoes the whole request"
     if answer.status_code == 415:  # MLflow's own answer to a content type it does not read

@@ -10,10 +10,10 @@ import uuid as uuidlib
 from types import SimpleNamespace
 from typing import Any
 
-import httpx
 import psutil
 import pytest
 from conftest import iris_payload
+from local_http import HTTP
 
 from airflow_provider_modeldeploy.deployers import ServiceConfig, find_services, get_model_deployer
 from airflow_provider_modeldeploy.exceptions import ServiceNotFoundError
@@ -97,7 +97,7 @@ def test_lifecycle_operators_act_on_exactly_the_matching_services(deployer: Any,
     assert [(r["uuid"], r["state"]) for r in stopped.execute(context())] == [(one.uuid, "inactive")]
     assert states() == {one.uuid: "inactive", two.uuid: "active", evaluate.uuid: "inactive", prefixed.uuid: "inactive"}
     assert not alive(one.record.pid) and alive(two.record.pid)
-    assert httpx.post(two.prediction_url, json=iris_payload(), timeout=30).status_code == 200
+    assert HTTP.post(two.prediction_url, json=iris_payload(), timeout=30).status_code == 200
 
     started = StartServedModelOperator(task_id="start", model_name="iris-op", filter_task_id="deploy", timeout=120)
     result = {r["uuid"]: r["state"] for r in started.execute(context())}
@@ -106,14 +106,14 @@ def test_lifecycle_operators_act_on_exactly_the_matching_services(deployer: Any,
     restarted = registry.get_service(one.uuid)
     assert alive(restarted.pid) and restarted.pid != one.record.pid
     assert registry.get_service(two.uuid).pid == two.record.pid and alive(two.record.pid)
-    assert httpx.post(one.prediction_url, json=iris_payload(), timeout=30).status_code == 200
+    assert HTTP.post(one.prediction_url, json=iris_payload(), timeout=30).status_code == 200
 
     deleted = DeleteServedModelOperator(task_id="delete", filter_dag_id="train_a", timeout=60)
     result = {r["uuid"]: r["state"] for r in deleted.execute(context())}
     assert result == {one.uuid: "deleted", evaluate.uuid: "deleted"}
     assert states() == {two.uuid: "active", prefixed.uuid: "inactive"}
     assert not alive(restarted.pid) and alive(two.record.pid)
-    assert httpx.post(two.prediction_url, json=iris_payload(), timeout=30).status_code == 200
+    assert HTTP.post(two.prediction_url, json=iris_payload(), timeout=30).status_code == 200
 
     # Filters that match nothing: an error naming them, or nothing done with missing_ok.
     nothing = {"model_name": "iris-op", "filter_dag_id": "train_a", "filter_task_id": "deploy"}

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import IRIS_ROWS, run_airflow
+from local_http import HTTP
 from seldon_env import Cluster, open_cluster
 
 from airflow_provider_modeldeploy.exceptions import DeploymentFailedError, InvalidParameterError
@@ -84,7 +85,7 @@ def kserve(airflow_home: Path, mlflow_models: dict[str, Any], cluster: Cluster, 
 
 def version(url: str) -> str:
     """Which iris version answered the v1 prediction URL."""
-    answer = httpx.post(url, json={"instances": [PROBE]}, timeout=30)
+    answer = HTTP.post(url, json={"instances": [PROBE]}, timeout=30)
     assert answer.status_code == 200, answer.text[:500]
     return VERSION_OF_CLASS[answer.json()["predictions"][0]]
 
@@ -107,7 +108,7 @@ def test_deploy_replace_under_load_stop_start_logs_delete(
     base = obj["status"]["url"] if cluster.emulated else first.prediction_url.split("/v1/models/")[0]
     assert (first.prediction_url, first.health_url) == (f"{base}/v1/models/iris:predict", f"{base}/v1/models/iris")
     # The runtime's own protocol: v1 instances in, predictions out.
-    answer = httpx.post(first.prediction_url, json=V1_PAYLOAD, timeout=30)
+    answer = HTTP.post(first.prediction_url, json=V1_PAYLOAD, timeout=30)
     assert answer.status_code == 200 and answer.json()["predictions"] == [0, 2], answer.text[:300]
     assert version(first.prediction_url) == "v1"
     # The manifest: KServe's sklearn server, fed the joblib export written next to the MLflow model.
@@ -126,7 +127,7 @@ def test_deploy_replace_under_load_stop_start_logs_delete(
     def load() -> None:
         while not stop.is_set():
             try:
-                r = httpx.post(first.prediction_url, json=V1_PAYLOAD, timeout=30)
+                r = HTTP.post(first.prediction_url, json=V1_PAYLOAD, timeout=30)
                 if r.status_code != 200:
                     failures.append(f"{r.status_code}: {r.text[:100]}")
             except httpx.HTTPError as exc:
@@ -157,7 +158,7 @@ def test_deploy_replace_under_load_stop_start_logs_delete(
     cluster.eventually(lambda: not isvc_pods(cluster, "iris"), "the predictor pods are gone")
     stopped_condition = {c["type"]: c["status"] for c in isvc(cluster, "iris")["status"]["conditions"]}
     assert stopped_condition["Stopped"] == "True"
-    assert httpx.post(first.prediction_url, json=V1_PAYLOAD, timeout=30).status_code != 200
+    assert HTTP.post(first.prediction_url, json=V1_PAYLOAD, timeout=30).status_code != 200
     started = kserve.start_model_server(second.uuid, timeout=cluster.timeout)
     assert started.status.state == ServiceState.ACTIVE
     assert "serving.kserve.io/stop" not in (isvc(cluster, "iris")["metadata"].get("annotations") or {})
@@ -347,7 +348,7 @@ def test_canary_dark_launch_promote_rollback(kserve: Any, cluster: Cluster, mlfl
     main_pods = {p.metadata.name for p in isvc_pods(cluster, "iris-canary")}
 
     if cluster.emulated:  # a concurrent writer changes the object between our read and our patch: 409, re-applied
-        httpx.post(f"{cluster.emulator_url}/emulator/conflicts", json={"count": 1}, timeout=10).raise_for_status()
+        HTTP.post(f"{cluster.emulator_url}/emulator/conflicts", json={"count": 1}, timeout=10).raise_for_status()
     canary = kserve.deploy_model(
         cfg(mlflow_models["iris_v2"], "iris-canary", canary_traffic_percent=50), timeout=cluster.timeout
     )
@@ -422,23 +423,23 @@ def test_mlserver_v2_health_sensor_failed_load_and_log_follow(
     assert not model["storageUri"].endswith("kserve-sklearn")
     sensor = ServedModelHealthSensor(task_id="wait", model_name="iris-mls", sample_input=v2_columns(IRIS_ROWS))
     assert sensor.poke({}) is True
-    answer = httpx.post(first.prediction_url, json=v2_columns([PROBE]), timeout=30).json()
+    answer = HTTP.post(first.prediction_url, json=v2_columns([PROBE]), timeout=30).json()
     assert answer["model_name"] == "iris-mls" and VERSION_OF_CLASS[answer["outputs"][0]["data"][0]] == "v1"
     # MLServer names the registered version in its answers: the deploy waits until it is the new one.
     assert model["env"] == [{"name": "MLSERVER_MODEL_VERSION", "value": "1"}] and answer["model_version"] == "1"
-    assert httpx.post(f"{base}/v1/models/iris-mls:predict", json=V1_PAYLOAD, timeout=30).status_code == 404
+    assert HTTP.post(f"{base}/v1/models/iris-mls:predict", json=V1_PAYLOAD, timeout=30).status_code == 404
 
     # Following the log streams new lines as they come.
     following = mls.get_model_server_logs(first.uuid, tail=1, follow=True)
     next(following)
     if cluster.emulated:
-        httpx.post(first.prediction_url, json=v2_columns(IRIS_ROWS), timeout=30)
+        HTTP.post(first.prediction_url, json=v2_columns(IRIS_ROWS), timeout=30)
         while "POST /v2/models/iris-mls/infer" not in next(following):
             pass
     following.close()
 
     second = mls.deploy_model(config(mlflow_models["iris_v2"]), timeout=cluster.timeout)
-    answer = httpx.post(first.prediction_url, json=v2_columns([PROBE]), timeout=30).json()
+    answer = HTTP.post(first.prediction_url, json=v2_columns([PROBE]), timeout=30).json()
     assert answer["model_version"] == "2" and VERSION_OF_CLASS[answer["outputs"][0]["data"][0]] == "v2"
 
     # A model MLServer cannot load: KServe's reason, the previous spec restored, v2 keeps serving.
@@ -614,7 +615,7 @@ def test_knative_scale_from_zero_warm_up_503s_are_not_failures(
     assert isvc(cluster, "iris-zero")["spec"]["predictor"]["minReplicas"] == 0
 
     def scale_to_zero() -> None:
-        idle = httpx.post(f"{cluster.emulator_url}/emulator/scale-to-zero",
+        idle = HTTP.post(f"{cluster.emulator_url}/emulator/scale-to-zero",
                           json={"namespace": cluster.namespace, "name": "iris-zero"}, timeout=30)  # fmt: skip
         assert idle.status_code == 200, idle.text
         assert isvc_pods(cluster, "iris-zero") == []
@@ -647,7 +648,7 @@ def test_knative_scale_from_zero_warm_up_503s_are_not_failures(
     while not sensor.poke({}):
         assert time.monotonic() < deadline, "the predictor never came back from zero"
         time.sleep(0.2)
-    answer = httpx.post(served.prediction_url, json={"instances": [PROBE]}, timeout=30).json()
+    answer = HTTP.post(served.prediction_url, json={"instances": [PROBE]}, timeout=30).json()
     assert VERSION_OF_CLASS[answer["predictions"][0]] == "v1"
 
     # Where KServe keeps pods (minReplicas 1), the emulated autoscaler refuses to scale to zero.
@@ -656,7 +657,7 @@ def test_knative_scale_from_zero_warm_up_503s_are_not_failures(
     one = get_model_deployer("kserve_one").deploy_model(
         cfg(mlflow_models["iris_v1"], "iris-one"), timeout=cluster.timeout
     )
-    refused = httpx.post(f"{cluster.emulator_url}/emulator/scale-to-zero",
+    refused = HTTP.post(f"{cluster.emulator_url}/emulator/scale-to-zero",
                          json={"namespace": cluster.namespace, "name": "iris-one"}, timeout=30)  # fmt: skip
     assert refused.status_code == 409 and len(isvc_pods(cluster, "iris-one")) == 1
     get_model_deployer("kserve_one").delete_model_server(one.uuid)
@@ -770,7 +771,7 @@ def test_knative_metrics_from_a_real_prometheus(
     assert send(served.prediction_url, [V1_PAYLOAD] * 40).statuses == [200] * 40
     both = f'job="monitoring/knative-queue-proxy",pod=~"{"|".join(pods.values())}"'
     # One InferenceService: the canary's service now stands for the endpoint (see the canary test).
-    split = after_a_scrape(prometheus, both, lambda: kn.metrics(canary.uuid, "1h"))
+    split = after_a_scrape(prometheus, both, lambda: kn.metrics(canary.uuid, "1h"), targets=len(pods))
     roles = {v.model_version: v.role for v in split.versions}
     assert roles == {"iris-prom-predictor-00001": "main", "iris-prom-predictor-00002": "canary"}, roles
     counted = {v.model_version: sum(p.requests for p in v.points) for v in split.versions}

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import IRIS_COLUMNS, iris_payload, run_airflow, wait_for
+from local_http import HTTP
 from ui_helpers import running_api_server, ui_environment
 
 GOOD, BAD = 190, 10
@@ -168,7 +169,7 @@ def test_the_directory_goes_with_the_server(traffic: dict[str, Any]) -> None:
     )
     try:
         assert _metrics_dirs(off.uuid) == []
-        assert httpx.get(off.prediction_url.replace("/invocations", "/metrics"), timeout=10).status_code == 404
+        assert HTTP.get(off.prediction_url.replace("/invocations", "/metrics"), timeout=10).status_code == 404
         result = deployer.metrics(off.uuid, "1h")
         assert not result.available and "metrics=false" in result.reason
     finally:

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import IRIS_COLUMNS, IRIS_ROWS, agent_servers, wait_for
+from local_http import HTTP
 from ui_helpers import free_port, stop_process_tree
 
 from airflow_provider_modeldeploy.deployers import ServiceConfig, get_model_deployer
@@ -65,25 +66,25 @@ def auth_server(mlflow_models: dict[str, Any], tmp_path_factory: pytest.TempPath
         def up() -> bool:
             assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
             with contextlib.suppress(httpx.HTTPError):
-                return httpx.get(f"{url}/health", timeout=2).status_code == 200
+                return HTTP.get(f"{url}/health", timeout=2).status_code == 200
             return False
 
         wait_for(up, 180, "MLflow's basic-auth server", lambda: log.read_text(errors="replace")[-3000:])
         # The server really asks for credentials (else the test below proves nothing).
         search = f"{url}/api/2.0/mlflow/registered-models/get"
-        assert httpx.get(search, params={"name": "iris"}, timeout=10).status_code == 401
+        assert HTTP.get(search, params={"name": "iris"}, timeout=10).status_code == 401
         for user, password in (("alice", ALICE_PASSWORD), ("bob", BOB_PASSWORD)):
-            created = httpx.post(
+            created = HTTP.post(
                 f"{url}/api/2.0/mlflow/users/create",
                 json={"username": user, "password": password},
                 auth=("admin", ADMIN_PASSWORD),
                 timeout=30,
             )
             assert created.status_code == 200, created.text
-        assert httpx.get(search, params={"name": "iris"}, auth=("alice", ALICE_PASSWORD), timeout=10).status_code == 403
+        assert HTTP.get(search, params={"name": "iris"}, auth=("alice", ALICE_PASSWORD), timeout=10).status_code == 403
         # Least privilege: nobody reads anything unless granted; the admin grants alice READ on iris
         # through MLflow's permissions API, and bob nothing.
-        granted = httpx.post(
+        granted = HTTP.post(
             f"{url}/api/3.0/mlflow/users/permissions/grant",
             json={
                 "username": "alice",
@@ -95,8 +96,8 @@ def auth_server(mlflow_models: dict[str, Any], tmp_path_factory: pytest.TempPath
             timeout=30,
         )
         assert granted.status_code == 200, granted.text
-        assert httpx.get(search, params={"name": "iris"}, auth=("alice", ALICE_PASSWORD), timeout=10).is_success
-        assert httpx.get(search, params={"name": "iris"}, auth=("bob", BOB_PASSWORD), timeout=10).status_code == 403
+        assert HTTP.get(search, params={"name": "iris"}, auth=("alice", ALICE_PASSWORD), timeout=10).is_success
+        assert HTTP.get(search, params={"name": "iris"}, auth=("bob", BOB_PASSWORD), timeout=10).status_code == 403
         yield url
     finally:
         stop_process_tree(proc.pid)
@@ -112,7 +113,7 @@ def use_connection(monkeypatch: pytest.MonkeyPatch, conn_id: str, url: str, **au
 
 
 def predict(url: str) -> list[Any]:
-    answer = httpx.post(url, json={"dataframe_split": {"columns": IRIS_COLUMNS, "data": IRIS_ROWS}}, timeout=30)
+    answer = HTTP.post(url, json={"dataframe_split": {"columns": IRIS_COLUMNS, "data": IRIS_ROWS}}, timeout=30)
     assert answer.status_code == 200, answer.text
     return answer.json()["predictions"]
 

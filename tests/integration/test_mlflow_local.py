@@ -22,6 +22,7 @@ import httpx
 import psutil
 import pytest
 from conftest import agent_servers, agent_services, iris_payload, service_pids, wait_for
+from local_http import HTTP
 
 from airflow_provider_modeldeploy.deployers import ServiceConfig, get_model_deployer
 from airflow_provider_modeldeploy.exceptions import DeploymentFailedError, InvalidParameterError
@@ -30,7 +31,7 @@ from airflow_provider_modeldeploy.services import Lineage, ServiceState
 
 
 def predict(url: str) -> httpx.Response:
-    return httpx.post(url, json=iris_payload(), timeout=30)
+    return HTTP.post(url, json=iris_payload(), timeout=30)
 
 
 def alive(pid: int) -> bool:
@@ -53,7 +54,7 @@ def test_deploy_replace_rollback_stop_start_delete(deployer: Any, mlflow_models:
     assert answer.status_code == 200 and len(answer.json()["predictions"]) == 2
     assert answer.headers["x-model-version"] == "1"
     for path in ("/ping", "/health", "/version"):
-        assert httpx.get(url.replace("/invocations", path), timeout=10).status_code == 200
+        assert HTTP.get(url.replace("/invocations", path), timeout=10).status_code == 200
 
     # Replace keeps the URL; the old server is drained and gone.
     second = deployer.deploy_model(ServiceConfig(model_uri=mlflow_models["iris_v2"], model_name="iris"))
@@ -185,7 +186,7 @@ def test_another_installations_agent_is_used_not_restarted(
         monkeypatch.setenv("AIRFLOW__MODELDEPLOY__AGENT_STATE_DIR", own)  # this installation's records
         assert local_agent().health()["pid"] != pid
         assert local_agent().status(service.uuid)["phase"] == "active"
-        assert httpx.post(service.prediction_url, json=iris_payload(), timeout=30).status_code == 200
+        assert HTTP.post(service.prediction_url, json=iris_payload(), timeout=30).status_code == 200
     finally:
         monkeypatch.undo()
         deployer.delete_model_server(service.uuid)
@@ -315,7 +316,7 @@ def test_uri_forms_replace_in_place_and_a_failed_smoke_or_replace_false_changes_
     outside = outside_address()
     if outside is not None:
         with pytest.raises(httpx.ConnectError):
-            httpx.post(f"http://{outside}:{port}/invocations", json=iris_payload(), timeout=10)
+            HTTP.post(f"http://{outside}:{port}/invocations", json=iris_payload(), timeout=10)
 
     # A replace whose model loads but fails the smoke prediction (the probe raises on its own input
     # example): the task fails naming the cause; the old server serves on, and nothing is left of the new.
@@ -400,7 +401,7 @@ def test_connection_fields_host_workers_timeout_and_registry_uri(
     assert listening(record.pid) == {("0.0.0.0", port)}
     for host in ("127.0.0.1", outside_address()):
         if host is not None:
-            answer = httpx.post(f"http://{host}:{port}/invocations", json=probe_payload(0), timeout=30)
+            answer = HTTP.post(f"http://{host}:{port}/invocations", json=probe_payload(0), timeout=30)
             assert answer.status_code == 200, (host, answer.text)
     url = f"http://127.0.0.1:{port}/invocations"
 
@@ -409,7 +410,7 @@ def test_connection_fields_host_workers_timeout_and_registry_uri(
     assert len(workers) == 2, workers
 
     def scored_by() -> int:
-        answer = httpx.post(url, json=probe_payload(0.05), headers={"connection": "close"}, timeout=30)
+        answer = HTTP.post(url, json=probe_payload(0.05), headers={"connection": "close"}, timeout=30)
         assert answer.status_code == 200, answer.text
         return answer.json()["predictions"][0]
 
@@ -426,11 +427,11 @@ def test_connection_fields_host_workers_timeout_and_registry_uri(
 
     # timeout: a request longer than 2 s is cut at 2 s with 504; a shorter one is answered.
     started = time.monotonic()
-    cut = httpx.post(url, json=probe_payload(4), timeout=30)
+    cut = HTTP.post(url, json=probe_payload(4), timeout=30)
     took = time.monotonic() - started
     assert cut.status_code == 504 and "exceeded" in cut.text, cut.text
     assert 1.9 <= took < 3.9, took
-    assert httpx.post(url, json=probe_payload(0.2), timeout=30).status_code == 200
+    assert HTTP.post(url, json=probe_payload(0.2), timeout=30).status_code == 200
 
     tree = service_pids(service.uuid)
     deployer.delete_model_server(service.uuid, force=True)  # the cut request's model call still sleeps

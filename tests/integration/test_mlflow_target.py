@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import IRIS_COLUMNS, IRIS_ROWS, airflow_env
+from local_http import HTTP
 from mlflow.deployments import get_deploy_client
 from mlflow.exceptions import MlflowException
 
@@ -54,7 +55,7 @@ def cli_env(airflow_home: Path, mlflow_models: dict[str, Any], monkeypatch: pyte
 
 
 def predict_version(url: str) -> str:
-    answer = httpx.post(url, json={"dataframe_split": {"columns": IRIS_COLUMNS, "data": IRIS_ROWS}}, timeout=30)
+    answer = HTTP.post(url, json={"dataframe_split": {"columns": IRIS_COLUMNS, "data": IRIS_ROWS}}, timeout=30)
     assert answer.status_code == 200, answer.text
     return answer.headers["x-model-version"]
 
@@ -78,7 +79,7 @@ def test_mlflow_cli_create_predict_update_list_delete(
     predicted = ok(
         mlflow_cli(airflow_home, "predict", "-t", target, "--name", NAME, "--input-path", str(rows), env=cli_env)
     )
-    expected = httpx.post(url, json={"dataframe_split": {"columns": IRIS_COLUMNS, "data": IRIS_ROWS}}, timeout=30)
+    expected = HTTP.post(url, json={"dataframe_split": {"columns": IRIS_COLUMNS, "data": IRIS_ROWS}}, timeout=30)
     assert json.loads(predicted.strip().splitlines()[-1]) == expected.json()
 
     # A second create of the same name is refused with our words; the served model is untouched.
@@ -113,7 +114,7 @@ def test_mlflow_cli_create_predict_update_list_delete(
     ok(mlflow_cli(airflow_home, "delete", "-t", target, "--name", NAME, env=cli_env))
     assert deployer.find_model_server(endpoint=NAME) == []
     with pytest.raises(httpx.HTTPError):
-        httpx.post(url, json={"dataframe_split": {"columns": IRIS_COLUMNS, "data": IRIS_ROWS}}, timeout=5)
+        HTTP.post(url, json={"dataframe_split": {"columns": IRIS_COLUMNS, "data": IRIS_ROWS}}, timeout=5)
     client.delete_deployment(NAME)  # idempotent
     with pytest.raises(MlflowException, match=f"no deployment named '{NAME}'") as gone:
         client.get_deployment(NAME)

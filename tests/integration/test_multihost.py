@@ -30,6 +30,7 @@ import httpx
 import psutil
 import pytest
 from conftest import PG_BASE, ROOT, iris_payload, migrated_airflow_db, wait_for
+from local_http import HTTP
 from multihost import Network, available
 
 AGENT_PORT = 7400
@@ -107,7 +108,7 @@ class Cluster:
         assert self.agent.poll() is None, self.agent_log()
         with contextlib.suppress(httpx.HTTPError):
             url = f"http://{self.net['serving'].address}:{AGENT_PORT}/v1/health"
-            return httpx.get(url, headers={"Authorization": f"Bearer {self.token}"}, timeout=2).status_code == 200
+            return HTTP.get(url, headers={"Authorization": f"Bearer {self.token}"}, timeout=2).status_code == 200
         return False
 
     def agent_log(self) -> str:
@@ -165,7 +166,7 @@ def stop_served(cluster: Cluster) -> None:
     pids = set()
     with contextlib.suppress(Exception):
         url = f"http://{cluster.net['serving'].address}:{AGENT_PORT}/v1/services"
-        answer = httpx.get(url, headers={"Authorization": f"Bearer {cluster.token}"}, timeout=5).json()
+        answer = HTTP.get(url, headers={"Authorization": f"Bearer {cluster.token}"}, timeout=5).json()
         pids = {s["pid"] for s in answer["services"] if s.get("pid")}
     for pid in pids:
         with contextlib.suppress(psutil.Error):
@@ -199,11 +200,11 @@ def api(cluster: Cluster, airflow_db_template: Path) -> Iterator[dict[str, Any]]
     def up() -> bool:
         assert proc.poll() is None, (home / "api-server.out").read_text()[-3000:]
         with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(f"{url}/api/v2/monitor/health", timeout=5).status_code == 200
+            return HTTP.get(f"{url}/api/v2/monitor/health", timeout=5).status_code == 200
         return False
 
     wait_for(up, 300, "the api-server", lambda: (home / "api-server.out").read_text()[-3000:])
-    token = httpx.post(f"{url}/auth/token", json={"username": "admin", "password": password}, timeout=30).json()
+    token = HTTP.post(f"{url}/auth/token", json={"username": "admin", "password": password}, timeout=30).json()
     client = httpx.Client(
         base_url=f"{url}/served-models/api", headers={"Authorization": f"Bearer {token['access_token']}"}, timeout=600
     )

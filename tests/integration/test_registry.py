@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import psutil
 import pytest
 import sqlalchemy as sa
 from conftest import agent_servers, iris_payload, run_airflow
+from local_http import HTTP
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
@@ -448,7 +448,7 @@ def test_four_processes_deploy_one_endpoint_at_once(
     [active] = services
     assert active.state == ServiceState.ACTIVE and active.uuid == succeeded[-1]["uuid"]
     assert len({r["url"] for r in succeeded}) == 1, "the endpoint's URL changed between replaces"
-    answer = httpx.post(active.prediction_url, json=iris_payload(), timeout=30)
+    answer = HTTP.post(active.prediction_url, json=iris_payload(), timeout=30)
     assert answer.status_code == 200 and answer.headers["x-model-version"] == active.model_version
 
     # Exactly one server process tree: the active service's master and its workers.

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import IRIS_COLUMNS, IRIS_ROWS, ROOT, airflow_env, migrated_airflow_db, run_airflow
+from local_http import HTTP
 from seldon_env import RACE_ANNOTATION, Cluster, open_cluster
 
 from airflow_provider_modeldeploy.exceptions import DeploymentFailedError, InvalidParameterError
@@ -61,12 +62,12 @@ def seldon(airflow_home: Path, mlflow_models: dict[str, Any], cluster: Cluster, 
 
 
 def predict(url: str) -> httpx.Response:
-    return httpx.post(url, json=SELDON_PAYLOAD, timeout=30)
+    return HTTP.post(url, json=SELDON_PAYLOAD, timeout=30)
 
 
 def version(url: str) -> str:
     """Which iris version answered the Seldon-protocol prediction URL."""
-    answer = httpx.post(url, json={"data": {"names": IRIS_COLUMNS, "ndarray": [PROBE]}}, timeout=30)
+    answer = HTTP.post(url, json={"data": {"names": IRIS_COLUMNS, "ndarray": [PROBE]}}, timeout=30)
     assert answer.status_code == 200, answer.text[:500]
     return VERSION_OF_CLASS[answer.json()["data"]["ndarray"][0]]
 
@@ -103,7 +104,7 @@ def test_deploy_replace_stop_start_delete(seldon: Any, cluster: Cluster, mlflow_
     assert (url, first.health_url) == (f"{base}/api/v1.0/predictions", f"{base}/api/v1.0/health/status")
     answer = predict(url)
     assert answer.status_code == 200 and len(answer.json()["data"]["ndarray"]) == 2
-    assert httpx.get(first.health_url, timeout=30).status_code == 200
+    assert HTTP.get(first.health_url, timeout=30).status_code == 200
     assert version(url) == "v1"
     obj = cluster.sdep("iris")
     labels = obj["metadata"]["labels"]
@@ -244,7 +245,7 @@ def test_replicas_two_pods_serve_log_roll_and_go(seldon: Any, cluster: Cluster, 
     assert answer.status_code == 200 and answer.headers.get("seldon-puid")
     assert set(answer.json()) == set(fixture) and set(answer.json()["data"]) == set(fixture["data"])
     assert answer.json()["data"]["names"] == [] and list(answer.json()["meta"]["requestPath"]) == ["model"]
-    health = httpx.get(first.health_url, timeout=30)
+    health = HTTP.get(first.health_url, timeout=30)
     assert (health.status_code, health.content) == (200, b"")
 
     # Both pods answer: the requests spread over the replicas (each pod's log has its requests,
@@ -319,7 +320,7 @@ def test_v2_protocol_end_to_end(
         return ServiceConfig(model_uri=uri, model_name="iris-v2", smoke_input=v2_payload(IRIS_ROWS))
 
     def v2_version(url: str) -> str:
-        answer = httpx.post(url, json=v2_payload([PROBE]), timeout=30)
+        answer = HTTP.post(url, json=v2_payload([PROBE]), timeout=30)
         assert answer.status_code == 200, answer.text[:500]
         return VERSION_OF_CLASS[answer.json()["outputs"][0]["data"][0]]
 
@@ -336,12 +337,11 @@ def test_v2_protocol_end_to_end(
     sensor = ServedModelHealthSensor(task_id="wait", model_name="iris-v2", sample_input=v2_payload(IRIS_ROWS))
     assert sensor.poke({}) is True
     assert (
-        httpx.get(f"{cluster.ingress}/seldon/{cluster.namespace}/iris-v2/v2/health/ready", timeout=30).status_code
-        == 200
+        HTTP.get(f"{cluster.ingress}/seldon/{cluster.namespace}/iris-v2/v2/health/ready", timeout=30).status_code == 200
     )
 
     # Predictions in MLServer's V2 response shape; the Seldon protocol's route is not served.
-    answer = httpx.post(first.prediction_url, json=v2_payload(IRIS_ROWS), timeout=30).json()
+    answer = HTTP.post(first.prediction_url, json=v2_payload(IRIS_ROWS), timeout=30).json()
     assert answer["model_name"] == "model"
     [output] = answer["outputs"]
     assert output["datatype"] == "INT64" and output["shape"][0] == 2 and output["data"] == [0, 2]
@@ -349,7 +349,7 @@ def test_v2_protocol_end_to_end(
     seldon_route = f"{cluster.ingress}/seldon/{cluster.namespace}/iris-v2/api/v1.0/predictions"
     assert predict(seldon_route).status_code == 404
     assert (
-        httpx.post(first.prediction_url.replace("/model/", "/iris-v2/"), json=v2_payload(IRIS_ROWS)).status_code == 404
+        HTTP.post(first.prediction_url.replace("/model/", "/iris-v2/"), json=v2_payload(IRIS_ROWS)).status_code == 404
     )
 
     # Replace in place: same URL, v2 answers; then delete.

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from conftest import run_airflow
+from local_http import HTTP
 from ui_helpers import ApiServer, running_api_server, seed_rows, ui_environment
 
 from airflow_provider_modeldeploy.registry.store import HOSTNAME
@@ -329,7 +330,7 @@ def test_browser_list_detail_and_actions(ui: dict[str, Any], browser: Any) -> No
     _row(page, ui["real"]).locator(".state").filter(has_text="Running").wait_for(timeout=300_000)
     record = ui["registry"].get_service(ui["real"])
     assert record.state == "active"
-    assert httpx.get(record.health_url, timeout=30).status_code == 200
+    assert HTTP.get(record.health_url, timeout=30).status_code == 200
     history = ui["registry"].list_events("mlflow", "iris-ui")
     assert [e["actor"] for e in history[:2]] == [f"admin (Airflow UI on {HOSTNAME})"] * 2
 

@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import migrated_pg_registry, pg_schema
+from local_http import HTTP
 from ui_helpers import ApiServer, running_api_server, ui_environment
 
 from airflow_provider_modeldeploy.registry.store import HOSTNAME
@@ -248,7 +249,7 @@ def test_slow_actions_answer_202_are_bounded_and_leave_the_server_responsive(aut
         assert codes[-1].headers["retry-after"] and "under way" in codes[-1].json()["detail"]
         started = time.monotonic()
         assert admin.get("/api/services").status_code == 200
-        assert httpx.get(f"{server.url}/api/v2/monitor/health", timeout=10).status_code == 200
+        assert HTTP.get(f"{server.url}/api/v2/monitor/health", timeout=10).status_code == 200
         assert time.monotonic() - started < 10
         # Polling: the action ends (the agent's silence is an error that names it) and says so.
         poll = admin.get(action["status_url"].removeprefix("/served-models"))

@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import psutil
 from conftest import airflow_env, migrated_airflow_db
+from local_http import HTTP
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "/served-models"
@@ -52,7 +53,7 @@ class ApiServer:
 
     def token(self, user: str) -> str:
         if user not in self._tokens:
-            resp = httpx.post(
+            resp = HTTP.post(
                 f"{self.url}/auth/token", json={"username": user, "password": self.passwords[user]}, timeout=30
             )
             assert resp.status_code in (200, 201), resp.text
@@ -145,7 +146,7 @@ def running_api_server(
         while True:
             assert proc.poll() is None, f"api-server exited: {server.log_tail()}"
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{server.url}/api/v2/monitor/health", timeout=5).status_code == 200:
+                if HTTP.get(f"{server.url}/api/v2/monitor/health", timeout=5).status_code == 200:
                     break
             assert time.monotonic() < deadline, f"api-server not up after {startup_timeout}s: {server.log_tail()}"
             time.sleep(0.5)

@@ -37,7 +37,7 @@ from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+from local_http import HTTP
 
 PLURAL = "inferenceservices"
 STOP = "serving.kserve.io/stop"
@@ -444,7 +444,7 @@ def _forward(server: PredictorPod, name: str, method: str, route: str, body: Any
             answer["model_version"] = server.model_version
         server.access_log(method, route, code)
         return code, answer if answer is not None else {"detail": "Not Found"}
-    answer = httpx.request(
+    answer = HTTP.request(
         method, f"http://127.0.0.1:{server.port}/{route}", timeout=60,
         content=json.dumps(body) if body is not None else None, headers={"content-type": "application/json"},
     )  # fmt: skip

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import httpx
+from local_http import HTTP
 
 from k8s_emulator import crd_validation, kserve
 from k8s_emulator.metrics import SeldonExecutorMetrics, executor_service
@@ -940,7 +940,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def _health(server: ModelServer) -> int:
-    return httpx.get(f"http://127.0.0.1:{server.port}/health", timeout=10).status_code
+    return HTTP.get(f"http://127.0.0.1:{server.port}/health", timeout=10).status_code
 
 
 #: An answer without a body (the executor's health routes, MLServer's ready routes).
@@ -1010,7 +1010,7 @@ def mlflow_server_predict(server: ModelServer, body: Any) -> tuple[int, Any]:
         request: dict[str, Any] = {"inputs": rows}
     else:
         request = {"dataframe_split": {"data": rows, **({"columns": names} if names else {})}}
-    answer = httpx.post(f"http://127.0.0.1:{server.port}/invocations", json=request, timeout=60)
+    answer = HTTP.post(f"http://127.0.0.1:{server.port}/invocations", json=request, timeout=60)
     if answer.status_code != 200:
         try:
             message = answer.json().get("message") or answer.text
@@ -1119,7 +1119,7 @@ def mlserver_infer(server: ModelServer, name: str, body: Any) -> tuple[int, Any]
         request = v2_to_mlflow(body)
     except ApiError:
         return 500, INTERNAL_ERROR
-    answer = httpx.post(f"http://127.0.0.1:{server.port}/invocations", json=request, timeout=60)
+    answer = HTTP.post(f"http://127.0.0.1:{server.port}/invocations", json=request, timeout=60)
     if answer.status_code != 200:
         return 500, INTERNAL_ERROR
     out = mlflow_to_v2(server.node, answer.json().get("predictions"))
@@ -1222,7 +1222,7 @@ def v2_route(server: ModelServer, method: str, route: str, body: Any) -> tuple[i
         request = v2_to_mlflow(body)
     except ApiError as exc:
         return 400, {"error": exc.message}
-    answer = httpx.post(f"http://127.0.0.1:{server.port}/invocations", json=request, timeout=60)
+    answer = HTTP.post(f"http://127.0.0.1:{server.port}/invocations", json=request, timeout=60)
     if answer.status_code != 200:
         return answer.status_code, {"error": answer.text[:500]}
     return 200, mlflow_to_v2(server.node, answer.json().get("predictions"))
