@@ -189,14 +189,10 @@ class Sampler:
         """Read one server's page and record it; 1 if read (a server that does not answer is skipped)."""
         import httpx
 
-        from airflow_provider_modeldeploy.hooks.tls import default_tls
-
-        staging = str(self.agent._paths(m.uuid)["staging"])
         generation = f"{m.pid}:{m.started}"
         with self.lock:
             try:
-                transport = httpx.HTTPTransport(uds=staging, verify=default_tls())
-                with httpx.Client(transport=transport, base_url="http://staging", timeout=5) as client:
+                with self.agent.staging_client(m, timeout=5) as client:
                     answer = client.get("/metrics")
             except (httpx.HTTPError, OSError):
                 return 0

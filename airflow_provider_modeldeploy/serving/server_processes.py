@@ -123,6 +123,15 @@ class ServerProcesses:
             "record": self.records_dir / f"{uuid}.json",
         }
 
+    def staging_client(self, m: Managed, timeout: float) -> Any:
+        """An httpx client of ``m``'s staging socket (only the agent talks to a server there)."""
+        import httpx
+
+        from airflow_provider_modeldeploy.hooks.tls import default_tls
+
+        transport = httpx.HTTPTransport(uds=str(self._paths(m.uuid)["staging"]), verify=default_tls())
+        return httpx.Client(transport=transport, base_url="http://staging", timeout=timeout)
+
     # -- processes -------------------------------------------------------------------------------
 
     def _process(self, m: Managed) -> Any:
@@ -278,12 +287,7 @@ class ServerProcesses:
     def _check_staging(self, m: Managed, smoke_input: Any) -> None:
         import httpx
 
-        from airflow_provider_modeldeploy.hooks.tls import default_tls
-
-        staging = str(self._paths(m.uuid)["staging"])
-        with httpx.Client(
-            transport=httpx.HTTPTransport(uds=staging, verify=default_tls()), base_url="http://staging", timeout=60
-        ) as c:
+        with self.staging_client(m, timeout=60) as c:
             try:
                 health = c.get("/health")
                 if health.status_code != 200:
