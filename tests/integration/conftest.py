@@ -32,7 +32,9 @@ def iris_payload(rows: list[list[float]] | None = None) -> dict[str, Any]:
     return {"dataframe_split": {"columns": IRIS_COLUMNS, "data": rows or IRIS_ROWS}}
 
 
-SERVING_MODULES = (SERVER_MODULE, "airflow_provider_modeldeploy.serving.forkserver")
+#: The command lines of model servers: exec'd, forked by an agent's fork server, or (the emulator's pods)
+#: forked by the emulator's kubelet.
+SERVING_MODULES = (SERVER_MODULE, "airflow_provider_modeldeploy.serving.forkserver", "k8s_emulator.kubelet")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -58,8 +60,8 @@ def _xdist_group(config: pytest.Config, item: pytest.Item, name: str) -> None:
 
 
 def server_pids() -> set[int]:
-    """Model server processes (masters and workers), started by an agent's fork server or exec'd.
-    The fork server itself (cwd /) shares their command line and is not one of them."""
+    """Model server processes (masters and workers), started by an agent's fork server or exec'd, and
+    the emulator's pods. The fork servers themselves (cwd /) share their command lines and are not."""
     pids = set()
     for proc in psutil.process_iter(["pid", "cmdline", "cwd"]):
         cmdline = proc.info.get("cmdline") or []

@@ -28,7 +28,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid as uuidlib
 from dataclasses import dataclass, field
@@ -38,6 +37,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from local_http import HTTP
+
+from k8s_emulator import kubelet
 
 PLURAL = "inferenceservices"
 STOP = "serving.kserve.io/stop"
@@ -82,10 +83,10 @@ class PredictorPod:
             return
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "_AIRFLOW"))}
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "k8s_emulator.sklearn_server", "--model-dir", str(models),
-                 "--model-name", isvc, "--state-file", str(self.state_path)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            self.proc = kubelet.current().run(
+                "k8s_emulator.sklearn_server",
+                ["--model-dir", str(models), "--model-name", isvc, "--state-file", str(self.state_path)],
+                env, os.getcwd(), log.fileno(),
             )  # fmt: skip
 
     def knative(self, revision: str) -> None:

@@ -56,7 +56,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from local_http import HTTP
 
-from k8s_emulator import crd_validation, kserve
+from k8s_emulator import crd_validation, kserve, kubelet
 from k8s_emulator.metrics import SeldonExecutorMetrics, executor_service
 
 SERVER_MODULE = "airflow_provider_modeldeploy.serving.mlflow_server"
@@ -192,12 +192,11 @@ class ModelServer:
         self.port = sock.getsockname()[1]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "_AIRFLOW"))}
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", SERVER_MODULE, "--service-uuid", self.key, "--model-uri", model_uri,
-                 "--model-name", predictor, "--listen-fd", str(sock.fileno()), "--runtime-dir", str(run),
-                 "--start-timeout", "120"],
-                pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=str(workdir), env=env, start_new_session=True,
+            self.proc = kubelet.current().run(
+                SERVER_MODULE,
+                ["--service-uuid", self.key, "--model-uri", model_uri, "--model-name", predictor,
+                 "--listen-fd", "{listen_fd}", "--runtime-dir", str(run), "--start-timeout", "120"],
+                env, str(workdir), log.fileno(), listen=sock.fileno(),
             )  # fmt: skip
         sock.close()
 
@@ -1298,6 +1297,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port-file", required=True)
     args = parser.parse_args(argv)
     cluster = Cluster(Path(args.workdir))
+    kubelet.current()  # imports the model servers' libraries while the first objects are created
     Handler.cluster = cluster
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     cluster.url = f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -1317,6 +1317,7 @@ def main(argv: list[str] | None = None) -> int:
         httpd.serve_forever(poll_interval=0.2)
     finally:
         cluster.shutdown()
+        kubelet.stop()
     return 0
 
 
