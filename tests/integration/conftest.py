@@ -463,12 +463,8 @@ def migrated_airflow_db(template: Path, home: Path) -> Path:
 
 
 def run_airflow(home: Path, *args: str, timeout: float = 600, **extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(Path(sys.executable).parent / "airflow"), *args],
-        capture_output=True,
-        text=True,
-        env=airflow_env(home, **extra),
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+    """``airflow *args`` in ``home``, as ``subprocess.run`` with its output captured: the installed
+    console script, forked from an interpreter with Airflow's libraries imported (cli_forker.py)."""
+    from cli_forker import run_airflow_cli
+
+    return run_airflow_cli(list(args), airflow_env(home, **extra), timeout)

@@ -26,7 +26,9 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, NoReturn
+
+from cli_forker import run_as_main
 
 MODULE = "k8s_emulator.kubelet"
 #: What the containers import at start-up: the serving agent's fork server's list (the model server's
@@ -122,13 +124,10 @@ class Container:
 # -- in the kubelet process ----------------------------------------------------------------------
 
 
-def _run_container(request: dict[str, Any], fds: list[int]) -> None:
-    """In the forked child: become ``python -m <module> <args>``; never returns."""
-    import atexit
+def _run_container(request: dict[str, Any], fds: list[int]) -> NoReturn:
+    """In the forked child: become ``python -m <module> <args>``."""
     import runpy
-    import traceback
 
-    code = 1
     try:
         os.setsid()  # signal dispositions: the interpreter's at start-up (this process sets none)
         null = os.open(os.devnull, os.O_RDONLY)
@@ -142,24 +141,9 @@ def _run_container(request: dict[str, Any], fds: list[int]) -> None:
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
         sys.argv = [request["module"], *(arg.replace("{listen_fd}", listen) for arg in request["args"])]
-        try:
-            runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-            if not isinstance(exc.code, int | None):
-                print(exc.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        with contextlib.suppress(BaseException):
-            threading._shutdown()  # type: ignore[attr-defined]  # as the interpreter does at exit
-            atexit._run_exitfuncs()
-    finally:
-        with contextlib.suppress(BaseException):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)
+    except BaseException:
+        os._exit(1)
+    run_as_main(lambda: runpy.run_module(request["module"], run_name="__main__", alter_sys=True))
 
 
 def main(argv: list[str] | None = None) -> int:

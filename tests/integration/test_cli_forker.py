@@ -1,0 +1,65 @@
+"""The tests' ``airflow`` commands forked from a preloaded interpreter (cli_forker.py) answer as the
+same commands exec'd do: exit code, stdout, stderr's error line; a timeout kills the command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from cli_forker import AIRFLOW, Forker
+from conftest import airflow_env, wait_for
+
+
+@pytest.fixture(scope="module")
+def forker() -> Iterator[Forker]:
+    forker = Forker()
+    yield forker
+    forker.listener.close()
+    forker.proc.wait(30)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["version"],
+        ["served-models", "list", "-o", "json"],
+        ["served-models", "describe", "no-such-uuid"],  # exits 1 with one error line
+        ["served-models", "list", "--limit", "-1"],  # argparse: exits 2
+        ["no-such-command"],
+    ],
+)
+def test_forked_commands_answer_as_exec_d_ones(forker: Forker, args: list[str], tmp_path: Path) -> None:
+    env = airflow_env(tmp_path / "airflow")
+    assert forker.serves(env)
+    forked = forker.run(args, env, timeout=120)
+    exec_d = subprocess.run(
+        [str(AIRFLOW), *args], capture_output=True, text=True, env=env, timeout=120, stdin=subprocess.DEVNULL
+    )
+    assert forked.returncode == exec_d.returncode, (forked.stderr[-2000:], exec_d.stderr[-2000:])
+    assert forked.stdout == exec_d.stdout
+    assert forked.stderr.strip().splitlines()[-1:] == exec_d.stderr.strip().splitlines()[-1:]
+    assert "Traceback" not in forked.stderr
+
+
+def test_a_timeout_kills_the_command(forker: Forker, tmp_path: Path) -> None:
+    env = airflow_env(tmp_path / "airflow")
+    (tmp_path / "empty.db").touch()  # `db check-migrations` waits for migrations that never come
+    env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{tmp_path / 'empty.db'}"
+    server = psutil.Process(forker.proc.pid)
+    with pytest.raises(subprocess.TimeoutExpired):
+        forker.run(["db", "check-migrations", "-t", "600"], env, timeout=5)
+
+    def running() -> list[psutil.Process]:
+        return [p for p in server.children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+
+    wait_for(lambda: not running(), 15, "the command and its monitor to end", lambda: running())
+
+
+def test_an_interpreter_set_up_differently_is_not_served(forker: Forker, tmp_path: Path) -> None:
+    env = airflow_env(tmp_path / "airflow")
+    assert not forker.serves({**env, "PYTHONPATH": os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])})
+    assert not forker.serves({**env, "PYTHONHASHSEED": "1"})
