@@ -398,7 +398,10 @@ def pick(cluster: Any, ns: str, name: str, lock: Any) -> PredictorPod | None:
             return None
         st = STATES.get((ns, name))
         if st is not None and st.zeroed:
+            # The pods this request has started were not there when it came: the mesh answers it 503
+            # (however fast the runtime then loads: the emulator's containers start in milliseconds).
             _activate(cluster, ns, name)
+            return None
         live = [(s, w) for s, w in (st.serving.values() if st else []) if s.alive()]
     if not live:
         return None
