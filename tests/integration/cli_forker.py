@@ -1,10 +1,11 @@
-"""Run ``airflow`` commands forked from an interpreter that has already imported Airflow's libraries.
+"""Run ``airflow`` (and ``mlflow``) commands forked from an interpreter that has already imported
+Airflow's libraries.
 
 The suite runs a hundred-odd one-shot ``airflow`` commands; each spent some 1.3 s of its 2 s start-up
 importing third-party libraries (SQLAlchemy, pydantic, pendulum, libcst, rich, FastAPI, Cadwyn...) on a
 CPU-bound machine. The fork server here imports those once (never Airflow itself, nor the provider,
 nor MLflow: they read AIRFLOW_HOME and the configuration when imported, and are imported in each
-command as in a new process). A command is the installed ``airflow`` console script run as
+command as in a new process). A command is the installed console script (``airflow``, ``mlflow``) run as
 ``__main__`` in a forked child with the caller's arguments, environment, working directory and stdio,
 exiting as the interpreter does (non-daemon threads joined, ``atexit`` handlers run, streams flushed).
 
@@ -33,7 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-AIRFLOW = Path(sys.executable).parent / "airflow"
+BIN = Path(sys.executable).parent
+AIRFLOW = BIN / "airflow"
 #: Variables read by the interpreter as it starts: a command whose values differ is exec'd.
 STARTUP_VARS = (
     "PYTHONPATH", "PYTHONSAFEPATH", "PYTHONHOME", "PYTHONHASHSEED", "PYTHONWARNINGS", "PYTHONDONTWRITEBYTECODE",
@@ -83,9 +85,11 @@ class Forker:
     def serves(self, env: dict[str, str]) -> bool:
         return self.proc.poll() is None and _startup(env) == self.startup
 
-    def run(self, args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
-        """``airflow *args`` as ``subprocess.run(..., capture_output=True, text=True, timeout=timeout)``."""
-        argv = [str(AIRFLOW), *args]
+    def run(
+        self, args: list[str], env: dict[str, str], timeout: float, script: Path = AIRFLOW
+    ) -> subprocess.CompletedProcess[str]:
+        """``script *args`` as ``subprocess.run(..., capture_output=True, text=True, timeout=timeout)``."""
+        argv = [str(script), *args]
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -145,8 +149,11 @@ _forker: Forker | None = None
 _forker_lock = threading.Lock()
 
 
-def run_airflow_cli(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
-    """``airflow *args`` with ``env``: forked from this process's fork server where it can serve, else exec'd."""
+def run_cli(
+    args: list[str], env: dict[str, str], timeout: float, script: str = "airflow"
+) -> subprocess.CompletedProcess[str]:
+    """``airflow *args`` (or another console script of this environment) with ``env``: forked from
+    this process's fork server where it can serve, else exec'd."""
     global _forker
     if os.environ.get("MODELDEPLOY_TEST_FORK_CLI", "1") != "0":
         with _forker_lock:
@@ -154,9 +161,9 @@ def run_airflow_cli(args: list[str], env: dict[str, str], timeout: float) -> sub
                 _forker = Forker()
         if _forker.serves(env):
             with contextlib.suppress(NotStarted):
-                return _forker.run(args, env, timeout)
+                return _forker.run(args, env, timeout, BIN / script)
     return subprocess.run(
-        [str(AIRFLOW), *args], capture_output=True, text=True, env=env, timeout=timeout,
+        [str(BIN / script), *args], capture_output=True, text=True, env=env, timeout=timeout,
         stdin=subprocess.DEVNULL, check=False,
     )  # fmt: skip
 

@@ -465,6 +465,6 @@ def migrated_airflow_db(template: Path, home: Path) -> Path:
 def run_airflow(home: Path, *args: str, timeout: float = 600, **extra: str) -> subprocess.CompletedProcess[str]:
     """``airflow *args`` in ``home``, as ``subprocess.run`` with its output captured: the installed
     console script, forked from an interpreter with Airflow's libraries imported (cli_forker.py)."""
-    from cli_forker import run_airflow_cli
+    from cli_forker import run_cli
 
-    return run_airflow_cli(list(args), airflow_env(home, **extra), timeout)
+    return run_cli(list(args), airflow_env(home, **extra), timeout)

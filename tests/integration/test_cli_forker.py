@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from cli_forker import AIRFLOW, Forker
+from cli_forker import BIN, Forker
 from conftest import airflow_env, wait_for
 
 
@@ -23,21 +23,20 @@ def forker() -> Iterator[Forker]:
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("script", "args"),
     [
-        ["version"],
-        ["served-models", "list", "-o", "json"],
-        ["served-models", "describe", "no-such-uuid"],  # exits 1 with one error line
-        ["served-models", "list", "--limit", "-1"],  # argparse: exits 2
-        ["no-such-command"],
+        ("airflow", ["served-models", "list", "-o", "json"]),
+        ("airflow", ["served-models", "describe", "no-such-uuid"]),  # exits 1 with one error line
+        ("airflow", ["served-models", "list", "--limit", "-1"]),  # argparse: exits 2
+        ("mlflow", ["deployments", "help", "-t", "modeldeploy"]),  # the provider's plugin, from MLflow's CLI
     ],
 )
-def test_forked_commands_answer_as_exec_d_ones(forker: Forker, args: list[str], tmp_path: Path) -> None:
+def test_forked_commands_answer_as_exec_d_ones(forker: Forker, script: str, args: list[str], tmp_path: Path) -> None:
     env = airflow_env(tmp_path / "airflow")
     assert forker.serves(env)
-    forked = forker.run(args, env, timeout=120)
+    forked = forker.run(args, env, timeout=120, script=BIN / script)
     exec_d = subprocess.run(
-        [str(AIRFLOW), *args], capture_output=True, text=True, env=env, timeout=120, stdin=subprocess.DEVNULL
+        [str(BIN / script), *args], capture_output=True, text=True, env=env, timeout=120, stdin=subprocess.DEVNULL
     )
     assert forked.returncode == exec_d.returncode, (forked.stderr[-2000:], exec_d.stderr[-2000:])
     assert forked.stdout == exec_d.stdout
@@ -51,7 +50,7 @@ def test_a_timeout_kills_the_command(forker: Forker, tmp_path: Path) -> None:
     env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{tmp_path / 'empty.db'}"
     server = psutil.Process(forker.proc.pid)
     with pytest.raises(subprocess.TimeoutExpired):
-        forker.run(["db", "check-migrations", "-t", "600"], env, timeout=5)
+        forker.run(["db", "check-migrations", "-t", "600"], env, timeout=2)
 
     def running() -> list[psutil.Process]:
         return [p for p in server.children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]

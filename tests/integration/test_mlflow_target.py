@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from cli_forker import run_cli
 from conftest import IRIS_COLUMNS, IRIS_ROWS, airflow_env
 from local_http import HTTP
 from mlflow.deployments import get_deploy_client
@@ -24,10 +24,8 @@ NAME = "iris-cli"
 
 
 def mlflow_cli(home: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(Path(sys.executable).parent / "mlflow"), "deployments", *args],
-        capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL, check=False,
-    )  # fmt: skip
+    """``mlflow deployments *args`` (the installed console script, forked as the tests' airflow commands are)."""
+    return run_cli(["deployments", *args], env, timeout=300, script="mlflow")
 
 
 def ok(done: subprocess.CompletedProcess[str]) -> str:
