@@ -272,10 +272,13 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(Exception):
                 importlib.import_module(name)
     leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("airflow", "airflow_provider_modeldeploy", "mlflow"))
+    threads = len(os.listdir("/proc/self/task"))
     # Serve nothing if a preloaded library imported what each command must import itself, or warned as
-    # it was imported (a command would not print that warning: the module is already imported).
-    if leaked or warned:
-        print(f"cli_forker: not serving: preloading imported {leaked[:5]}, warned {warned[:1]}", file=sys.stderr)
+    # it was imported (a command would not print that warning: the module is already imported), or
+    # started a thread (forking a threaded process is unsafe).
+    if leaked or warned or threads > 1:
+        why = f"preloading imported {leaked[:5]}, warned {warned[:1]}, left {threads} threads"
+        print(f"cli_forker: not serving: {why}", file=sys.stderr)
         return 1
     gc.collect()
     gc.freeze()
