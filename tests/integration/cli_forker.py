@@ -14,9 +14,9 @@ other than ``PYTHONUNBUFFERED``, which the child applies) is exec'd as usual, as
 ``MODELDEPLOY_TEST_FORK_CLI=0``. Long-running components (api-server, scheduler...) and commands run in
 the multi-host tests' namespaces are always exec'd.
 
-The server runs as ``python -P cli_forker.py --fd N`` (a script run by path: nothing of tests/ on its
-``sys.path``, which is then the console script's); one per pytest process, started on first use, gone
-when that process exits. Each command has its own connection: the server forks a monitor, which forks
+The server runs as ``python cli_forker.py --fd N`` and takes its own directory off ``sys.path``: nothing
+of tests/ is importable, and ``sys.path`` is what the console script's would be. One per pytest process,
+started on first use, gone when that process exits. Each command has its own connection: the server forks a monitor, which forks
 the command, sends its pid, waits for it and sends its exit code.
 """
 
@@ -141,7 +141,8 @@ class Forker:
         finally:
             answers.close()
             mine.close()
-        text = {fd: data.decode(errors="replace") for fd, data in output.items()}
+        # As subprocess.run(text=True) reads them: decoded, universal newlines.
+        text = {fd: data.decode().replace("\r\n", "\n").replace("\r", "\n") for fd, data in output.items()}
         return subprocess.CompletedProcess(argv, code, text[out_r], text[err_r])
 
 
@@ -213,7 +214,7 @@ def run_as_main(run: Callable[[], object]) -> NoReturn:
 
 
 def _command(request: dict[str, Any], fds: list[int]) -> NoReturn:
-    """In the command's process: become ``airflow <args>``."""
+    """In the command's process: become the console script (``airflow <args>``)."""
     import io
     import runpy
 
