@@ -172,7 +172,9 @@ def run_cli(
 # -- in the fork server ----------------------------------------------------------------------------
 
 
-def _recv(sock: socket.socket, fds: list[int]) -> bytes:
+def recv_line(sock: socket.socket, fds: list[int]) -> bytes:
+    """One newline-ended message from ``sock``; the descriptors that came with it appended to ``fds``
+    (the sender waits for an answer before it sends the next)."""
     data = b""
     while not data.endswith(b"\n"):
         chunk, got, _flags, _addr = socket.recv_fds(sock, 1 << 20, 8)
@@ -240,7 +242,7 @@ def _monitor(conn: socket.socket) -> None:
     code = 1
     try:
         fds: list[int] = []
-        request = json.loads(_recv(conn, fds))
+        request = json.loads(recv_line(conn, fds))
         pid = os.fork()
         if pid == 0:
             conn.close()

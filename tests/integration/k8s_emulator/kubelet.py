@@ -13,7 +13,7 @@ the exit code, so the emulator holds a ``Container`` like a ``subprocess.Popen``
 because the emulator serves requests from threads, and forking a threaded process is unsafe; this
 one is single-threaded and exits when the emulator goes (its end of the socket pair closes).
 
-Run by the emulator (``Kubelet.start``), never by hand.
+Started by the emulator (``current()``), never by hand.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ import threading
 import time
 from typing import Any, NoReturn
 
-from cli_forker import run_as_main
+from cli_forker import recv_line, run_as_main
 
 MODULE = "k8s_emulator.kubelet"
-#: What the containers import at start-up: the serving agent's fork server's list (the model server's
-#: libraries) and KServe's sklearn server stand-in.
+#: What the containers import at start-up, besides the serving agent's fork server's list (the model
+#: server's libraries): KServe's sklearn server stand-in and what it loads models with.
 PRELOAD = ("joblib", "k8s_emulator.sklearn_server")
 
 
@@ -163,17 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     gc.freeze()  # the preloaded objects stay shared with the containers (no copy-on-collect)
     exited: dict[int, int] = {}
-    buffered = b""
     while True:
         fds: list[int] = []
-        while b"\n" not in buffered:
-            data, got, _flags, _addr = socket.recv_fds(channel, 1 << 20, 16)
-            fds.extend(got)
-            if not data:
-                return 0  # the emulator is gone
-            buffered += data
-        line, buffered = buffered.split(b"\n", 1)
-        request = json.loads(line)
+        try:
+            request = json.loads(recv_line(channel, fds))
+        except OSError:
+            return 0  # the emulator is gone
         while True:  # reap what exited since the last request
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
