@@ -37,6 +37,7 @@ REVISIONS = ("0001", "0002")
 HEAD_REVISION = REVISIONS[-1]
 VERSION_TABLE = "modeldeploy_alembic_version"
 _MIGRATION_LOCK_KEY = 0x6D6F64656C  # "model", for pg_advisory_lock
+_SQLITE_BUSY_TIMEOUT = 60  # seconds a SQLite connection waits for another's lock
 
 _RECORD_FIELDS = [f.name for f in fields(ServiceRecord)]
 HOSTNAME = socket.gethostname()
@@ -116,7 +117,7 @@ class Registry:
                     os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
                     # Created private: it holds lineage and error messages, and the agents' addresses.
                     os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-                engine = create_engine(self.url, connect_args={"timeout": 60})
+                engine = create_engine(self.url, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT})
                 _make_sqlite_serialisable(engine)
             else:
                 engine = create_engine(self.url, pool_pre_ping=True, pool_size=2, max_overflow=4)
@@ -525,14 +526,36 @@ def _make_sqlite_serialisable(engine: Engine) -> None:
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA busy_timeout=60000")
+        cur.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT * 1000}")
+        _switch_to_wal(cur)
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """``PRAGMA journal_mode=WAL``, waiting for other connections as the busy timeout would.
+
+    Switching a new database file to WAL takes an exclusive lock without calling SQLite's busy
+    handler: when several processes open the zero-configuration registry for the first time at once
+    (tasks of a LocalExecutor, the CLI, the API server), all but one get 'database is locked' at once.
+    """
+    import sqlite3
+
+    from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
+
+    def locked(exc: BaseException) -> bool:
+        return isinstance(exc, sqlite3.OperationalError) and "database is locked" in str(exc)
+
+    retry(
+        retry=retry_if_exception(locked),
+        wait=wait_random_exponential(multiplier=0.01, max=0.5),
+        stop=stop_after_delay(_SQLITE_BUSY_TIMEOUT),
+        reraise=True,
+    )(cursor.execute)("PRAGMA journal_mode=WAL")
 
 
 _registries: dict[str, Registry] = {}

@@ -4,6 +4,7 @@ endpoint, the endpoint lease and the history."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import time
 from datetime import timedelta
@@ -34,6 +35,36 @@ def test_the_default_registry_is_sqlite_under_airflow_home_and_private(airflow_h
     assert get_registry() is registry  # one per URL and process
     registry.count_services()  # first use creates the schema
     assert os.stat(airflow_home / "modeldeploy" / "registry.db").st_mode & 0o777 == 0o600
+
+
+def test_first_use_waits_for_another_process_creating_the_file(airflow_home: Any) -> None:
+    """Several processes opening the new zero-configuration registry at once (tasks of a LocalExecutor):
+    SQLite's switch to WAL fails at once, without its busy timeout, while another connection holds the
+    write lock. A first use meanwhile waits and succeeds instead of 'database is locked'."""
+    path = airflow_home / "modeldeploy" / "registry.db"
+    path.parent.mkdir()
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE creating (x)")
+    # What the retry is for, as SQLite itself does it: the switch does not wait on the busy timeout.
+    plain = sqlite3.connect(path, timeout=5, isolation_level=None)
+    started = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+        plain.execute("PRAGMA journal_mode=WAL")
+    assert time.monotonic() - started < 1
+    plain.close()
+
+    release = threading.Timer(0.5, lambda: other.execute("COMMIT"))
+    release.start()
+    try:
+        registry = Registry(f"sqlite:///{path}")
+        assert registry.count_services() == 0  # waited for the other connection, then migrated
+        with registry.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        registry.dispose()
+    finally:
+        release.join()
+        other.close()
 
 
 def test_add_get_update_delete(registry: Registry) -> None:
