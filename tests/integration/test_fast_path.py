@@ -1,10 +1,13 @@
 """The fast path answers exactly as MLflow does, and declines whatever it cannot answer so.
 
-The reference is MLflow itself: each model is also served by a real ``mlflow models serve`` (its own
-CLI and server, over HTTP). Every payload goes to the model server's app as a model server builds it
-(``_build_app``, fast path on, in this process so the test can count what the fast path took) and to
-MLflow; status, content type and body must be identical, and the fast path must have answered every
-payload it is meant to take. Where the two differ on purpose (no Content-Type), the test says so.
+The reference is MLflow itself. The model most cases use (iris) is served by a real ``mlflow models
+serve`` (its own CLI and server, over HTTP); the other models, asked once or twice each, are answered by
+the app that command runs (``scoring_server.init`` on MLflow's own load of the saved model), in this
+process, which spares a server process per model. Every payload goes to the model server's app as a
+model server builds it (``_build_app``, fast path on, in this process so the test can count what the
+fast path took) and to MLflow; status, content type and body must be identical, and the fast path must
+have answered every payload it is meant to take. Where the two differ on purpose (no Content-Type), the
+test says so.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ mlflow = pytest.importorskip("mlflow")
 from airflow_provider_modeldeploy.serving import fast_path, mlflow_server  # noqa: E402
 
 IRIS_COLUMNS = ["sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)"]
+SERVED = {"iris"}  # the saved models a real `mlflow models serve` answers for (the others: its app, in process)
 
 
 def save(tmp: Path, name: str, model: Any, example: Any, **kwargs: Any) -> Any:
+    """The model saved by MLflow, then loaded as a model server loads it."""
     import mlflow.sklearn
 
     path = tmp / name
@@ -43,21 +48,37 @@ def save(tmp: Path, name: str, model: Any, example: Any, **kwargs: Any) -> Any:
     return loaded
 
 
+Answer = tuple[int, str | None, bytes]  # status, content type, body: what the tests compare
+
+
 @pytest.fixture(scope="module")
-def mlflow_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[Any], str]]:
-    """The base URL of a real ``mlflow models serve`` of a saved model (one per model, started once
-    on first use, stopped by its process group at the end)."""
+def mlflow_reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[Any, bytes, str | None], Answer]]:
+    """MLflow's answer to one request for a saved model: over HTTP from a real ``mlflow models serve``
+    for the models in SERVED (started once on first use, stopped by its process group at the end),
+    else from the app that command builds, in this process."""
     import subprocess
     import sys
 
     import httpx
     from conftest import wait_for
+    from mlflow.pyfunc import scoring_server
 
     logs = tmp_path_factory.mktemp("mlflow-serve")
     started: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+    apps: dict[str, Any] = {}
 
-    def url(model: Any) -> str:
+    def answer(model: Any, body: bytes, content_type: str | None) -> Answer:
         path = model._modeldeploy_path
+        if Path(path).name not in SERVED:
+            if path not in apps:  # what mlflow.pyfunc.scoring_server.app does with the served path
+                apps[path] = scoring_server.init(scoring_server.load_model_with_mlflow_config(path))
+            # An exception in MLflow's app is its server's bare 500, as uvicorn would answer it.
+            return asyncio.run(_post(apps[path], body, content_type, raise_app_exceptions=False))
+        headers = {"content-type": content_type} if content_type else {}
+        answer = HTTP.post(f"{url(path)}/invocations", content=body, headers=headers, timeout=120)
+        return answer.status_code, answer.headers.get("content-type"), answer.content
+
+    def url(path: str) -> str:
         if path not in started:
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
@@ -83,7 +104,7 @@ def mlflow_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
             wait_for(up, 180, f"mlflow models serve of {path}")
         return started[path][1]
 
-    yield url
+    yield answer
     for proc, _ in started.values():
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -148,20 +169,13 @@ class Spy:
         monkeypatch.setattr(fast_path.FastPath, "answer", answer)
 
 
-async def _post(app: Any, body: bytes, content_type: str | None) -> tuple[int, str | None, bytes]:
+async def _post(app: Any, body: bytes, content_type: str | None, raise_app_exceptions: bool = True) -> Answer:
     import httpx
 
     headers = {"content-type": content_type} if content_type else {}
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://model") as client:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
+    async with httpx.AsyncClient(transport=transport, base_url="http://model") as client:
         answer = await client.post("/invocations", content=body, headers=headers)
-    return answer.status_code, answer.headers.get("content-type"), answer.content
-
-
-def mlflow_answer(base: str, body: bytes, content_type: str | None) -> tuple[int, str | None, bytes]:
-    """What the real ``mlflow models serve`` answers (its own headers aside: the compared triple)."""
-
-    headers = {"content-type": content_type} if content_type else {}
-    answer = HTTP.post(f"{base}/invocations", content=body, headers=headers, timeout=120)
     return answer.status_code, answer.headers.get("content-type"), answer.content
 
 
@@ -182,7 +196,7 @@ def same_set_order(answer: tuple[int, str | None, bytes]) -> tuple[int, str | No
 
 
 @pytest.fixture
-def both(mlflow_serve: Callable[[Any], str]) -> Callable[..., tuple[Any, Any]]:
+def both(mlflow_reference: Callable[[Any, bytes, str | None], Answer]) -> Callable[..., tuple[Any, Any]]:
     """(the model server's answer, MLflow's answer) to one request."""
 
     def ask(model: Any, body: bytes | str | dict, content_type: str | None = "application/json") -> tuple[Any, Any]:
@@ -190,10 +204,7 @@ def both(mlflow_serve: Callable[[Any], str]) -> Callable[..., tuple[Any, Any]]:
             json.dumps(body).encode() if isinstance(body, dict) else body if isinstance(body, bytes) else body.encode()
         )
         fast = mlflow_server._build_app(model, {}, fast_path=True)
-        ours, mlflows = (
-            asyncio.run(_post(fast, raw, content_type)),
-            mlflow_answer(mlflow_serve(model), raw, content_type),
-        )
+        ours, mlflows = asyncio.run(_post(fast, raw, content_type)), mlflow_reference(model, raw, content_type)
         return same_set_order(ours), same_set_order(mlflows)
 
     return ask
@@ -362,7 +373,7 @@ def by_name_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def test_an_estimator_that_needs_a_dataframe_turns_the_fast_path_off(
-    by_name_model: Any, mlflow_serve: Callable[[Any], str], monkeypatch: pytest.MonkeyPatch
+    by_name_model: Any, mlflow_reference: Callable[[Any, bytes, str | None], Answer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     example = split(IRIS_COLUMNS, [[5.1, 3.5, 1.4, 0.2]])
     # Checked on the input example before serving: the server never takes the fast path.
@@ -374,7 +385,7 @@ def test_an_estimator_that_needs_a_dataframe_turns_the_fast_path_off(
     spy = Spy(monkeypatch)  # counts requests, not the check on the example
     body = json.dumps(split(IRIS_COLUMNS, iris_rows(3, 8))).encode()
     answers = [asyncio.run(_post(fast, body, "application/json")),
-               mlflow_answer(mlflow_serve(by_name_model), body, "application/json")]  # fmt: skip
+               mlflow_reference(by_name_model, body, "application/json")]  # fmt: skip
     assert answers[0] == answers[1] and answers[0][0] == 200
     assert spy.answered == spy.declined == 0
     # Without an example to check, each request on which the estimator raises goes to MLflow's app.
