@@ -7,26 +7,39 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-source scripts/setup.sh
-
-# The browser tests drive Debian's Chromium (never a browser downloaded by Playwright).
-if ! command -v chromium >/dev/null 2>&1; then
+# The browser tests drive Debian's Chromium (never a browser downloaded by Playwright); the Kubernetes
+# backends' metrics tests scrape with Debian's Prometheus: its binary, started by the tests per session
+# on a free port (tests/integration/prometheus_env.py), never the package's service. Where they are
+# missing and apt can install them (as root, as in CI), they are installed while the venv is set up.
+APT=()
+command -v chromium >/dev/null 2>&1 || APT+=(chromium chromium-driver)
+command -v prometheus >/dev/null 2>&1 || APT+=(prometheus)
+APT_PID=
+if [ "${#APT[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo ">> installing chromium (apt)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+    echo ">> installing ${APT[*]} (apt, while the venv is set up)"
+    APT_LOG="$(mktemp)"
+    (
+      export DEBIAN_FRONTEND=noninteractive
+      apt-get update -qq
+      if [[ " ${APT[*]} " == *" chromium "* ]]; then apt-get install -y -qq chromium chromium-driver; fi
+      if [[ " ${APT[*]} " == *" prometheus "* ]]; then apt-get install -y -qq --no-install-recommends prometheus; fi
+    ) >"$APT_LOG" 2>&1 &
+    APT_PID=$!
   else
-    echo "!! chromium is missing: run 'sudo apt-get install -y chromium chromium-driver' (browser tests will fail)" >&2
+    echo "!! missing ${APT[*]}: run 'sudo apt-get install -y ${APT[*]}' (the browser tests fail, the real-Prometheus tests are skipped)" >&2
   fi
 fi
-# The Kubernetes backends' metrics tests scrape with Debian's Prometheus: its binary, started by the
-# tests per session on a free port (tests/integration/prometheus_env.py), never the package's service.
-if ! command -v prometheus >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo ">> installing prometheus (apt)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+source scripts/setup.sh
+if [ -n "$APT_PID" ]; then
+  if ! wait "$APT_PID"; then
+    cat "$APT_LOG" >&2
+    echo "!! apt-get install ${APT[*]} failed" >&2
+    exit 1
+  fi
+  rm -f "$APT_LOG"
+  if [[ " ${APT[*]} " == *" prometheus "* ]]; then
     export MODELDEPLOY_TEST_PROMETHEUS=required  # installable here: its tests fail instead of skipping
-  else
-    echo "!! prometheus is missing: run 'sudo apt-get install -y prometheus' (the real-Prometheus metrics tests are skipped)" >&2
   fi
 fi
 
