@@ -157,11 +157,19 @@ def running_api_server(
 
 def stop_process_tree(pid: int, timeout: float = 20) -> None:
     """SIGTERM a process and its children (uvicorn workers), SIGKILL what is left after ``timeout``."""
-    try:
-        parent = psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return
-    procs = [*parent.children(recursive=True), parent]
+    stop_process_trees([pid], timeout)
+
+
+def stop_process_trees(pids: list[int], timeout: float = 20) -> None:
+    """``stop_process_tree`` for several processes at once: all are told to stop, then waited for
+    together (components that each take seconds to shut down gracefully do so side by side)."""
+    procs: list[psutil.Process] = []
+    for pid in pids:
+        try:
+            parent = psutil.Process(pid)
+            procs += [*parent.children(recursive=True), parent]
+        except psutil.NoSuchProcess:
+            continue
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.send_signal(signal.SIGTERM)
