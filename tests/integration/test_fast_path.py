@@ -75,8 +75,8 @@ def mlflow_reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Calla
             # An exception in MLflow's app is its server's bare 500, as uvicorn would answer it.
             return asyncio.run(_post(apps[path], body, content_type, raise_app_exceptions=False))
         headers = {"content-type": content_type} if content_type else {}
-        answer = HTTP.post(f"{url(path)}/invocations", content=body, headers=headers, timeout=120)
-        return answer.status_code, answer.headers.get("content-type"), answer.content
+        reply = HTTP.post(f"{url(path)}/invocations", content=body, headers=headers, timeout=120)
+        return reply.status_code, reply.headers.get("content-type"), reply.content
 
     def url(path: str) -> str:
         if path not in started:
