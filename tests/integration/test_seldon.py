@@ -364,10 +364,15 @@ def test_logs_follow_cli(seldon: Any, airflow_home: Path, cluster: Cluster, mlfl
     """``airflow served-models logs <uuid> -f`` streams the model pod's log until Ctrl-C (exit 0);
     in Python, following ends by itself when the pods go away."""
     service = seldon.deploy_model(cfg(mlflow_models["iris_v1"], "iris-logs"), timeout=cluster.timeout)
-    env = airflow_env(airflow_home, AIRFLOW_CONN_SELDON=cluster.conn_json(), PYTHONUNBUFFERED="1")
+    # PYTHONFAULTHANDLER: should the follower not end, SIGABRT makes it print where each thread is.
+    env = airflow_env(
+        airflow_home, AIRFLOW_CONN_SELDON=cluster.conn_json(), PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1"
+    )
+    # stderr to a file, not a pipe read at the end: a full pipe would hold the follower up at its exit.
+    errors = (airflow_home / "follower.stderr").open("w+")
     follower = subprocess.Popen(
         [str(Path(sys.executable).parent / "airflow"), "served-models", "logs", service.uuid, "--tail", "1", "-f"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env,
+        stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL, text=True, env=env,
     )  # fmt: skip
     lines: queue.Queue[str] = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in follower.stdout], daemon=True)
@@ -388,8 +393,15 @@ def test_logs_follow_cli(seldon: Any, airflow_home: Path, cluster: Cluster, mlfl
             while '"POST /api/v1.0/predictions HTTP/1.1" 200' not in next_line(30):
                 pass
         follower.send_signal(signal.SIGINT)
-        follower.wait(30)
-        stderr = follower.stderr.read()
+        try:
+            follower.wait(30)
+        except subprocess.TimeoutExpired:
+            follower.send_signal(signal.SIGABRT)
+            follower.wait(10)
+            errors.seek(0)
+            pytest.fail(f"the follower did not end on Ctrl-C in 30 s; where it was:\n{errors.read()[-6000:]}")
+        errors.seek(0)
+        stderr = errors.read()
         assert follower.returncode == 0, stderr[-3000:]
         assert "Traceback" not in stderr and "error:" not in stderr, stderr[-3000:]
     finally:
@@ -397,7 +409,7 @@ def test_logs_follow_cli(seldon: Any, airflow_home: Path, cluster: Cluster, mlfl
             follower.kill()
             follower.wait(10)
         follower.stdout.close()
-        follower.stderr.close()
+        errors.close()
 
     # The pods go away: following ends by itself.
     ended = threading.Event()
