@@ -370,8 +370,14 @@ def test_logs_follow_cli(seldon: Any, airflow_home: Path, cluster: Cluster, mlfl
     )
     # stderr to a file, not a pipe read at the end: a full pipe would hold the follower up at its exit.
     errors = (airflow_home / "follower.stderr").open("w+")
+    command = [str(Path(sys.executable).parent / "airflow"), "served-models", "logs", service.uuid, "--tail", "1", "-f"]
+    # Started with Ctrl-C's default disposition, as a terminal's shell starts a command: an ignored
+    # SIGINT is inherited (a CI job in the background of a shell has one) and Python keeps it ignored.
+    default_sigint = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+    )
     follower = subprocess.Popen(
-        [str(Path(sys.executable).parent / "airflow"), "served-models", "logs", service.uuid, "--tail", "1", "-f"],
+        [sys.executable, "-I", "-S", "-c", default_sigint, *command],
         stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL, text=True, env=env,
     )  # fmt: skip
     lines: queue.Queue[str] = queue.Queue()
