@@ -68,7 +68,6 @@ def test_a_connection_added_with_the_cli_is_what_a_deploy_reads(
             **env,
         )
     )
-    ok(run_airflow(airflow_home, "dags", "reserialize", **env))
     out = ok(run_airflow(airflow_home, "tasks", "test", DAG_ID, "deploy", **env))
     assert "new_state=success" in out, out[-3000:]  # `tasks test` exits 0 even when the task fails
 

@@ -239,7 +239,6 @@ def test_tasks_test_deploy_then_deferrable_sensor(
         "MODELDEPLOY_TEST_PORT": str(free_port()),
     }
     migrated_airflow_db(airflow_db_template, airflow_home)
-    ok(run_airflow(airflow_home, "dags", "reserialize", **env))  # `tasks test` reads the DAG from the database
 
     # NB: `airflow tasks test` exits 0 even when the task fails: check the state it recorded too.
     missing = ok(run_airflow(airflow_home, "tasks", "test", SENSOR_DAG, "wait_missing", **env))

@@ -447,7 +447,6 @@ def test_promote_and_rollback_operators(
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "tests" / "integration" / "dags"),
     }
     migrated_airflow_db(airflow_db_template, airflow_home)
-    airflow_ok(airflow_home, env, "dags", "reserialize")
 
     promoted = airflow_ok(airflow_home, env, "tasks", "test", "modeldeploy_seldon_ops", "promote")
     assert final_state(promoted) == "success", promoted[-3000:]
@@ -500,7 +499,6 @@ def test_secrets_never_leak_sensor_cli_and_sync(
         return outputs[-1]
 
     migrated_airflow_db(airflow_db_template, airflow_home)
-    ok("dags", "reserialize")
     deployed = ok("tasks", "test", "modeldeploy_seldon", "deploy")
     assert final_state(deployed) == "success", deployed[-3000:]
     waited = ok("tasks", "test", "modeldeploy_seldon", "wait")
