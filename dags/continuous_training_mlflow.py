@@ -113,9 +113,15 @@ with DAG(
             mlflow.log_metric("accuracy", accuracy)
             if champion_accuracy is not None:
                 mlflow.log_metric("champion_accuracy", champion_accuracy)
+            # The requirements are what loading the model takes (MLflow adds itself): scikit-learn and
+            # skops, the format it is saved in. Left to MLflow, each training run would start a Python
+            # that loads the model to see what it imports: seconds, and it lists whatever the task's
+            # environment had imported besides (pytest, rich...).
             info = mlflow.sklearn.log_model(
-                model, name="model", input_example=X_test.head(3), registered_model_name=params["model_name"]
-            )
+                model, name="model", input_example=X_test.head(3), registered_model_name=params["model_name"],
+                serialization_format="skops",
+                pip_requirements=mlflow.sklearn.get_default_pip_requirements(include_skops=True),
+            )  # fmt: skip
         version = str(info.registered_model_version)
         print(f"Trained version {version}: accuracy {accuracy:.4f} (champion: {champion_accuracy})")
         return {

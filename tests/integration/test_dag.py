@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import os
 import re
@@ -174,9 +175,20 @@ def test_continuous_training_dag_replaces_in_place_and_gates(
     # MLflow's alias follows the served version; refused version 3 is registered but not champion.
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{airflow_home / 'mlflow' / 'mlflow.db'}")
+    tracking_uri = f"sqlite:///{airflow_home / 'mlflow' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=tracking_uri)
     assert str(client.get_model_version_by_alias(WINE, "champion").version) == "2"
     assert str(client.get_model_version(WINE, "3").version) == "3"
+
+    # What the trained model declares it needs, as MLflow reads it back: what loading it takes (its
+    # format is skops), pinned to the versions that trained it, and nothing the task merely had imported.
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{WINE}/2")).read_text().split()
+    assert sorted(requirements) == sorted(
+        f"{name}=={importlib.metadata.version(name)}" for name in ("mlflow", "scikit-learn", "skops")
+    ), requirements
 
     # The served model's asset: one event per deployment (runs 1 and 2, from promote_champion) carrying
     # what was served; none for the refused run 3.
