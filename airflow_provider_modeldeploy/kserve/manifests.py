@@ -17,7 +17,9 @@ from airflow_provider_modeldeploy import crd_schema as crd_schema_module
 from airflow_provider_modeldeploy.exceptions import InvalidParameterError
 
 GROUP, VERSION, PLURAL, KIND = "serving.kserve.io", "v1beta1", "inferenceservices", "InferenceService"
-CRD_PATH = Path(__file__).with_name("serving.kserve.io_inferenceservices.yaml")
+#: KServe v0.20.0's config/crd/full/serving.kserve.io_inferenceservices.yaml, the same document as JSON
+#: (scripts/vendor_crd.py; source sha256 57c3bf13f77de94678bf2ae3748056ec071ad2b9e88d6a28f44fb4710758fcff).
+CRD_PATH = Path(__file__).with_name("serving.kserve.io_inferenceservices.json")
 LABEL_PREFIX = "modeldeploy.airflow.apache.org"
 MANAGED_LABEL = f"{LABEL_PREFIX}/managed"
 SERVICE_LABEL = f"{LABEL_PREFIX}/service-uuid"

@@ -16,7 +16,9 @@ from airflow_provider_modeldeploy.exceptions import InvalidParameterError
 from airflow_provider_modeldeploy.hooks.seldon import CRD, IMPLEMENTATIONS, PROTOCOLS, check_dns1123
 
 (GROUP, VERSION, PLURAL), KIND = CRD, "SeldonDeployment"
-CRD_PATH = Path(__file__).with_name("machinelearning.seldon.io_seldondeployments.yaml")
+#: Seldon Core 1.19's machinelearning.seldon.io_seldondeployments.yaml, the same document as JSON
+#: (scripts/vendor_crd.py; source sha256 94286c86a405436eb5aa1a15e229d00eea60a5dcd9b9e87550a07ec10242ff6a).
+CRD_PATH = Path(__file__).with_name("machinelearning.seldon.io_seldondeployments.json")
 LABEL_PREFIX = "modeldeploy.airflow.apache.org"
 #: Labels (selectable, restricted charset) and annotations (free text) carrying the lineage.
 MANAGED_LABEL = f"{LABEL_PREFIX}/managed"

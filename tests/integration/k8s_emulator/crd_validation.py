@@ -16,15 +16,16 @@ The two steps of a real API server (k8s.io/apiextensions-apiserver, Kubernetes >
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 from typing import Any
 
-#: plural -> (the CRD file shipped with the package, kind, group); the files are upstream's own CRDs.
+#: plural -> (the CRD file shipped with the package, kind, group); the files are upstream's own CRDs, as JSON.
 CRDS = {
     "seldondeployments": (
-        "seldon/machinelearning.seldon.io_seldondeployments.yaml", "SeldonDeployment", "machinelearning.seldon.io"
+        "seldon/machinelearning.seldon.io_seldondeployments.json", "SeldonDeployment", "machinelearning.seldon.io"
     ),
-    "inferenceservices": ("kserve/serving.kserve.io_inferenceservices.yaml", "InferenceService", "serving.kserve.io"),
+    "inferenceservices": ("kserve/serving.kserve.io_inferenceservices.json", "InferenceService", "serving.kserve.io"),
 }  # fmt: skip
 ROOT_FIELDS = ("apiVersion", "kind", "metadata")
 
@@ -39,14 +40,12 @@ class Rejected(Exception):
 
 @functools.cache
 def _schema(plural: str, version: str) -> dict[str, Any]:
-    import yaml
-
     import airflow_provider_modeldeploy
 
     relative = CRDS[plural][0]
     path = Path(airflow_provider_modeldeploy.__file__).parent / relative
-    with path.open() as fh:
-        crd = yaml.load(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    with path.open(encoding="utf-8") as fh:
+        crd = json.load(fh)
     for served in crd["spec"]["versions"]:
         if served["name"] == version:
             return served["schema"]["openAPIV3Schema"]
