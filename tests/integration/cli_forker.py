@@ -5,9 +5,10 @@ The suite runs a hundred-odd one-shot ``airflow`` commands; each spent some 1.3 
 importing third-party libraries (SQLAlchemy, pydantic, pendulum, libcst, rich, FastAPI, Cadwyn...) on a
 CPU-bound machine. The fork server here imports those once (never Airflow itself, nor the provider,
 nor MLflow: they read AIRFLOW_HOME and the configuration when imported, and are imported in each
-command as in a new process). A command is the installed console script (``airflow``, ``mlflow``) run as
-``__main__`` in a forked child with the caller's arguments, environment, working directory and stdio,
-exiting as the interpreter does (non-daemon threads joined, ``atexit`` handlers run, streams flushed).
+command as in a new process). A command is the installed console script (``airflow``, ``mlflow``), or
+the code of a ``python -c`` (``run_python``: the tests' racing deployers...), run as ``__main__`` in a
+forked child with the caller's arguments, environment, working directory and stdio, exiting as the
+interpreter does (non-daemon threads joined, ``atexit`` handlers run, streams flushed).
 
 A command whose interpreter would start differently (a ``PYTHON*`` variable unlike the fork server's,
 other than ``PYTHONUNBUFFERED``, which the child applies) is exec'd as usual, as is every command when
@@ -86,16 +87,17 @@ class Forker:
         return self.proc.poll() is None and _startup(env) == self.startup
 
     def run(
-        self, args: list[str], env: dict[str, str], timeout: float, script: Path = AIRFLOW
+        self, args: list[str], env: dict[str, str], timeout: float, script: Path = AIRFLOW, code: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """``script *args`` as ``subprocess.run(..., capture_output=True, text=True, timeout=timeout)``."""
-        argv = [str(script), *args]
+        """``script *args`` (or, given ``code``, ``python -c code *args``) as
+        ``subprocess.run(..., capture_output=True, text=True, timeout=timeout)``."""
+        argv = ["-c", *args] if code is not None else [str(script), *args]
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         null = os.open(os.devnull, os.O_RDONLY)
         try:
-            request = json.dumps({"argv": argv, "env": env, "cwd": os.getcwd()}).encode() + b"\n"
+            request = json.dumps({"argv": argv, "code": code, "env": env, "cwd": os.getcwd()}).encode() + b"\n"
             try:
                 with self.lock:  # a connection per command: its end goes to the server first
                     socket.send_fds(self.listener, [b"c"], [theirs.fileno()])
@@ -129,25 +131,36 @@ class Forker:
                 raise NotStarted("the fork server is gone")
             mine.settimeout(max(0.1, deadline - time.monotonic()))
             try:
-                code = json.loads(answers.readline() or b'{"code": null}')["code"]
+                exit_code = json.loads(answers.readline() or b'{"code": null}')["code"]
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(started["pid"], 9)
                 raise subprocess.TimeoutExpired(argv, timeout) from None
             for reader in readers:
                 reader.join(max(0.1, deadline - time.monotonic()))
-            if code is None or any(reader.is_alive() for reader in readers):
+            if exit_code is None or any(reader.is_alive() for reader in readers):
                 raise subprocess.TimeoutExpired(argv, timeout)
         finally:
             answers.close()
             mine.close()
         # As subprocess.run(text=True) reads them: decoded, universal newlines.
         text = {fd: data.decode().replace("\r\n", "\n").replace("\r", "\n") for fd, data in output.items()}
-        return subprocess.CompletedProcess(argv, code, text[out_r], text[err_r])
+        return subprocess.CompletedProcess(argv, exit_code, text[out_r], text[err_r])
 
 
 _forker: Forker | None = None
 _forker_lock = threading.Lock()
+
+
+def _serving(env: dict[str, str]) -> Forker | None:
+    """This process's fork server (started on first use), if it may start a command with ``env``."""
+    global _forker
+    if os.environ.get("MODELDEPLOY_TEST_FORK_CLI", "1") == "0":
+        return None
+    with _forker_lock:
+        if _forker is None:
+            _forker = Forker()
+    return _forker if _forker.serves(env) else None
 
 
 def run_cli(
@@ -155,16 +168,25 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     """``airflow *args`` (or another console script of this environment) with ``env``: forked from
     this process's fork server where it can serve, else exec'd."""
-    global _forker
-    if os.environ.get("MODELDEPLOY_TEST_FORK_CLI", "1") != "0":
-        with _forker_lock:
-            if _forker is None:
-                _forker = Forker()
-        if _forker.serves(env):
-            with contextlib.suppress(NotStarted):
-                return _forker.run(args, env, timeout, BIN / script)
+    forker = _serving(env)
+    if forker is not None:
+        with contextlib.suppress(NotStarted):
+            return forker.run(args, env, timeout, BIN / script)
     return subprocess.run(
         [str(BIN / script), *args], capture_output=True, text=True, env=env, timeout=timeout,
+        stdin=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
+
+
+def run_python(code: str, args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """``python -c code *args`` with ``env``: forked from this process's fork server where it can
+    serve, else exec'd."""
+    forker = _serving(env)
+    if forker is not None:
+        with contextlib.suppress(NotStarted):
+            return forker.run(args, env, timeout, code=code)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=timeout,
         stdin=subprocess.DEVNULL, check=False,
     )  # fmt: skip
 
@@ -216,7 +238,7 @@ def run_as_main(run: Callable[[], object]) -> NoReturn:
 
 
 def _command(request: dict[str, Any], fds: list[int]) -> NoReturn:
-    """In the command's process: become the console script (``airflow <args>``)."""
+    """In the command's process: become the console script (``airflow <args>``), or ``python -c``."""
     import io
     import runpy
 
@@ -228,12 +250,17 @@ def _command(request: dict[str, Any], fds: list[int]) -> NoReturn:
     os.environ.clear()
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
-    if not sys.flags.safe_path:  # the interpreter puts a script's directory first
-        sys.path.insert(0, os.path.dirname(request["argv"][0]))
+    if not sys.flags.safe_path:  # the interpreter puts a script's directory first (-c: the working one)
+        sys.path.insert(0, "" if request.get("code") is not None else os.path.dirname(request["argv"][0]))
     if os.environ.get("PYTHONUNBUFFERED"):
         sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
     sys.argv = list(request["argv"])
+    code = request.get("code")
+    if code is not None:  # as `python -c` runs it: in a new __main__, named <string>
+        main = type(sys)("__main__")
+        sys.modules["__main__"] = main
+        run_as_main(lambda: exec(compile(code, "<string>", "exec"), main.__dict__))
     run_as_main(lambda: runpy.run_path(request["argv"][0], run_name="__main__"))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,6 +43,28 @@ def test_forked_commands_answer_as_exec_d_ones(forker: Forker, script: str, args
     assert forked.stdout == exec_d.stdout
     assert forked.stderr.strip().splitlines()[-1:] == exec_d.stderr.strip().splitlines()[-1:]
     assert "Traceback" not in forked.stderr
+
+
+def test_python_code_runs_as_python_c_does(forker: Forker, tmp_path: Path) -> None:
+    """``run_python``'s mode: the code sees what ``python -c`` gives it (argv, ``__main__``, the
+    environment, the working directory) and exits with its code; an uncaught error prints a traceback."""
+    env = {**airflow_env(tmp_path / "airflow"), "RACER_SAYS": "hello"}
+    code = (
+        "import os, sys\n"
+        "print(sys.argv, __name__, __file__ if '__file__' in globals() else None, os.environ['RACER_SAYS'])\n"
+        "print(os.getcwd(), sys.modules['__main__'].__dict__ is globals())\n"
+        "if sys.argv[1] == 'fail': raise ValueError('the racer failed')\n"
+        "sys.exit(int(sys.argv[1]))\n"
+    )
+    for args in (["0", "x y"], ["3"], ["fail"]):
+        forked = forker.run(args, env, timeout=60, code=code)
+        exec_d = subprocess.run(
+            [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=60,
+            stdin=subprocess.DEVNULL, cwd=os.getcwd(),
+        )  # fmt: skip
+        assert (forked.returncode, forked.stdout) == (exec_d.returncode, exec_d.stdout), (forked, exec_d)
+        assert forked.stderr.strip().splitlines()[-1:] == exec_d.stderr.strip().splitlines()[-1:]
+    assert "ValueError: the racer failed" in forked.stderr and forked.returncode == 1
 
 
 def test_a_timeout_kills_the_command(forker: Forker, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import psutil
 import pytest
+from cli_forker import run_python
 from conftest import ROOT, airflow_env, iris_payload, migrated_airflow_db, run_airflow
 from local_http import HTTP
 
@@ -337,10 +338,8 @@ def test_the_sensor_defers_by_default_when_airflow_says_so() -> None:
         "print(ServedModelHealthSensor(task_id='w', model_name='m').deferrable)"
     )
     for value in ("True", "False"):
-        done = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
-            env={**os.environ, "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": value},
-        )  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+        done = run_python(code, [], {**env, "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": value}, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         assert done.stdout.split()[-1] == value
 
