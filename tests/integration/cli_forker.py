@@ -12,8 +12,9 @@ interpreter does (non-daemon threads joined, ``atexit`` handlers run, streams fl
 
 A command whose interpreter would start differently (a ``PYTHON*`` variable unlike the fork server's,
 other than ``PYTHONUNBUFFERED``, which the child applies) is exec'd as usual, as is every command when
-``MODELDEPLOY_TEST_FORK_CLI=0``. Long-running components (api-server, scheduler...) and commands run in
-the multi-host tests' namespaces are always exec'd.
+``MODELDEPLOY_TEST_FORK_CLI=0``. Long-running components (api-server, scheduler...) are always exec'd.
+The multi-host tests start a fork server in each host that runs commands (``Forker(env, spawn)``): its
+commands inherit that host's namespaces as an exec'd one does.
 
 The server runs as ``python cli_forker.py --fd N`` and takes its own directory off ``sys.path``: nothing
 of tests/ is importable, and ``sys.path`` is what the console script's would be. One per pytest process,
@@ -68,17 +69,23 @@ class NotStarted(Exception):
     """The fork server did not start the command (it may be exec'd instead)."""
 
 
-class Forker:
-    """This process's handle on its fork server."""
+Spawn = Callable[[list[str], dict[str, str], int], subprocess.Popen[Any]]
 
-    def __init__(self) -> None:
+
+def _spawn_here(argv: list[str], env: dict[str, str], fd: int) -> subprocess.Popen[Any]:
+    return subprocess.Popen(argv, pass_fds=(fd,), stdin=subprocess.DEVNULL, env=env, cwd="/")
+
+
+class Forker:
+    """A handle on a fork server: this process's, or (``env``, ``spawn``) one started elsewhere, e.g.
+    in a multi-host test's host, whose commands then run in that host's namespaces."""
+
+    def __init__(self, env: dict[str, str] | None = None, spawn: Spawn = _spawn_here) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+        if env is None:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
         self.startup = _startup(env)
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--fd", str(child.fileno())],
-            pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, env=env, cwd="/",
-        )  # fmt: skip
+        self.proc = spawn([sys.executable, __file__, "--fd", str(child.fileno())], env, child.fileno())
         child.close()
         self.listener = parent
         self.lock = threading.Lock()
@@ -86,18 +93,34 @@ class Forker:
     def serves(self, env: dict[str, str]) -> bool:
         return self.proc.poll() is None and _startup(env) == self.startup
 
+    def close(self) -> None:
+        """Stop the fork server (it ends when its listener closes)."""
+        self.listener.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
     def run(
-        self, args: list[str], env: dict[str, str], timeout: float, script: Path = AIRFLOW, code: str | None = None
+        self,
+        args: list[str],
+        env: dict[str, str],
+        timeout: float,
+        script: Path = AIRFLOW,
+        code: str | None = None,
+        cwd: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """``script *args`` (or, given ``code``, ``python -c code *args``) as
-        ``subprocess.run(..., capture_output=True, text=True, timeout=timeout)``."""
+        ``subprocess.run(..., capture_output=True, text=True, timeout=timeout, cwd=cwd)``."""  # fmt: skip
         argv = ["-c", *args] if code is not None else [str(script), *args]
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         null = os.open(os.devnull, os.O_RDONLY)
         try:
-            request = json.dumps({"argv": argv, "code": code, "env": env, "cwd": os.getcwd()}).encode() + b"\n"
+            fields = {"argv": argv, "code": code, "env": env, "cwd": cwd or os.getcwd()}
+            request = json.dumps(fields).encode() + b"\n"
             try:
                 with self.lock:  # a connection per command: its end goes to the server first
                     socket.send_fds(self.listener, [b"c"], [theirs.fileno()])

@@ -240,17 +240,19 @@ class Host:
         stdout: int | IO[Any] | None = None,
         stderr: int | IO[Any] | None = None,
         text: bool = True,
+        pass_fds: Sequence[int] = (),
     ) -> subprocess.Popen[Any]:
         """Start ``argv`` in this host, in a session of its own; the Network kills its group on exit.
 
         ``env`` is the whole environment (default: this process's). nsenter execs the command in place, so the
-        Popen's pid is the command's own.
+        Popen's pid is the command's own, and it inherits ``pass_fds`` as subprocess passes them.
         """
         command = self._argv(argv, cwd)  # validates argv and cwd
         encoding = {"encoding": "utf-8", "errors": "replace"} if text else {}
         proc = subprocess.Popen(
-            command, env=env, stdin=stdin, stdout=stdout, stderr=stderr, start_new_session=True, **encoding
-        )
+            command, env=env, stdin=stdin, stdout=stdout, stderr=stderr, start_new_session=True,
+            pass_fds=pass_fds, **encoding,
+        )  # fmt: skip
         self._network._track(proc)
         return proc
 

@@ -22,13 +22,14 @@ import socket
 import sys
 import uuid as uuidlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 import pytest
+from cli_forker import BIN, Forker, NotStarted
 from conftest import PG_BASE, ROOT, iris_payload, migrated_airflow_db, wait_for
 from local_http import HTTP
 from multihost import Network, available
@@ -53,6 +54,8 @@ class Cluster:
     local_registry_url: str  # as this test process reaches it
     token: str
     agent: Any = None  # the serving host's agent process
+    #: per host, a fork server started in it (cli_forker.py): its one-shot commands fork from it
+    forkers: dict[str, Forker] = field(default_factory=dict)
 
     def env(self, host: str, **extra: str) -> dict[str, str]:
         serving = self.net["serving"].address
@@ -81,10 +84,20 @@ class Cluster:
         return env
 
     def airflow(self, host: str, *args: str, timeout: float = 300, **extra: str) -> Any:
-        return self.net[host].run(
-            [str(Path(sys.executable).parent / "airflow"), *args], env=self.env(host, **extra), cwd=str(self.base),
-            timeout=timeout,
-        )  # fmt: skip
+        """``airflow *args`` on ``host``, forked from the host's own fork server (so in its namespaces)
+        where it can serve, else exec'd there."""
+        env = self.env(host, **extra)
+        if host not in self.forkers:
+
+            def spawn(argv: list[str], env: dict[str, str], fd: int) -> Any:
+                return self.net[host].popen(argv, env=env, cwd="/", pass_fds=(fd,))
+
+            self.forkers[host] = Forker(self.env(host), spawn)
+        forker = self.forkers[host]
+        if forker.serves(env):
+            with contextlib.suppress(NotStarted):
+                return forker.run(list(args), env, timeout, BIN / "airflow", cwd=str(self.base))
+        return self.net[host].run([str(BIN / "airflow"), *args], env=env, cwd=str(self.base), timeout=timeout)
 
     def predict(self, host: str, url: str) -> dict[str, Any]:
         done = self.net[host].run(
@@ -154,6 +167,8 @@ def cluster(mlflow_models: dict[str, Any]) -> Iterator[Cluster]:
             finally:
                 with contextlib.suppress(Exception):
                     cluster.registry().dispose()
+                for forker in cluster.forkers.values():
+                    forker.close()
                 stop_served(cluster)
     finally:
         with engine.begin() as conn:
