@@ -112,7 +112,7 @@ class Forker:
         cwd: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """``script *args`` (or, given ``code``, ``python -c code *args``) as
-        ``subprocess.run(..., capture_output=True, text=True, timeout=timeout, cwd=cwd)``."""  # fmt: skip
+        ``subprocess.run(..., capture_output=True, text=True, timeout=timeout, cwd=cwd)``."""
         argv = ["-c", *args] if code is not None else [str(script), *args]
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -175,10 +175,15 @@ _forker: Forker | None = None
 _forker_lock = threading.Lock()
 
 
+def forking_enabled() -> bool:
+    """Whether commands may be forked at all (``MODELDEPLOY_TEST_FORK_CLI=0``: every one is exec'd)."""
+    return os.environ.get("MODELDEPLOY_TEST_FORK_CLI", "1") != "0"
+
+
 def _serving(env: dict[str, str]) -> Forker | None:
     """This process's fork server (started on first use), if it may start a command with ``env``."""
     global _forker
-    if os.environ.get("MODELDEPLOY_TEST_FORK_CLI", "1") == "0":
+    if not forking_enabled():
         return None
     with _forker_lock:
         if _forker is None:

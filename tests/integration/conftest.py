@@ -14,6 +14,7 @@ import tempfile
 import textwrap
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -328,15 +329,25 @@ def mlflow_models(session_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def _delete_all_services() -> None:
+    """Delete every service of this process's registry; a server whose delete fails is killed by its
+    pid (with a warning naming the error), so that no test sees another's servers."""
     from airflow_provider_modeldeploy.deployers import find_services
 
     try:
         services = find_services()
-    except Exception:
+    except Exception as exc:
+        warnings.warn(f"teardown: cannot list the services to delete: {exc}", stacklevel=1)
         return
     for service in services:
-        with contextlib.suppress(Exception):
-            service.delete(timeout=10, force=True)
+        try:
+            service.delete(force=True)
+        except Exception as exc:
+            warnings.warn(f"teardown: deleting service {service.uuid} failed ({exc}); killing its server", stacklevel=1)
+            if service.record.pid:
+                with contextlib.suppress(psutil.Error):  # only model servers: a pid may have been reused
+                    master = psutil.Process(service.record.pid)
+                    tree = {master.pid, *(child.pid for child in master.children(recursive=True))}
+                    kill_pids(tree & server_pids())
 
 
 def use_airflow_home(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psutil
 import pytest
@@ -181,12 +182,10 @@ def test_continuous_training_dag_replaces_in_place_and_gates(
     assert str(client.get_model_version_by_alias(WINE, "champion").version) == "2"
     assert str(client.get_model_version(WINE, "3").version) == "3"
 
-    # What the trained model declares it needs, as MLflow reads it back: what loading it takes (its
-    # format is skops), pinned to the versions that trained it, and nothing the task merely had imported.
-    import mlflow
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-    requirements = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{WINE}/2")).read_text().split()
+    # What the trained model declares it needs, in the files MLflow keeps for it: what loading it takes
+    # (its format is skops), pinned to the versions that trained it, nothing the task merely had imported.
+    files = Path(urlsplit(client.get_model_version_download_uri(WINE, "2")).path)
+    requirements = (files / "requirements.txt").read_text().split()
     assert sorted(requirements) == sorted(
         f"{name}=={importlib.metadata.version(name)}" for name in ("mlflow", "scikit-learn", "skops")
     ), requirements

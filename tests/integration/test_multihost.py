@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from cli_forker import BIN, Forker, NotStarted
+from cli_forker import BIN, Forker, NotStarted, forking_enabled
 from conftest import PG_BASE, ROOT, iris_payload, migrated_airflow_db, wait_for
 from local_http import HTTP
 from multihost import Network, available
@@ -87,14 +87,14 @@ class Cluster:
         """``airflow *args`` on ``host``, forked from the host's own fork server (so in its namespaces)
         where it can serve, else exec'd there."""
         env = self.env(host, **extra)
-        if host not in self.forkers:
+        if host not in self.forkers and forking_enabled():
 
             def spawn(argv: list[str], env: dict[str, str], fd: int) -> Any:
                 return self.net[host].popen(argv, env=env, cwd="/", pass_fds=(fd,))
 
             self.forkers[host] = Forker(self.env(host), spawn)
-        forker = self.forkers[host]
-        if forker.serves(env):
+        forker = self.forkers.get(host)
+        if forker is not None and forker.serves(env):
             with contextlib.suppress(NotStarted):
                 return forker.run(list(args), env, timeout, BIN / "airflow", cwd=str(self.base))
         return self.net[host].run([str(BIN / "airflow"), *args], env=env, cwd=str(self.base), timeout=timeout)
