@@ -196,27 +196,26 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     """``airflow *args`` (or another console script of this environment) with ``env``: forked from
     this process's fork server where it can serve, else exec'd."""
-    forker = _serving(env)
-    if forker is not None:
-        with contextlib.suppress(NotStarted):
-            return forker.run(args, env, timeout, BIN / script)
-    return subprocess.run(
-        [str(BIN / script), *args], capture_output=True, text=True, env=env, timeout=timeout,
-        stdin=subprocess.DEVNULL, check=False,
-    )  # fmt: skip
+    return _run(args, env, timeout, [str(BIN / script), *args], script=BIN / script)
 
 
 def run_python(code: str, args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
     """``python -c code *args`` with ``env``: forked from this process's fork server where it can
     serve, else exec'd."""
+    return _run(args, env, timeout, [sys.executable, "-c", code, *args], code=code)
+
+
+def _run(
+    args: list[str], env: dict[str, str], timeout: float, exec_argv: list[str], **command: Any
+) -> subprocess.CompletedProcess[str]:
+    """``Forker.run(args, ..., **command)`` where the fork server serves ``env``, else ``exec_argv``."""
     forker = _serving(env)
     if forker is not None:
         with contextlib.suppress(NotStarted):
-            return forker.run(args, env, timeout, code=code)
+            return forker.run(args, env, timeout, **command)
     return subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=timeout,
-        stdin=subprocess.DEVNULL, check=False,
-    )  # fmt: skip
+        exec_argv, capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL, check=False
+    )
 
 
 # -- in the fork server ----------------------------------------------------------------------------
@@ -278,13 +277,13 @@ def _command(request: dict[str, Any], fds: list[int]) -> NoReturn:
     os.environ.clear()
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
+    code = request.get("code")
     if not sys.flags.safe_path:  # the interpreter puts a script's directory first (-c: the working one)
-        sys.path.insert(0, "" if request.get("code") is not None else os.path.dirname(request["argv"][0]))
+        sys.path.insert(0, "" if code is not None else os.path.dirname(request["argv"][0]))
     if os.environ.get("PYTHONUNBUFFERED"):
         sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
     sys.argv = list(request["argv"])
-    code = request.get("code")
     if code is not None:  # as `python -c` runs it: in a new __main__, named <string>
         main = type(sys)("__main__")
         sys.modules["__main__"] = main

@@ -19,8 +19,7 @@ from conftest import airflow_env, wait_for
 def forker() -> Iterator[Forker]:
     forker = Forker()
     yield forker
-    forker.listener.close()
-    forker.proc.wait(30)
+    forker.close()
 
 
 @pytest.mark.parametrize(
