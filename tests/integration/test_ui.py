@@ -321,6 +321,9 @@ def test_browser_list_detail_and_actions(ui: dict[str, Any], browser: Any) -> No
     page.goto(f"{server.url}/served-models/?")
     page.fill("#f-model", "iris-ui")
     page.click("#apply")
+    # The unfiltered first page holds this row too: click only once the filtered answer is drawn, or
+    # the click can land as the table is redrawn under it (then nothing is clicked).
+    page.locator("#range").filter(has_text="1-1 of 1").wait_for()
     _row(page, ui["real"]).locator('[data-action="stop"]').click()
     _row(page, ui["real"]).locator(".state").filter(has_text="Stopped").wait_for()
     assert "stopped" in page.locator("#notice").inner_text()
