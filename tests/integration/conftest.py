@@ -42,11 +42,16 @@ SERVING_MODULES = (SERVER_MODULE, "airflow_provider_modeldeploy.serving.forkserv
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Run in parallel (scripts/test.sh: pytest-xdist, ``--dist loadgroup``), the tests that share a
     module-scoped fixture (a deployed service, an api-server, a cluster) go to one worker: the fixture
-    is set up once, not once per worker. Any other test may run on any worker."""
+    is set up once, not once per worker. Any other test may run on any worker.
+
+    Tests marked ``long`` (a minute or more on a busy machine) are collected first: xdist hands out
+    the groups first (the largest first), then single tests in collection order, and a long test
+    handed out last would run alone at the end while the other workers have finished."""
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
         if info and any(d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs):
             _xdist_group(config, item, item.module.__name__)
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable: otherwise in file order
 
 
 def _xdist_group(config: pytest.Config, item: pytest.Item, name: str) -> None:

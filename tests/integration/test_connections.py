@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import psutil
+import pytest
 from conftest import migrated_airflow_db, run_airflow
 
 DAG_ID = "modeldeploy_conn_readme"
@@ -23,6 +24,7 @@ def ok(done: Any) -> str:
     return done.stdout + done.stderr
 
 
+@pytest.mark.long
 def test_a_connection_added_with_the_cli_is_what_a_deploy_reads(
     airflow_home: Path, airflow_db_template: Path, mlflow_models: dict[str, Any], tmp_path: Path
 ) -> None:

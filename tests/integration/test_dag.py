@@ -107,6 +107,7 @@ def processes_of(service_uuid: str) -> list[int]:
     return [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"]) if service_uuid in (p.info["cmdline"] or [])]
 
 
+@pytest.mark.long
 @pytest.mark.timeout(1800)
 def test_continuous_training_dag_replaces_in_place_and_gates(
     airflow_home: Path,
@@ -239,6 +240,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.long
 @pytest.mark.timeout(1500)
 def test_tasks_test_deploy_then_deferrable_sensor(
     airflow_home: Path, airflow_db_template: Path, mlflow_models: dict[str, Any], monkeypatch: pytest.MonkeyPatch

@@ -282,6 +282,7 @@ def take_pid(pid: int) -> subprocess.Popen[bytes] | None:
     return None
 
 
+@pytest.mark.long
 def test_reboot_like_restart(airflow_home: Path, mlflow_models: dict[str, Any]) -> None:
     """Every process of the serving host gone. With the agent's records kept, the next agent starts
     each server again at its URL; with them lost too, sync marks the services inactive and start
@@ -402,6 +403,7 @@ class Load:
             thread.join(60)
 
 
+@pytest.mark.long
 @pytest.mark.parametrize(("fast_path", "replaces"), [(False, 20), (True, 10)], ids=["mlflow-app", "fast-path"])
 def test_replaces_under_load_lose_no_request(
     deployer: Any, mlflow_models: dict[str, Any], fast_path: bool, replaces: int

@@ -58,6 +58,7 @@ def predict_version(url: str) -> str:
     return answer.headers["x-model-version"]
 
 
+@pytest.mark.long
 def test_mlflow_cli_create_predict_update_list_delete(
     cli_env: dict[str, str], airflow_home: Path, tmp_path: Path
 ) -> None:
