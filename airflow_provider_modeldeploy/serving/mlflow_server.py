@@ -25,9 +25,11 @@ import contextlib
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from http import HTTPStatus
 from pathlib import Path
@@ -993,7 +995,20 @@ def main(argv: list[str] | None = None) -> int:
         help="requests in progress at once per worker; more get 503 (idle connections do not count)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    # MLflow copies a model it cannot read in place (a runs:/ URI, any remote artifact store) into a
+    # new temporary directory that nothing removes: a copy of the model per server start. While the
+    # model loads, temporary files go to a directory of this server's own (0700): removed as soon as
+    # the model is loaded if nothing was copied there, else when the server ends.
+    own_tmp = tempfile.mkdtemp(prefix=f"modeldeploy-{args.service_uuid.replace('-', '')}-")
+    tempfile.tempdir = own_tmp
+    try:
+        return _serve(args, own_tmp)
+    finally:
+        shutil.rmtree(own_tmp, ignore_errors=True)
 
+
+def _serve(args: argparse.Namespace, own_tmp: str) -> int:
+    """Load the model, start the workers, then answer control requests until told to stop."""
     run = Path(args.runtime_dir)
     key = args.service_uuid.replace("-", "")
     state_path, ctl_path, staging_path = run / f"{key}.state", run / f"{key}.ctl", run / f"{key}.sock"
@@ -1005,6 +1020,9 @@ def main(argv: list[str] | None = None) -> int:
         served_uri, version, run_id = resolve_model_uri(args.model_uri)
         resolved = time.monotonic()
         model, example, columns = _load(served_uri, args.model_uri)
+        tempfile.tempdir = None  # the default again, for whatever the workers write
+        with contextlib.suppress(OSError):
+            os.rmdir(own_tmp)  # only if empty: a model read in place leaves nothing, even if killed later
         _log(f"resolved in {resolved - started:.2f}s, loaded in {time.monotonic() - resolved:.2f}s")
         headers = {"x-modeldeploy-service": args.service_uuid, "x-model-name": args.model_name}
         if version:

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import uuid as uuidlib
@@ -354,6 +355,31 @@ def test_uri_forms_replace_in_place_and_a_failed_smoke_or_replace_false_changes_
     after = (get_registry().get_service(service.uuid).to_dict(), deployer.get_history("iris-forms"), agent_servers())
     assert after == before
     assert predict(url).headers["x-modeldeploy-service"] == service.uuid
+
+
+def test_a_model_copied_to_be_served_goes_with_its_server(deployer: Any, mlflow_models: dict[str, Any]) -> None:
+    """MLflow copies a model it cannot read in place (a ``runs:/`` URI, a remote artifact store) into a
+    new temporary directory that nothing removes: each server start used to leave a copy of its model
+    there. The copy goes to the server's own temporary directory (0700), removed as the server ends;
+    a model read in place (a registered version of a local store) leaves no directory at all."""
+
+    def own_dirs(served: Any) -> list[Path]:
+        """The server's directories in its temporary directory (the agent's, hence its servers')."""
+        base = Path(psutil.Process(served.record.pid).environ().get("TMPDIR") or tempfile.gettempdir())
+        return list(base.glob(f"modeldeploy-{served.uuid.replace('-', '')}-*"))
+
+    in_place = deployer.deploy_model(ServiceConfig(model_uri=mlflow_models["iris_v1"], model_name="iris-in-place"))
+    assert predict(in_place.prediction_url).status_code == 200 and own_dirs(in_place) == []
+    deployer.delete_model_server(in_place.uuid)
+    run_1 = mlflow_models["iris_runs"][0]
+    served = deployer.deploy_model(ServiceConfig(model_uri=f"runs:/{run_1}/model", model_name="iris-copied"))
+    assert predict(served.prediction_url).status_code == 200
+    [own] = own_dirs(served)
+    assert own.stat().st_mode & 0o777 == 0o700
+    [copied] = [p.parent for p in own.rglob("MLmodel")]  # MLflow's copy of the model
+    assert f"run_id: {run_1}" in (copied / "MLmodel").read_text()
+    deployer.delete_model_server(served.uuid)
+    wait_for(lambda: not own.exists(), 30, f"{own} to be removed with its server")
 
 
 def test_connection_fields_host_workers_timeout_and_registry_uri(
