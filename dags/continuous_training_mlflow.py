@@ -72,6 +72,7 @@ with DAG(
     @task
     def train(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         """Train a challenger and score it, and the served champion, on the same held-out data."""
+        import tempfile
         import zlib
 
         import mlflow
@@ -97,8 +98,11 @@ with DAG(
         champion = next(iter(find_services(model_name=params["model_name"], running=True)), None)
         champion_accuracy = None
         if champion is not None:
-            served = mlflow.pyfunc.load_model(champion.record.served_uri or champion.record.model_uri)
-            champion_accuracy = float(accuracy_score(y_test, served.predict(X_test)))
+            # Into a directory removed after scoring: left to itself, MLflow copies a model it cannot read
+            # in place (a remote artifact store) into a new temporary directory that nothing removes.
+            with tempfile.TemporaryDirectory() as tmp:
+                served = mlflow.pyfunc.load_model(champion.record.served_uri or champion.record.model_uri, dst_path=tmp)
+                champion_accuracy = float(accuracy_score(y_test, served.predict(X_test)))
 
         experiment = client.get_experiment_by_name(params["experiment"])
         if experiment is None:

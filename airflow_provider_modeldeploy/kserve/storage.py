@@ -126,8 +126,10 @@ def export_for_sklearn_server(location: str) -> str:
     import joblib
     import mlflow.sklearn
 
-    estimator = mlflow.sklearn.load_model(location)
     with tempfile.TemporaryDirectory() as tmp:
+        # Into a directory of ours: left to itself, MLflow copies a remote model into a new temporary
+        # directory that nothing removes.
+        estimator = mlflow.sklearn.load_model(location, dst_path=tmp)
         path = os.path.join(tmp, "model.joblib")
         joblib.dump(estimator, path)
         repo.log_artifact(path, EXPORT_DIR)
