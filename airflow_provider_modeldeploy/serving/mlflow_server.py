@@ -999,12 +999,23 @@ def main(argv: list[str] | None = None) -> int:
     # new temporary directory that nothing removes: a copy of the model per server start. While the
     # model loads, temporary files go to a directory of this server's own (0700): removed as soon as
     # the model is loaded if nothing was copied there, else when the server ends.
-    own_tmp = tempfile.mkdtemp(prefix=f"modeldeploy-{args.service_uuid.replace('-', '')}-")
+    own_tmp = tempfile.mkdtemp(prefix=_own_tmp_prefix(args.service_uuid))
     tempfile.tempdir = own_tmp
     try:
         return _serve(args, own_tmp)
     finally:
         shutil.rmtree(own_tmp, ignore_errors=True)
+
+
+def _own_tmp_prefix(service_uuid: str) -> str:
+    return f"modeldeploy-{service_uuid.replace('-', '')}-"
+
+
+def remove_own_tmp(service_uuid: str) -> None:
+    """Remove the temporary directories of a service's servers (they are stopped): a server removes its
+    own as it ends, unless it was killed. The agent's temporary directory is its servers'."""
+    for path in Path(tempfile.gettempdir()).glob(f"{_own_tmp_prefix(service_uuid)}*"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _serve(args: argparse.Namespace, own_tmp: str) -> int:

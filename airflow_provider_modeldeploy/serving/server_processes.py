@@ -167,7 +167,7 @@ class ServerProcesses:
 
         proc = self._process(m)
         if proc is None:
-            server_metrics.remove_dirs(self.run_dir, m.uuid)
+            self._remove_leftovers(m.uuid)
             return
         family = [proc]
         with contextlib.suppress(psutil.Error):
@@ -188,7 +188,12 @@ class ServerProcesses:
             self._reap()
             time.sleep(0.02)
         self._reap()
-        server_metrics.remove_dirs(self.run_dir, m.uuid)  # the master removes it, unless it was killed
+        self._remove_leftovers(m.uuid)  # the master removes them, unless it was killed
+
+    def _remove_leftovers(self, uuid: str) -> None:
+        """A stopped service's metrics directories and temporary directory (its master's to remove)."""
+        server_metrics.remove_dirs(self.run_dir, uuid)
+        mlflow_server.remove_own_tmp(uuid)
 
     @staticmethod
     def _running(p: Any) -> bool:
@@ -235,7 +240,7 @@ class ServerProcesses:
 
         paths = self._paths(m.uuid)
         paths["state"].unlink(missing_ok=True)
-        server_metrics.remove_dirs(self.run_dir, m.uuid)  # a previous generation killed before it could
+        self._remove_leftovers(m.uuid)  # of a previous generation killed before it could
         env = {k: v for k, v in os.environ.items() if not k.startswith(_KEEP_ENV_PREFIXES)}
         env.update(m.env)
         fd = os.open(paths["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

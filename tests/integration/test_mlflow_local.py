@@ -360,11 +360,12 @@ def test_uri_forms_replace_in_place_and_a_failed_smoke_or_replace_false_changes_
 def test_a_model_copied_to_be_served_goes_with_its_server(deployer: Any, mlflow_models: dict[str, Any]) -> None:
     """MLflow copies a model it cannot read in place (a ``runs:/`` URI, a remote artifact store) into a
     new temporary directory that nothing removes: each server start used to leave a copy of its model
-    there. The copy goes to the server's own temporary directory (0700), removed as the server ends;
-    a model read in place (a registered version of a local store) leaves no directory at all."""
+    there. The copy goes to the server's own temporary directory (0700), removed as the server ends,
+    or by the agent when the server was killed; a model read in place (a registered version of a
+    local store) leaves no directory at all."""
 
     def own_dirs(served: Any) -> list[Path]:
-        """The server's directories in its temporary directory (the agent's, hence its servers')."""
+        """The service's directories in its servers' temporary directory (the agent's, hence theirs)."""
         base = Path(psutil.Process(served.record.pid).environ().get("TMPDIR") or tempfile.gettempdir())
         return list(base.glob(f"modeldeploy-{served.uuid.replace('-', '')}-*"))
 
@@ -380,6 +381,13 @@ def test_a_model_copied_to_be_served_goes_with_its_server(deployer: Any, mlflow_
     assert f"run_id: {run_1}" in (copied / "MLmodel").read_text()
     deployer.delete_model_server(served.uuid)
     wait_for(lambda: not own.exists(), 30, f"{own} to be removed with its server")
+
+    # A server killed (SIGKILL: it cannot remove anything): the agent removes its directory.
+    killed = deployer.deploy_model(ServiceConfig(model_uri=f"runs:/{run_1}/model", model_name="iris-killed"))
+    [own] = own_dirs(killed)
+    os.kill(killed.record.pid, signal.SIGKILL)
+    deployer.delete_model_server(killed.uuid)
+    assert list(own.parent.glob(f"modeldeploy-{killed.uuid.replace('-', '')}-*")) == []
 
 
 def test_connection_fields_host_workers_timeout_and_registry_uri(
