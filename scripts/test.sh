@@ -52,7 +52,8 @@ ruff format --check .
 export PYTHONSAFEPATH=1
 # Integration workers: one more than the CPUs, at least 2. The suite is mostly CPU-bound (other processes
 # starting and answering), but part of many tests is waiting (a server's timeout, a poll): on 2 CPUs a
-# third worker fills those gaps (446 s against 476 s for 2, run back to back). Each worker has its own
+# third worker fills those gaps (446 s against 476 s for 2, run back to back); a fourth only adds
+# contention (315 s against 273-288 s for 3, on a faster machine). Each worker has its own
 # serving agent, MLflow store, directories and PostgreSQL schemas; tests sharing a module fixture stay
 # on one worker (--dist loadgroup).
 WORKERS="${MODELDEPLOY_TEST_WORKERS:-$(python -c 'import os; print(max(2, len(os.sched_getaffinity(0)) + 1))')}"
