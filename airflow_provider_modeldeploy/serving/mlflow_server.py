@@ -31,6 +31,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -995,12 +996,8 @@ def main(argv: list[str] | None = None) -> int:
         help="requests in progress at once per worker; more get 503 (idle connections do not count)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    # MLflow copies a model it cannot read in place (a runs:/ URI, any remote artifact store) into a
-    # new temporary directory that nothing removes: a copy of the model per server start. While the
-    # model loads, temporary files go to a directory of this server's own (0700): removed as soon as
-    # the model is loaded if nothing was copied there, else when the server ends.
+    # The directory (0700) a model MLflow copies goes to (_copies_into): removed when the server ends.
     own_tmp = tempfile.mkdtemp(prefix=_own_tmp_prefix(args.service_uuid))
-    tempfile.tempdir = own_tmp
     try:
         return _serve(args, own_tmp)
     finally:
@@ -1009,6 +1006,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def _own_tmp_prefix(service_uuid: str) -> str:
     return f"modeldeploy-{service_uuid.replace('-', '')}-"
+
+
+@contextlib.contextmanager
+def _copies_into(own_tmp: str) -> Iterator[None]:
+    """MLflow copies a model it cannot read in place (a runs:/ URI, any remote artifact store) into a
+    new temporary directory that nothing removes: a copy of the model per server start. While the model
+    is resolved and loaded, temporary files go to ``own_tmp`` instead, removed at once if nothing was
+    copied there (so a server killed later leaves nothing), else when the server ends."""
+    tempfile.tempdir = own_tmp
+    try:
+        yield
+    finally:
+        tempfile.tempdir = None  # the default again, for whatever the workers write
+        with contextlib.suppress(OSError):
+            os.rmdir(own_tmp)  # only if empty
 
 
 def remove_own_tmp(service_uuid: str) -> None:
@@ -1028,12 +1040,10 @@ def _serve(args: argparse.Namespace, own_tmp: str) -> int:
     _write_state(state_path, phase="loading")
     started = time.monotonic()
     try:
-        served_uri, version, run_id = resolve_model_uri(args.model_uri)
-        resolved = time.monotonic()
-        model, example, columns = _load(served_uri, args.model_uri)
-        tempfile.tempdir = None  # the default again, for whatever the workers write
-        with contextlib.suppress(OSError):
-            os.rmdir(own_tmp)  # only if empty: a model read in place leaves nothing, even if killed later
+        with _copies_into(own_tmp):
+            served_uri, version, run_id = resolve_model_uri(args.model_uri)
+            resolved = time.monotonic()
+            model, example, columns = _load(served_uri, args.model_uri)
         _log(f"resolved in {resolved - started:.2f}s, loaded in {time.monotonic() - resolved:.2f}s")
         headers = {"x-modeldeploy-service": args.service_uuid, "x-model-name": args.model_name}
         if version:
