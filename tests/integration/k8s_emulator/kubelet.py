@@ -185,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
                 if pid == 0:
                     channel.close()
                     _run_container(request, fds)
+                # An exit recorded for this pid can only be an earlier process's: the new container is
+                # alive, and a poll must not answer that exit for it (seen once: a forked container
+                # found its own pid among those exited, its pod never became ready and its processes
+                # were left behind, as the emulator took the live server for an exited one).
+                exited.pop(pid, None)
                 answer = {"pid": pid}
         except Exception as exc:
             answer = {"error": f"{type(exc).__name__}: {exc}"}
